@@ -1,0 +1,64 @@
+"""gemma-lora: LoRA fine-tuning of Gemma with Keras 3 + KerasHub on JAX.
+
+    import gemma_lora
+    gemma_lora.configure_runtime(memory_fraction=1.0)   # before anything imports Keras
+    config = gemma_lora.TrainConfig(preset="tiny", sequence_length=128)
+    result = gemma_lora.run_training(config)
+
+Names that need Keras load on first use, so importing this package does not
+import Keras before `configure_runtime` has set the backend.
+"""
+
+from gemma_lora.config import TrainConfig, resolve_config
+from gemma_lora.errors import (
+    ConfigError,
+    CredentialsError,
+    DataError,
+    GemmaLoraError,
+    OutputError,
+    PresetError,
+    RuntimeSetupError,
+    TrainingError,
+)
+from gemma_lora.runtime import configure_runtime
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "run_training": "gemma_lora.pipeline",
+    "resolve_preset": "gemma_lora.model",
+    "load_causal_lm": "gemma_lora.model",
+    "enable_lora": "gemma_lora.model",
+    "parameter_summary": "gemma_lora.model",
+    "load_examples": "gemma_lora.data",
+    "split": "gemma_lora.data",
+    "tokenize_rows": "gemma_lora.data",
+    "compile_for_training": "gemma_lora.train",
+    "fit": "gemma_lora.train",
+    "token_loss": "gemma_lora.train",
+    "generate": "gemma_lora.generate",
+    "save_adapter": "gemma_lora.adapters",
+}
+
+__all__ = [
+    "ConfigError",
+    "CredentialsError",
+    "DataError",
+    "GemmaLoraError",
+    "OutputError",
+    "PresetError",
+    "RuntimeSetupError",
+    "TrainConfig",
+    "TrainingError",
+    "configure_runtime",
+    "resolve_config",
+    *_LAZY,
+]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gemma_lora' has no attribute {name!r}")

@@ -1,0 +1,173 @@
+"""The `gemma-lora` command: train, generate, info.
+
+    gemma-lora train --preset tiny --sequence-length 128 --max-steps 20
+    gemma-lora train --recipe                       # the classic KerasHub recipe
+    gemma-lora generate --preset tiny --prompt "Name three colours."
+    gemma-lora info runs/tiny-20261122-120000
+
+Every `TrainConfig` field is a flag (`--lora-rank 8`); `--config FILE` reads a
+TOML/YAML/JSON file first. User mistakes print one line on stderr and exit 2;
+`--debug` shows tracebacks.
+"""
+
+import argparse
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+
+from gemma_lora.config import FIELDS, load_config_file, resolve_config
+from gemma_lora.errors import GemmaLoraError
+
+# Fields that make sense for `generate` (the rest only affect training).
+GENERATE_FIELDS = (
+    "preset", "preset_version", "precision", "template", "max_new_tokens", "sampler",
+    "top_k", "stop_strings", "seed", "memory_fraction", "compilation_cache",
+)
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except GemmaLoraError as e:
+        if args.debug:
+            raise
+        print(f"gemma-lora: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gemma-lora: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # A bug, not a user mistake: say so, keep it to one line.
+        if args.debug:
+            raise
+        print(
+            f"gemma-lora: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="gemma-lora", description="LoRA fine-tuning of Gemma with KerasHub on JAX.")
+    parser.add_argument("--debug", action="store_true", help="Show tracebacks.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="Fine-tune a preset and write a run directory.",
+                                description="Fine-tune a Gemma preset with LoRA. Defaults: the package's; --recipe: the classic KerasHub recipe.")
+    train.add_argument("--config", help="TOML, YAML or JSON file of config fields (flags override it).")
+    add_field_flags(train, FIELDS)
+    train.set_defaults(handler=run_train)
+
+    generate = commands.add_parser("generate", help="Sample answers from a preset, optionally with an adapter.")
+    add_field_flags(generate, GENERATE_FIELDS)
+    generate.add_argument("--prompt", action="append", required=True, help="An instruction (repeatable).")
+    generate.add_argument("--adapter", help="A .lora.h5 adapter (e.g. RUN_DIR/adapter.lora.h5) to apply.")
+    generate.set_defaults(handler=run_generate)
+
+    info = commands.add_parser("info", help="Show what a run directory or preset holds.")
+    info.add_argument("target", help="A run directory, a preset directory, or a preset name.")
+    info.set_defaults(handler=run_info)
+    return parser
+
+
+def add_field_flags(parser, names):
+    """One flag per config field; only flags the user gives reach the config."""
+    for name in names:
+        f = FIELDS[name]
+        flag = "--" + name.replace("_", "-")
+        kwargs = {"dest": name, "default": argparse.SUPPRESS, "help": f.metadata["help"].replace("%", "%%")}
+        base, optional = _unwrap_optional(f.type)
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif typing.get_origin(base) is list:
+            parser.add_argument(flag, nargs="*", metavar="VALUE", **kwargs)
+        else:
+            parser.add_argument(flag, type=_parser_for(base, optional), metavar=base.__name__.upper(), **kwargs)
+
+
+def _unwrap_optional(annotation):
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0], True
+    return annotation, False
+
+
+def _parser_for(base, optional):
+    def parse(text):
+        if optional and text.lower() == "none":
+            return None
+        try:
+            return base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {base.__name__}{' or none' if optional else ''}, got {text!r}") from None
+
+    parse.__name__ = base.__name__
+    return parse
+
+
+def config_from_args(args, names):
+    overrides = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    file_values = load_config_file(args.config) if getattr(args, "config", None) else {}
+    return resolve_config(file_values, overrides)
+
+
+def run_train(args):
+    config = config_from_args(args, FIELDS)
+    from gemma_lora.pipeline import run_training
+
+    result = run_training(config)
+    print(f"done: {result.run_dir}")
+
+
+def run_generate(args):
+    config = config_from_args(args, GENERATE_FIELDS)
+    from gemma_lora import runtime
+
+    runtime.configure_runtime(config.memory_fraction, config.seed, config.compilation_cache)
+    from gemma_lora import model
+    from gemma_lora.generate import generate
+
+    preset_dir = model.resolve_preset(config.preset, config.preset_version)
+    causal_lm = model.load_causal_lm(preset_dir, config.resolved_precision(model.platform()))
+    if args.adapter:
+        load_adapter_for_generate(causal_lm, args.adapter)
+    for sample in generate(causal_lm, args.prompt, config):
+        print(f"### {sample.instruction}\n{sample.text.strip()}\n")
+
+
+def load_adapter_for_generate(causal_lm, path):
+    """Apply an adapter with KerasHub's loader, and its alpha from adapter.json if present."""
+    from gemma_lora.errors import ConfigError
+    from gemma_lora.model import lora_layers
+
+    path = Path(path)
+    if not path.name.endswith(".lora.h5") or not path.is_file():
+        raise ConfigError(f"--adapter must be an existing .lora.h5 file. Received: {path}")
+    causal_lm.backbone.load_lora_weights(str(path))
+    meta = path.with_name("adapter.json")
+    if meta.is_file():
+        alpha = json.loads(meta.read_text()).get("alpha")
+        for layer in lora_layers(causal_lm):
+            layer.lora_alpha = float(alpha)
+
+
+def run_info(args):
+    target = Path(args.target)
+    if any((target / name).is_file() for name in ("summary.json", "adapter.json")):
+        for name in ("config.json", "summary.json", "adapter.json"):
+            if (target / name).is_file():
+                print(f"== {name}\n{(target / name).read_text().strip()}")
+        return
+    from gemma_lora import model
+
+    preset_dir = model.resolve_preset(args.target)
+    print(f"preset directory: {preset_dir}")
+    for name in ("metadata.json", "config.json"):
+        print(f"== {name}\n{(Path(preset_dir) / name).read_text().strip()}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,363 @@
+"""The one typed configuration of a fine-tuning run.
+
+Every knob lives in `TrainConfig`; its field docs are the CLI's `--help`.
+Values are resolved in this order, later winning:
+
+    field defaults  <  recipe profile (--recipe)  <  config file  <  CLI flags
+
+`validate()` checks everything in one place and raises one `ConfigError`
+listing every problem, so a user fixes a config in one pass.
+"""
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gemma_lora.errors import ConfigError
+
+RECIPE_TEMPLATE = "Instruction:\n{instruction}\n\nResponse:\n{response}"
+CONTEXT_TEMPLATE = "Instruction:\n{instruction}\n\nContext:\n{context}\n\nResponse:\n{response}"
+RECIPE_PROMPTS = (
+    "What should I do on a trip to Europe?",
+    "Explain the process of photosynthesis in a way that a child could understand.",
+)
+# Names of the LoRA-able EinsumDense layers in KerasHub's Gemma decoder blocks.
+GEMMA_LAYER_NAMES = (
+    "query",
+    "key",
+    "value",
+    "attention_output",
+    "ffw_gating",
+    "ffw_gating_2",
+    "ffw_linear",
+)
+PRECISIONS = ("auto", "float32", "bfloat16", "mixed_bfloat16")
+SAMPLERS = ("greedy", "top_k")
+BUILTIN_DATA = ("dolly-sample", "dolly")
+
+
+def _help(text, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """A fine-tuning run. Defaults are the package's; `--recipe` gives the classic ones."""
+
+    # Model
+    preset: str = _help(
+        "KerasHub preset name (gemma_2b_en), kaggle://owner/model/keras/variation[/version], "
+        "a local preset directory, or 'tiny' (random-weight test model).",
+        default="gemma_2b_en",
+    )
+    preset_version: int | None = _help(
+        "Kaggle version of a named preset. The classic recipe used version 2 of "
+        "gemma_2b_en; KerasHub 0.32 would pick 3. None = KerasHub's choice.",
+        default=2,
+    )
+    precision: str = _help(
+        "float32 | bfloat16 | mixed_bfloat16 | auto (float32 on CPU, mixed_bfloat16 on GPU/TPU).",
+        default="auto",
+    )
+    # LoRA
+    lora_rank: int = _help("LoRA rank.", default=4)
+    lora_alpha: float | None = _help(
+        "LoRA alpha; the update is scaled by alpha/rank. None = rank (scale 1, as KerasHub).",
+        default=None,
+    )
+    lora_targets: list[str] = _help(
+        "Layers that get LoRA, by name: " + ", ".join(GEMMA_LAYER_NAMES) + ".",
+        default_factory=lambda: ["query", "value"],
+    )
+    # Data
+    data: str = _help(
+        "'dolly-sample' (shipped first 1,501 Dolly records, offline), 'dolly' (full "
+        "databricks-dolly-15k from the Hugging Face Hub), or a JSONL path.",
+        default="dolly-sample",
+    )
+    include_context: bool = _help(
+        "Keep rows with a context (formatted with context_template); the recipe drops them.",
+        default=False,
+    )
+    template: str = _help("Template for rows without context.", default=RECIPE_TEMPLATE)
+    context_template: str = _help(
+        "Template for rows with context (only with include_context).", default=CONTEXT_TEMPLATE
+    )
+    limit: int = _help(
+        "Rows in the training pool: the first LIMIT rows after filtering "
+        "(validation is carved from its end).",
+        default=1000,
+    )
+    validation_rows: int = _help(
+        "Rows at the end of the training pool held out for validation (0 = none).",
+        default=100,
+    )
+    test_rows: int = _help(
+        "Rows right after the training pool used as the test split (never trained on).",
+        default=68,
+    )
+    sequence_length: int = _help("Tokens per training row.", default=512)
+    response_only_loss: bool = _help(
+        "Put loss only on response tokens (prompt tokens weigh 0); the recipe uses the whole row.",
+        default=True,
+    )
+    eos_after_truncation: bool = _help(
+        "Append <eos> to rows cut at sequence_length, as KerasHub does (teaches the model to "
+        "stop mid-text; off by default).",
+        default=False,
+    )
+    shuffle: bool = _help(
+        "Shuffle training rows every epoch from the seed (stock KerasHub does not).",
+        default=True,
+    )
+    # Optimisation
+    batch_size: int = _help("Rows per step.", default=4)
+    epochs: int = _help("Passes over the training rows.", default=1)
+    max_steps: int | None = _help(
+        "Stop after this many steps (smoke tests); None = all epochs.", default=None
+    )
+    learning_rate: float = _help("AdamW learning rate.", default=2e-4)
+    weight_decay: float = _help(
+        "AdamW weight decay (never applied to 'bias' or 'scale' variables).", default=0.01
+    )
+    seed: int = _help("Seeds data order, LoRA initialisation and sampling.", default=0)
+    # Generation
+    prompts: list[str] = _help(
+        "Extra instructions to sample before and after training (the recipe's two always run).",
+        default_factory=list,
+    )
+    max_new_tokens: int = _help("Most tokens generated per sample.", default=128)
+    sampler: str = _help("greedy | top_k.", default="greedy")
+    top_k: int = _help("k for the top_k sampler.", default=5)
+    stop_strings: list[str] = _help(
+        "Generation is cut at the first of these (default: the start of a new templated block).",
+        default_factory=lambda: ["\nInstruction:"],
+    )
+    # Runtime and output
+    memory_fraction: float = _help(
+        "XLA_PYTHON_CLIENT_MEM_FRACTION: share of GPU memory JAX may take.", default=1.0
+    )
+    compilation_cache: str | None = _help(
+        "Directory for JAX's persistent compilation cache (None = off).", default=None
+    )
+    output_dir: str | None = _help(
+        "Run directory (created; must be empty). None = runs/<preset>-<time>.", default=None
+    )
+    tensorboard: bool = _help("Also write TensorBoard logs to <output_dir>/tensorboard.", default=False)
+    recipe: bool = _help(
+        "Reproduce the classic KerasHub recipe exactly, quirks included.", default=False
+    )
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def resolved_precision(self, platform):
+        """The dtype policy to use on `platform` ("cpu", "gpu", "tpu")."""
+        if self.precision != "auto":
+            return self.precision
+        # Measured, see docs/precision.md. Pure bfloat16 stores the LoRA factors
+        # in bfloat16 too, where AdamW steps smaller than ~1/128 of a weight
+        # round away; mixed_bfloat16 keeps float32 weights and computes in
+        # bfloat16 (2.5x the float32 recipe on an H100, ../shared/perf-notes.md).
+        return "float32" if platform == "cpu" else "mixed_bfloat16"
+
+
+# The classic Keras/KerasHub Gemma LoRA recipe, quirks included: no shuffling,
+# whole-sequence loss, <eos> appended after truncated text, batch 1, float32.
+RECIPE_PROFILE = {
+    "preset": "gemma_2b_en",
+    "preset_version": 2,
+    "precision": "float32",
+    "lora_rank": 4,
+    "lora_alpha": None,
+    "lora_targets": ["query", "value"],
+    "include_context": False,
+    "template": RECIPE_TEMPLATE,
+    "limit": 1000,
+    "validation_rows": 0,
+    "sequence_length": 512,
+    "response_only_loss": False,
+    "eos_after_truncation": True,
+    "shuffle": False,
+    "batch_size": 1,
+    "epochs": 1,
+    "learning_rate": 5e-5,
+    "weight_decay": 0.01,
+    "memory_fraction": 1.0,
+}
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def load_config_file(path):
+    """Read a TOML, YAML or JSON config file into a dict of field values.
+
+    Raises:
+        ConfigError: the file is missing, unparsable, or of an unknown type.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file not found: {path}. Check the path given to --config.")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            values = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            values = json.loads(text)
+        else:
+            raise ConfigError(
+                f"Unknown config file type {path.suffix!r} for {path}. Use .toml, .yaml or .json."
+            )
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"Cannot parse config file {path}: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"Config file {path} must hold a mapping of field names to values.")
+    return values
+
+
+def resolve_config(file_values=None, overrides=None, recipe=False):
+    """Build and validate a `TrainConfig` from a profile, file values and overrides.
+
+    Args:
+        file_values: dict or None, values read from a config file.
+        overrides: dict or None, values given on the command line or in code.
+        recipe: bool; start from `RECIPE_PROFILE`. A file or override with
+            `recipe = true` does the same.
+
+    Raises:
+        ConfigError: unknown field names or invalid values (all listed at once).
+    """
+    file_values = dict(file_values or {})
+    overrides = dict(overrides or {})
+    unknown = sorted((set(file_values) | set(overrides)) - set(FIELDS))
+    if unknown:
+        raise ConfigError(
+            f"Unknown config field(s): {', '.join(unknown)}. Known fields: {', '.join(FIELDS)}."
+        )
+    recipe = recipe or overrides.get("recipe", file_values.get("recipe", False))
+    values = dict(RECIPE_PROFILE, recipe=True) if recipe else {}
+    values.update(file_values)
+    values.update(overrides)
+    config = TrainConfig(**values)
+    validate(config)
+    return config
+
+
+def validate(config):
+    """Check every field; raise one ConfigError naming every problem and its fix."""
+    c = config
+    problems = []
+
+    def need(ok, message):
+        if not ok:
+            problems.append(message)
+
+    for name, f in FIELDS.items():
+        value = getattr(c, name)
+        expected = f.type
+        if not _type_ok(value, expected):
+            problems.append(f"{name}={value!r} has the wrong type (expected {_type_name(expected)}).")
+    if problems:  # Range checks below assume the right types.
+        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))
+
+    need(c.preset.strip() != "", "preset is empty: give a preset name, kaggle:// handle or directory.")
+    need(
+        c.preset_version is None or c.preset_version > 0,
+        f"preset_version={c.preset_version} must be a positive Kaggle version number or None.",
+    )
+    need(c.precision in PRECISIONS, f"precision={c.precision!r} must be one of {', '.join(PRECISIONS)}.")
+    need(c.lora_rank > 0, f"lora_rank={c.lora_rank} must be > 0 (try 4, 8 or 16).")
+    need(
+        c.lora_alpha is None or (math.isfinite(c.lora_alpha) and c.lora_alpha > 0),
+        f"lora_alpha={c.lora_alpha} must be > 0 (or None for alpha = rank).",
+    )
+    unknown_layers = [t for t in c.lora_targets if t not in GEMMA_LAYER_NAMES]
+    need(
+        not unknown_layers,
+        f"lora_targets has unknown layer name(s) {unknown_layers}; Gemma layers are "
+        f"{', '.join(GEMMA_LAYER_NAMES)}.",
+    )
+    need(len(c.lora_targets) > 0, "lora_targets is empty: name at least one layer, e.g. query value.")
+    if c.data not in BUILTIN_DATA:
+        need(
+            Path(c.data).is_file(),
+            f"data={c.data!r} is neither {' nor '.join(BUILTIN_DATA)} nor an existing JSONL file.",
+        )
+    for name in ("template", "context_template"):
+        template = getattr(c, name)
+        fields = ["{instruction}", "{response}"] + (["{context}"] if name == "context_template" else [])
+        missing = [f for f in fields if f not in template]
+        need(not missing, f"{name} lacks {', '.join(missing)}; it must contain {', '.join(fields)}.")
+        need(
+            template.endswith("{response}"),
+            f"{name} must end with {{response}} so the prompt is everything before it.",
+        )
+    need(c.limit > 0, f"limit={c.limit} must be > 0 (the number of rows to train on).")
+    need(c.validation_rows >= 0, f"validation_rows={c.validation_rows} must be >= 0.")
+    need(c.test_rows >= 0, f"test_rows={c.test_rows} must be >= 0.")
+    need(
+        c.limit <= 0 or c.validation_rows < c.limit,
+        f"validation_rows={c.validation_rows} leaves no training rows out of limit={c.limit}; "
+        "lower validation_rows or raise limit.",
+    )
+    need(c.sequence_length >= 8, f"sequence_length={c.sequence_length} must be >= 8.")
+    need(c.batch_size > 0, f"batch_size={c.batch_size} must be > 0.")
+    need(c.epochs > 0, f"epochs={c.epochs} must be > 0.")
+    need(c.max_steps is None or c.max_steps > 0, f"max_steps={c.max_steps} must be > 0 or None.")
+    need(
+        math.isfinite(c.learning_rate) and c.learning_rate > 0,
+        f"learning_rate={c.learning_rate} must be > 0.",
+    )
+    need(
+        math.isfinite(c.weight_decay) and c.weight_decay >= 0,
+        f"weight_decay={c.weight_decay} must be >= 0.",
+    )
+    need(c.max_new_tokens > 0, f"max_new_tokens={c.max_new_tokens} must be > 0.")
+    need(c.sampler in SAMPLERS, f"sampler={c.sampler!r} must be one of {', '.join(SAMPLERS)}.")
+    need(c.top_k > 0, f"top_k={c.top_k} must be > 0.")
+    need(all(s for s in c.stop_strings), "stop_strings must not contain an empty string.")
+    need(
+        0.0 < c.memory_fraction <= 1.0,
+        f"memory_fraction={c.memory_fraction} must be in (0, 1], e.g. 0.9.",
+    )
+    if problems:
+        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _type_ok(value, expected):
+    import types
+    import typing
+
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, t) for t in typing.get_args(expected))
+    if expected is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(expected)
+        return isinstance(value, list) and all(isinstance(v, item) for v in value)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def _type_name(expected):
+    return getattr(expected, "__name__", None) or str(expected).replace("typing.", "")
+
+
+def save_config(config, path):
+    """Write the resolved config as JSON (loadable again with --config)."""
+    from gemma_lora.io import write_text_atomic
+
+    write_text_atomic(path, json.dumps(config.to_dict(), indent=2) + "\n")

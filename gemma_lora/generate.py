@@ -1,0 +1,107 @@
+"""Prompts in, text out: greedy or top-k, stopping at <eos> and at stop strings.
+
+Prompts are tokenized here and handed to KerasHub's compiled `generate` as
+token arrays, so the output tokens show whether the model itself ended its
+answer with `<eos>` (a string output would hide that).
+"""
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from gemma_lora import runtime
+from gemma_lora.data import Example, prompt_text
+
+runtime.ensure_runtime()
+
+import keras_hub  # noqa: E402
+
+
+@dataclass
+class Sample:
+    instruction: str
+    text: str  # the answer, cut at <eos> or the first stop string
+    ended_with_eos: bool  # the model ended the answer with <eos> (before any stop string)
+    stop_string: str | None  # the stop string the answer was cut at, if any
+    new_tokens: int
+
+    @property
+    def ended(self):
+        return self.ended_with_eos or self.stop_string is not None
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def make_sampler(config):
+    if config.sampler == "greedy":
+        return keras_hub.samplers.GreedySampler()
+    return keras_hub.samplers.TopKSampler(k=config.top_k, seed=config.seed)
+
+
+def generate(causal_lm, instructions, config, batch_size=8):
+    """Answer each instruction with the configured template, sampler and limits.
+
+    Args:
+        causal_lm: a KerasHub CausalLM with a preprocessor (for its tokenizer).
+        instructions: list of str.
+        config: a `TrainConfig` (template, sampler, max_new_tokens, stop_strings).
+        batch_size: prompts generated together.
+
+    Returns:
+        A list of `Sample`, one per instruction.
+    """
+    tokenizer = causal_lm.preprocessor.tokenizer
+    causal_lm.sampler = make_sampler(config)
+    causal_lm.generate_function = None  # Rebuild with this sampler.
+    samples = []
+    for start in range(0, len(instructions), batch_size):
+        batch = list(instructions[start : start + batch_size])
+        samples += _generate_batch(causal_lm, tokenizer, batch, config)
+    return samples
+
+
+def _generate_batch(causal_lm, tokenizer, instructions, config):
+    bos, eos, pad = tokenizer.start_token_id, tokenizer.end_token_id, tokenizer.pad_token_id
+    prompts = [
+        [bos, *map(int, ids)]
+        for ids in tokenizer([prompt_text(Example(i, ""), config) for i in instructions])
+    ]
+    length = max(map(len, prompts)) + config.max_new_tokens
+    token_ids = np.full((len(prompts), length), pad, dtype=np.int32)
+    padding_mask = np.zeros((len(prompts), length), dtype=bool)
+    for row, ids in enumerate(prompts):
+        token_ids[row, : len(ids)] = ids
+        padding_mask[row, : len(ids)] = True
+    # With token arrays, KerasHub's generate must not run the string
+    # preprocessor; detach it for the call only.
+    preprocessor = causal_lm.preprocessor
+    causal_lm.preprocessor = None
+    try:
+        output = causal_lm.generate(
+            {"token_ids": token_ids, "padding_mask": padding_mask}, stop_token_ids=[eos]
+        )
+    finally:
+        causal_lm.preprocessor = preprocessor
+    out_ids = np.asarray(output["token_ids"])
+    samples = []
+    for row, (instruction, ids) in enumerate(zip(instructions, prompts)):
+        new = out_ids[row, len(ids) : len(ids) + config.max_new_tokens].tolist()
+        ended = eos in new
+        if ended:
+            new = new[: new.index(eos)]
+        text = tokenizer.detokenize([new])[0] if new else ""
+        text = text if isinstance(text, str) else text.decode("utf-8", "replace")
+        text, stop = cut_at_stop_strings(text, config.stop_strings)
+        # An answer cut at a stop string did not end with <eos> at its own end.
+        samples.append(Sample(instruction, text, ended and stop is None, stop, len(new) + int(ended)))
+    return samples
+
+
+def cut_at_stop_strings(text, stop_strings):
+    """Cut `text` at the earliest stop string; return (text, the stop string or None)."""
+    cuts = [(text.find(s), s) for s in stop_strings if s in text]
+    if not cuts:
+        return text, None
+    position, stop = min(cuts)
+    return text[:position], stop

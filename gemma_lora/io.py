@@ -1,0 +1,78 @@
+"""Atomic file writing: a reader never sees a half-written output.
+
+Every output goes to a temporary name in the destination directory, then
+`os.replace` moves it into place (atomic on POSIX within one filesystem).
+"""
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from gemma_lora.errors import OutputError
+
+
+@contextlib.contextmanager
+def atomic_path(path, suffix=""):
+    """Yield a temporary path beside `path`; rename it to `path` on success.
+
+    On any exception the temporary file is removed and nothing appears at
+    `path`. `suffix` keeps a required file ending (e.g. ".lora.h5").
+
+    Raises:
+        OutputError: the directory cannot be written (permissions, full disk).
+    """
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
+        os.close(fd)
+    except OSError as e:
+        raise OutputError(f"Cannot write {path}: {e.strerror}. Choose a writable --output-dir.") from None
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        raise OutputError(f"Cannot write {path}: {e.strerror}. Free disk space or choose another --output-dir.") from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def write_text_atomic(path, text):
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_bytes_atomic(path, data):
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def prepare_output_dir(path):
+    """Create `path` (which must be missing or empty) and check it is writable.
+
+    Raises:
+        OutputError: it is a file, is not empty, or cannot be written.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"Output path {path} is a file. Give a directory with --output-dir.")
+    if path.is_dir() and any(path.iterdir()):
+        raise OutputError(
+            f"Output directory {path} is not empty. Give a new or empty --output-dir so no run is overwritten."
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise OutputError(
+            f"Output directory {path} is not writable ({e.strerror}). Choose a writable --output-dir."
+        ) from None
+    return path
+
+
+def _remove(tmp):
+    with contextlib.suppress(OSError):
+        os.remove(tmp)

@@ -1,0 +1,272 @@
+"""Find a preset (name, kaggle:// handle, directory or `tiny`), load it, add LoRA.
+
+Named presets are downloaded whole with kagglehub and then loaded from the
+local directory: KerasHub's own `from_preset("kaggle://...")` fetches file by
+file and probes optional files over the network even when cached, so it
+cannot run offline.
+"""
+
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+from gemma_lora import runtime
+from gemma_lora.errors import ConfigError, CredentialsError, PresetError
+
+runtime.ensure_runtime()
+
+import keras  # noqa: E402
+import keras_hub  # noqa: E402
+
+TINY = "tiny"
+# Bump when the tiny architecture or vocabulary changes, so caches rebuild.
+TINY_VERSION = 1
+PRESET_FILES = ("config.json", "metadata.json", "tokenizer.json", "preprocessor.json")
+CONSENT_HELP = (
+    "Open https://www.kaggle.com/models/keras/gemma while signed in, accept the Gemma "
+    "license (the consent form), then run again with the same credentials."
+)
+CREDENTIALS_HELP = (
+    "Set KAGGLE_USERNAME and KAGGLE_KEY (or KAGGLE_API_TOKEN) in the environment, or put "
+    "kaggle.json (from kaggle.com > Settings > API > Create New Token) in ~/.kaggle/. "
+    "On Colab, add them as notebook secrets; on Kaggle, attach the model to the notebook."
+)
+
+
+def cache_dir():
+    """Where the package keeps presets it builds (GEMMA_LORA_CACHE overrides)."""
+    return Path(os.environ.get("GEMMA_LORA_CACHE", Path.home() / ".cache" / "gemma_lora"))
+
+
+def resolve_preset(preset, version=None):
+    """Return a local preset directory for `preset`, downloading if needed.
+
+    Args:
+        preset: "tiny", a KerasHub preset name such as "gemma_2b_en", a
+            "kaggle://owner/model/framework/variation[/version]" handle, or a
+            local preset directory.
+        version: int or None; the Kaggle version for a named preset (None:
+            KerasHub's own choice). A version in a kaggle:// handle wins.
+
+    Raises:
+        PresetError: unknown name or a directory missing preset files.
+        CredentialsError: a download needs Kaggle credentials or consent.
+    """
+    if preset == TINY:
+        return tiny_preset_dir()
+    if preset.startswith("kaggle://"):
+        return download_kaggle(preset.removeprefix("kaggle://"))
+    path = Path(preset).expanduser()
+    if path.is_dir() or os.sep in preset or preset.startswith("."):
+        return check_preset_dir(path)
+    presets = keras_hub.models.CausalLM.presets
+    if preset not in presets:
+        close = sorted(name for name in presets if name.split("_")[0] == preset.split("_")[0])[:8]
+        hint = f" Similar names: {', '.join(close)}." if close else ""
+        raise PresetError(
+            f"Unknown preset {preset!r}: not a KerasHub preset name, kaggle:// handle or existing "
+            f"directory.{hint} Use e.g. gemma_2b_en, or 'tiny' for the offline test model."
+        )
+    handle = presets[preset]["kaggle_handle"].removeprefix("kaggle://")
+    if version is not None:
+        handle = "/".join(handle.split("/")[:4] + [str(version)])
+    return download_kaggle(handle)
+
+
+def check_preset_dir(path):
+    """Raise PresetError unless `path` holds a KerasHub preset (config, tokenizer, weights)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise PresetError(f"Preset directory not found: {path}. Check the path given as preset.")
+    missing = [name for name in PRESET_FILES if not (path / name).is_file()]
+    if not any(path.glob("model*.weights.h5")) and not (path / "model.weights.json").is_file():
+        missing.append("model.weights.h5")
+    if missing:
+        raise PresetError(
+            f"Preset directory {path} is missing {', '.join(missing)}. Re-download it, or write it "
+            "with `causal_lm.save_to_preset(dir)`."
+        )
+    return path
+
+
+def download_kaggle(handle):
+    """Download a whole model version with kagglehub (cached) and return its directory.
+
+    A cached version is returned without network or credentials.
+    """
+    import kagglehub
+    from kagglehub import cache, config, exceptions, handle as kh_handle
+
+    parts = handle.split("/")
+    if len(parts) != 5:
+        raise PresetError(
+            f"Kaggle handle {handle!r} must look like owner/model/framework/variation/version, "
+            "e.g. keras/gemma/keras/gemma_2b_en/2."
+        )
+    cached = cache.Cache().load_from_cache(kh_handle.parse_model_handle(handle))
+    try:
+        has_credentials = config.get_kaggle_credentials() is not None
+    except ValueError as e:  # A malformed kaggle.json; the message names the file, not the key.
+        raise CredentialsError(f"{e}. {CREDENTIALS_HELP}") from None
+    if not cached and not has_credentials:
+        raise CredentialsError(
+            f"Downloading kaggle://{handle} needs Kaggle credentials, and none were found. "
+            + CREDENTIALS_HELP
+        )
+    try:
+        # A cached version comes straight back from kagglehub's cache, offline.
+        path = kagglehub.model_download(handle)
+    except exceptions.KaggleApiHTTPError as e:
+        status = getattr(e.response, "status_code", None)
+        if status in (401, 403):
+            raise CredentialsError(
+                f"Kaggle refused access to kaggle://{handle} (HTTP {status}). " + CONSENT_HELP
+                + " If you already did, check that your credentials are current."
+            ) from None
+        if status == 404:
+            raise PresetError(
+                f"Kaggle has no model kaggle://{handle} (HTTP 404). Check the name and version."
+            ) from None
+        raise PresetError(f"Downloading kaggle://{handle} failed (HTTP {status}). Try again.") from None
+    except Exception as e:  # Network failures surface as several requests/OS types.
+        raise PresetError(
+            f"Downloading kaggle://{handle} failed ({type(e).__name__}). Check the network, or "
+            "use a local preset directory."
+        ) from None
+    return check_preset_dir(path)
+
+
+def tiny_preset_dir():
+    """Build (once) and return the `tiny` preset: a 2-layer Gemma with random weights.
+
+    It tokenizes with a 1,024-piece SentencePiece vocabulary trained on the
+    shipped Dolly sample (scripts/make_tiny_vocab.py), so it exercises the
+    whole pipeline in seconds on a CPU. It knows nothing: its samples are noise.
+    """
+    path = cache_dir() / "presets" / f"tiny-v{TINY_VERSION}"
+    if path.is_dir():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tiny-"))
+    try:
+        build_tiny_causal_lm().save_to_preset(str(staging))
+        os.replace(staging, path)  # Atomic: concurrent builders cannot see a half preset.
+    except OSError:
+        if not path.is_dir():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def build_tiny_causal_lm(seed=1234):
+    """The tiny Gemma (random weights, fixed seed) with its tokenizer and preprocessor."""
+    proto = (resources.files("gemma_lora") / "resources" / "tiny_vocab.spm").read_bytes()
+    tokenizer = keras_hub.models.GemmaTokenizer(proto=proto)
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.GemmaBackbone(
+        vocabulary_size=tokenizer.vocabulary_size(),
+        num_layers=2,
+        num_query_heads=4,
+        num_key_value_heads=1,
+        hidden_dim=64,
+        intermediate_dim=256,
+        head_dim=16,
+        dtype="float32",
+    )
+    preprocessor = keras_hub.models.GemmaCausalLMPreprocessor(tokenizer, sequence_length=128)
+    return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=preprocessor)
+
+
+def load_causal_lm(preset_dir, precision="float32", sequence_length=None):
+    """Load a KerasHub CausalLM from a local preset directory.
+
+    Args:
+        preset_dir: directory from `resolve_preset`.
+        precision: Keras dtype policy name ("float32", "bfloat16", "mixed_bfloat16").
+        sequence_length: int or None; set on the preprocessor (generation length cap).
+    """
+    try:
+        causal_lm = keras_hub.models.CausalLM.from_preset(str(preset_dir), dtype=precision)
+    except (ValueError, OSError, KeyError) as e:
+        raise PresetError(f"Cannot load the preset in {preset_dir}: {e}") from None
+    if sequence_length and causal_lm.preprocessor is not None:
+        causal_lm.preprocessor.sequence_length = sequence_length
+    return causal_lm
+
+
+def enable_lora(causal_lm, rank, alpha=None, targets=("query", "value"), seed=None):
+    """Freeze the backbone and add LoRA factors to the named layers.
+
+    Uses KerasHub's `Backbone.enable_lora`, so its `save_lora_weights` and
+    `load_lora_weights` work unchanged. KerasHub does not pass `lora_alpha`
+    on; Keras layers keep it as the public `lora_alpha` attribute and scale
+    the update by alpha/rank, so alpha is set on each layer afterwards.
+
+    Returns:
+        The list of layers that got LoRA.
+
+    Raises:
+        ConfigError: a target name matches no layer of this model.
+    """
+    backbone = causal_lm.backbone
+    names = {layer.name for layer in backbone._flatten_layers(include_self=False)}
+    unknown = [t for t in targets if t not in names]
+    if unknown:
+        raise ConfigError(
+            f"lora_targets {unknown} match no layer of this {type(backbone).__name__}. "
+            f"LoRA-able layers here: {', '.join(sorted(n for n in names if n in _einsum_names(backbone)))}."
+        )
+    if seed is not None:
+        keras.utils.set_random_seed(seed)  # LoRA A factors are randomly initialised.
+    backbone.enable_lora(rank, target_layer_names=list(targets))
+    layers = lora_layers(causal_lm)
+    if alpha is not None:
+        for layer in layers:
+            layer.lora_alpha = float(alpha)
+    return layers
+
+
+def lora_layers(causal_lm):
+    # `_flatten_layers` is the walk KerasHub's own enable_lora and
+    # save_lora_weights use; the same order keeps adapter files compatible.
+    return [
+        layer
+        for layer in causal_lm.backbone._flatten_layers(include_self=False)
+        if getattr(layer, "lora_enabled", False)
+    ]
+
+
+def _einsum_names(backbone):
+    return {
+        layer.name
+        for layer in backbone._flatten_layers(include_self=False)
+        if hasattr(layer, "enable_lora")
+    }
+
+
+def parameter_summary(causal_lm):
+    """Count base (non-LoRA) and trainable parameters."""
+    lora_ids = set()
+    for layer in lora_layers(causal_lm):
+        lora_ids |= {id(layer.lora_kernel_a), id(layer.lora_kernel_b)}
+    weights = causal_lm.backbone.weights
+    base = sum(_size(w) for w in weights if id(w) not in lora_ids)
+    trainable = sum(_size(w) for w in causal_lm.trainable_weights)
+    return {"base_parameters": base, "trainable_parameters": trainable}
+
+
+def _size(variable):
+    size = 1
+    for dim in variable.shape:
+        size *= int(dim)
+    return size
+
+
+def platform():
+    """'cpu', 'gpu' or 'tpu': where JAX will run."""
+    import jax
+
+    return jax.default_backend()

@@ -1,0 +1,206 @@
+"""One fine-tuning run end to end: config → data → model → train → samples → adapter.
+
+    from gemma_lora import TrainConfig, run_training
+    result = run_training(TrainConfig(preset="tiny", sequence_length=128, max_steps=5))
+
+The run directory receives config.json, metrics.csv, samples.json/.md,
+adapter.lora.h5 + adapter.json and summary.json.
+"""
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gemma_lora import runtime
+from gemma_lora.config import RECIPE_PROMPTS, save_config
+from gemma_lora.errors import TrainingError
+from gemma_lora.io import prepare_output_dir, write_text_atomic
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    parameters: dict
+    data: dict
+    before: dict  # split -> token loss before training
+    after: dict  # split -> token loss after training
+    train: dict  # steps, seconds, tokens/s
+    samples: list = field(default_factory=list)
+    adapter: Path | None = None
+
+
+def run_training(config, echo=print):
+    """Fine-tune as `config` says and write the run directory.
+
+    Raises:
+        GemmaLoraError subclasses for bad input; TrainingError on a NaN loss.
+    """
+    runtime.configure_runtime(
+        memory_fraction=config.memory_fraction,
+        seed=config.seed,
+        compilation_cache_dir=config.compilation_cache,
+    )
+    # Imported after the runtime is configured: these import Keras.
+    from gemma_lora import train
+    from gemma_lora.adapters import save_adapter
+    from gemma_lora.generate import generate
+
+    # The directory is made first so an unwritable path fails before the slow
+    # model load; it stays empty until every input has been checked, and a
+    # failed check removes it again, so bad input leaves nothing behind.
+    requested = Path(config.output_dir or default_run_dir(config))
+    existed = requested.exists()
+    run_dir = prepare_output_dir(requested)
+    try:
+        causal_lm, parameters, rows, data_stats, precision = _prepare(config, echo)
+    except BaseException:
+        if not existed and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+        raise
+    save_config(config, run_dir / "config.json")
+    echo(f"run directory: {run_dir}")
+
+    train.compile_for_training(causal_lm, config)
+    scored = {name: r for name, r in rows.items() if name != "train" and len(r)}
+    before = {name: train.token_loss(causal_lm, r)["token_loss"] for name, r in scored.items()}
+    instructions = list(RECIPE_PROMPTS) + list(config.prompts)
+    samples_before = generate(causal_lm, instructions, config)
+    _echo_samples(echo, "before", samples_before)
+
+    counter, callbacks = train.callbacks_for_run(run_dir, {"validation": rows["validation"]}, config)
+    with train.Timer() as timer:
+        train.fit(causal_lm, rows["train"], config, callbacks=callbacks)
+    if counter.nan_step is not None:
+        raise TrainingError(
+            f"The training loss became NaN at step {counter.nan_step}; no adapter was saved. "
+            "Lower --learning-rate, or use --precision float32."
+        )
+    # Rows seen times the mean real tokens per row; the time includes compilation.
+    rows_seen = min(counter.steps * config.batch_size, len(rows["train"]) * config.epochs)
+    real_tokens_seen = rows_seen * rows["train"].real_tokens / len(rows["train"])
+    train_stats = {
+        "steps": counter.steps,
+        "seconds": round(timer.seconds, 2),
+        "real_tokens_per_second": round(real_tokens_seen / timer.seconds, 1),
+    }
+    after = {name: train.token_loss(causal_lm, r)["token_loss"] for name, r in scored.items()}
+    for name in scored:
+        echo(f"{name} token loss (response tokens{'' if config.response_only_loss else ' and prompt'}): "
+             f"{before[name]:.4f} before → {after[name]:.4f} after ({len(rows[name])} rows)")
+    echo(
+        f"trained {counter.steps} steps in {timer.seconds:.1f} s, compilation included "
+        f"({train_stats['real_tokens_per_second']:,} real tokens/s)"
+    )
+
+    samples_after = generate(causal_lm, instructions, config)
+    _echo_samples(echo, "after", samples_after)
+    write_samples(run_dir, samples_before, samples_after)
+
+    adapter = save_adapter(
+        causal_lm,
+        run_dir,
+        config,
+        extra={
+            "data": config.data,
+            "data_fingerprint": data_stats["fingerprint"],
+            "split": {k: len(v) for k, v in rows.items()},
+            "validation_token_loss": after.get("validation"),
+            "test_token_loss": after.get("test"),
+        },
+    )
+    echo(f"adapter: {adapter}")
+    summary = {
+        "parameters": parameters,
+        "precision": precision,
+        "data": {k: v for k, v in data_stats.items() if k != "lines"},
+        "token_loss_before": before,
+        "token_loss_after": after,
+        "train": train_stats,
+    }
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return RunResult(
+        run_dir, parameters, summary["data"], before, after, train_stats,
+        samples=list(zip(samples_before, samples_after)), adapter=adapter,
+    )
+
+
+def _prepare(config, echo):
+    """Check data, preset and model; return what training needs."""
+    from gemma_lora import data, model
+
+    echo("config: " + json.dumps(config.to_dict()))
+    examples = data.load_examples(config)  # Read data before the slow model load.
+    splits = data.split(examples, config)
+    preset_dir = model.resolve_preset(config.preset, config.preset_version)
+    precision = config.resolved_precision(model.platform())
+    causal_lm = model.load_causal_lm(preset_dir, precision, config.sequence_length)
+    model.enable_lora(
+        causal_lm, config.lora_rank, config.lora_alpha, config.lora_targets, seed=config.seed
+    )
+    parameters = model.parameter_summary(causal_lm)
+    echo(
+        f"model: {config.preset} ({precision}) — {parameters['base_parameters']:,} base parameters, "
+        f"{parameters['trainable_parameters']:,} trainable (LoRA rank {config.lora_rank} on "
+        f"{', '.join(config.lora_targets)})"
+    )
+    tokenizer = causal_lm.preprocessor.tokenizer
+    rows = {
+        name: data.tokenize_rows(getattr(splits, name), tokenizer, config)
+        for name in ("train", "validation", "test")
+    }
+    data_stats = describe_data(rows, config)
+    for line in data_stats["lines"]:
+        echo(line)
+    return causal_lm, parameters, rows, data_stats, precision
+
+
+def default_run_dir(config):
+    name = Path(config.preset).name.replace("kaggle://", "").replace("/", "_")
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def describe_data(rows, config):
+    """Counts per split, truncation, padding share and a fingerprint of the train tokens."""
+    train_rows = rows["train"]
+    fingerprint = hashlib.sha256(train_rows.token_ids.tobytes() + train_rows.weights.tobytes()).hexdigest()[:16]
+    positions = train_rows.token_ids.size
+    lines = [
+        "data: " + ", ".join(f"{name} {len(r)} rows" for name, r in rows.items())
+        + f" (from {config.data}{', with context' if config.include_context else ', no-context rows'})",
+        f"train tokens: {train_rows.real_tokens:,} real of {positions:,} positions "
+        f"({train_rows.real_tokens / positions:.1%}), {train_rows.loss_tokens:,} carry loss; "
+        f"{train_rows.truncated} rows longer than sequence_length={config.sequence_length} were cut"
+        + (" (<eos> appended, as KerasHub)" if config.eos_after_truncation else " (no <eos> after cut text)"),
+    ]
+    return {
+        "rows": {name: len(r) for name, r in rows.items()},
+        "truncated": {name: r.truncated for name, r in rows.items()},
+        "real_token_fraction": train_rows.real_tokens / positions,
+        "loss_tokens": train_rows.loss_tokens,
+        "fingerprint": fingerprint,
+        "lines": lines,
+    }
+
+
+def write_samples(run_dir, before, after):
+    records = [
+        {"instruction": b.instruction, "before": b.to_dict(), "after": a.to_dict()}
+        for b, a in zip(before, after)
+    ]
+    write_text_atomic(run_dir / "samples.json", json.dumps(records, indent=2) + "\n")
+    lines = []
+    for record in records:
+        lines += [f"## {record['instruction']}", ""]
+        for when in ("before", "after"):
+            s = record[when]
+            ending = "<eos>" if s["ended_with_eos"] else (f"stop string {s['stop_string']!r}" if s["stop_string"] else "length limit")
+            lines += [f"**{when}** (ended by {ending}):", "", "```", s["text"], "```", ""]
+    write_text_atomic(run_dir / "samples.md", "\n".join(lines))
+
+
+def _echo_samples(echo, when, samples):
+    for s in samples:
+        ending = "<eos>" if s.ended_with_eos else (f"stop {s.stop_string!r}" if s.stop_string else "length limit")
+        echo(f"[{when}] {s.instruction}\n{s.text.strip()}\n  (ended by {ending})")

@@ -1,0 +1,94 @@
+"""Backend and device-memory settings, applied before Keras is imported.
+
+Keras reads `KERAS_BACKEND` once, at import, and JAX reads
+`XLA_PYTHON_CLIENT_MEM_FRACTION` once, when it first touches a device. So both
+must be set before either happens; `configure_runtime` does that and refuses
+loudly when it is too late rather than silently running on the wrong backend.
+"""
+
+import os
+import sys
+
+from gemma_lora.errors import RuntimeSetupError
+
+BACKEND = "jax"  # The package's training and scoring code is written for JAX.
+
+
+def configure_runtime(
+    memory_fraction=1.0, seed=None, compilation_cache_dir=None, backend=BACKEND
+):
+    """Set the Keras backend and JAX memory fraction, then seed and cache.
+
+    Call it before anything imports Keras (in a notebook: in the first cell).
+    Calling it again with the same backend is harmless.
+
+    Args:
+        memory_fraction: float in (0, 1], default 1.0 (the classic recipe's
+            value). Share of GPU memory JAX may take.
+        seed: int or None. Seeds Python, NumPy and Keras (`set_random_seed`).
+        compilation_cache_dir: str or None. Enables JAX's persistent
+            compilation cache in that directory, so a second run skips most
+            compile time.
+        backend: must be "jax"; kept as an argument so the error below can
+            name what was asked for.
+
+    Raises:
+        RuntimeSetupError: Keras was already imported with another backend,
+            or `backend` is not "jax".
+    """
+    if backend != BACKEND:
+        raise RuntimeSetupError(
+            f"gemma-lora runs on the JAX backend only. Received: backend={backend!r}. "
+            "Use backend='jax'."
+        )
+    if not 0.0 < memory_fraction <= 1.0:
+        raise RuntimeSetupError(
+            f"memory_fraction must be in (0, 1]. Received: memory_fraction={memory_fraction}."
+        )
+    if "keras" in sys.modules:
+        active = sys.modules["keras"].config.backend()
+        if active != backend:
+            raise RuntimeSetupError(
+                f"Keras was already imported with the {active!r} backend, and the "
+                "backend cannot change after import. Call "
+                "gemma_lora.configure_runtime() before importing keras or keras_hub "
+                "(restart the Python process or notebook kernel first)."
+            )
+    os.environ["KERAS_BACKEND"] = backend
+    # Only effective if JAX has not initialised its GPU client yet; a notebook
+    # that already ran JAX code keeps whatever fraction it started with.
+    os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{memory_fraction:.2f}"
+    if compilation_cache_dir:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", str(compilation_cache_dir))
+        # Cache every compiled program, not only the slow ones: the first
+        # training step is what users wait for.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if seed is not None:
+        import keras
+
+        keras.utils.set_random_seed(seed)
+
+
+def ensure_runtime():
+    """Default to the JAX backend if nobody configured the runtime.
+
+    Every module that imports Keras calls this first, so `import gemma_lora`
+    followed by any call works without an explicit `configure_runtime()`.
+
+    Raises:
+        RuntimeSetupError: Keras is (or is about to be) on another backend.
+    """
+    if "keras" not in sys.modules:
+        os.environ.setdefault("KERAS_BACKEND", BACKEND)
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.00")
+    import keras
+
+    if keras.config.backend() != BACKEND:
+        raise RuntimeSetupError(
+            f"Keras is using the {keras.config.backend()!r} backend; gemma-lora "
+            "needs 'jax'. Set KERAS_BACKEND=jax (or call "
+            "gemma_lora.configure_runtime()) before importing keras."
+        )

@@ -1,0 +1,99 @@
+"""Test environment: JAX backend, no network, private caches, no credentials.
+
+Every test runs offline. A test that opens a network connection fails with
+`NetworkBlocked`. Tests marked `slow` run only with `--run-slow`.
+"""
+
+import os
+import socket
+import sys
+import tempfile
+
+# Before anything imports Keras or JAX.
+os.environ["KERAS_BACKEND"] = "jax"
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["HF_HUB_OFFLINE"] = "1"
+_CACHE = tempfile.mkdtemp(prefix="gemma-lora-tests-")
+os.environ["GEMMA_LORA_CACHE"] = os.path.join(_CACHE, "gemma_lora")
+os.environ["KAGGLEHUB_CACHE"] = os.path.join(_CACHE, "kagglehub")
+os.environ["HF_HOME"] = os.path.join(_CACHE, "hf")
+os.environ["KAGGLE_CONFIG_DIR"] = os.path.join(_CACHE, "kaggle-config")  # no ~/.kaggle
+for name in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
+    os.environ.pop(name, None)
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(REPO, "..", "shared", "data", "databricks-dolly-sample.jsonl")
+
+
+class NetworkBlocked(RuntimeError):
+    pass
+
+
+_real_connect = socket.socket.connect
+
+
+def _guarded_connect(self, address):
+    host = address[0] if isinstance(address, tuple) else address
+    if isinstance(host, str) and (host.startswith("127.") or host in ("localhost", "::1") or host.startswith("/")):
+        return _real_connect(self, address)
+    raise NetworkBlocked(f"test tried to reach the network: {address!r}")
+
+
+socket.socket.connect = _guarded_connect
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="Run tests marked slow.")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: pass --run-slow to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_preset():
+    """Directory of the tiny preset (built once per test session)."""
+    from gemma_lora.model import tiny_preset_dir
+
+    return tiny_preset_dir()
+
+
+@pytest.fixture
+def tiny_lm(tiny_preset):
+    """A fresh tiny GemmaCausalLM (float32) loaded from the preset."""
+    from gemma_lora.model import load_causal_lm
+
+    return load_causal_lm(tiny_preset, "float32", sequence_length=64)
+
+
+@pytest.fixture
+def make_config():
+    """TrainConfig for fast tiny runs; keyword arguments override."""
+    from gemma_lora.config import resolve_config
+
+    def make(recipe=False, **overrides):
+        values = dict(preset="tiny", sequence_length=64, limit=24, validation_rows=4, test_rows=4,
+                      batch_size=4, max_new_tokens=8)
+        if recipe:
+            values.update(limit=8, validation_rows=0, test_rows=4, batch_size=1)
+        values.update(overrides)
+        return resolve_config(overrides=values, recipe=recipe)
+
+    return make
+
+
+def write_jsonl(path, lines):
+    """Write raw lines (strings are written as is, dicts as JSON)."""
+    import json
+
+    with open(path, "w") as f:
+        for line in lines:
+            f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
+    return path
