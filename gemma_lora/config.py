@@ -159,7 +159,7 @@ class TrainConfig:
         if self.precision != "auto":
             return self.precision
         # Measured, see docs/precision.md. Pure bfloat16 stores the LoRA factors
-        # in bfloat16 too, where AdamW steps smaller than ~1/128 of a weight
+        # in bfloat16 too, where AdamW steps smaller than ~1/256 of a weight
         # round away; mixed_bfloat16 keeps float32 weights and computes in
         # bfloat16 (2.5x the float32 recipe on an H100, ../shared/perf-notes.md).
         return "float32" if platform == "cpu" else "mixed_bfloat16"
@@ -267,7 +267,7 @@ def validate(config):
         if not _type_ok(value, expected):
             problems.append(f"{name}={value!r} has the wrong type (expected {_type_name(expected)}).")
     if problems:  # Range checks below assume the right types.
-        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))
+        raise ConfigError(_invalid(problems))
 
     need(c.preset.strip() != "", "preset is empty: give a preset name, kaggle:// handle or directory.")
     need(
@@ -330,7 +330,13 @@ def validate(config):
         f"memory_fraction={c.memory_fraction} must be in (0, 1], e.g. 0.9.",
     )
     if problems:
-        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))
+        raise ConfigError(_invalid(problems))
+
+
+def _invalid(problems):
+    # One line, so the CLI's error stays a single line on stderr.
+    count = f" ({len(problems)} problems)" if len(problems) > 1 else ""
+    return f"Invalid config{count}: " + " ".join(problems)
 
 
 def _type_ok(value, expected):

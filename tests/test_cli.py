@@ -1,0 +1,114 @@
+"""The `gemma-lora` command end to end, and every bad input: one line, exit 2, no files."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, write_jsonl
+from gemma_lora.cli import main
+
+FAST = ["--preset", "tiny", "--sequence-length", "64", "--limit", "12", "--validation-rows", "4",
+        "--test-rows", "4", "--batch-size", "4", "--max-new-tokens", "4"]
+
+
+def test_train_end_to_end_through_the_console_script(tmp_path):
+    """The installed entry point runs a short fine-tune and writes the whole run directory."""
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "gemma_lora.cli", "train", *FAST, "--max-steps", "2",
+         "--prompt", "Name a colour.", "--output-dir", str(run_dir)],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "135,488 base parameters, 2,816 trainable" in out
+    assert "[before] What should I do on a trip to Europe?" in out and "[after] Name a colour." in out
+    assert "validation token loss" in out and "test token loss" in out
+    for name in ("config.json", "metrics.csv", "samples.json", "samples.md", "adapter.lora.h5", "adapter.json", "summary.json"):
+        assert (run_dir / name).is_file(), name
+    assert not [p for p in run_dir.iterdir() if ".tmp" in p.name]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["preset"] == "tiny" and config["max_steps"] == 2
+    samples = json.loads((run_dir / "samples.json").read_text())
+    assert [s["instruction"] for s in samples][-1] == "Name a colour." and len(samples) == 3
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["train"]["steps"] == 2 and summary["data"]["rows"] == {"train": 8, "validation": 4, "test": 4}
+    assert "validation_token_loss" in (run_dir / "metrics.csv").read_text()
+    meta = json.loads((run_dir / "adapter.json").read_text())
+    assert meta["rank"] == 4 and meta["alpha"] == 4 and meta["base_preset"] == "tiny"
+
+
+def test_recipe_flag_prints_the_recipe_settings(tmp_path, capsys):
+    code = main(["train", "--recipe", "--preset", "tiny", "--limit", "2", "--test-rows", "0",
+                 "--sequence-length", "48", "--max-new-tokens", "2", "--output-dir", str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert '"batch_size": 1' in out and '"learning_rate": 5e-05' in out and '"shuffle": false' in out
+    assert "(<eos> appended, as KerasHub)" in out
+
+
+def test_info_shows_a_run_and_a_preset(tmp_path, capsys):
+    assert main(["info", "tiny"]) == 0
+    assert '"num_layers": 2' in capsys.readouterr().out
+
+
+def test_generate_with_an_adapter(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", *FAST, "--max-steps", "1", "--output-dir", str(run_dir)]) == 0
+    capsys.readouterr()
+    code = main(["generate", "--preset", "tiny", "--max-new-tokens", "3", "--prompt", "Hi?",
+                 "--adapter", str(run_dir / "adapter.lora.h5")])
+    assert code == 0 and "### Hi?" in capsys.readouterr().out
+    assert main(["info", str(run_dir)]) == 0
+    assert "== adapter.json" in capsys.readouterr().out
+
+
+def bad_file(tmp_path, lines):
+    return str(write_jsonl(tmp_path / "data.jsonl", lines))
+
+
+BAD_INPUTS = {
+    "malformed JSON line": (lambda t: ["--data", bad_file(t, ['{"instruction": "a", "response": "b"}', "{oops"])], r"data.jsonl:2: not valid JSON"),
+    "missing instruction": (lambda t: ["--data", bad_file(t, ['{"response": "b"}'])], r":1: missing field 'instruction'"),
+    "missing response": (lambda t: ["--data", bad_file(t, ['{"instruction": "b"}'])], r":1: missing field 'response'"),
+    "non-string field": (lambda t: ["--data", bad_file(t, ['{"instruction": 1, "response": "b"}'])], r"field 'instruction' must be a string"),
+    "empty after filtering": (lambda t: ["--data", bad_file(t, ['{"instruction": "a", "context": "c", "response": "b"}'])], r"No rows left"),
+    "limit <= 0": (lambda t: ["--limit", "0"], r"limit=0 must be > 0"),
+    "sequence length too small": (lambda t: ["--sequence-length", "10"], r"sequence_length=10 is too small for the template"),
+    "rank <= 0": (lambda t: ["--lora-rank", "0"], r"lora_rank=0 must be > 0"),
+    "alpha <= 0": (lambda t: ["--lora-alpha", "-1"], r"lora_alpha=-1.0 must be > 0"),
+    "unknown target layer": (lambda t: ["--lora-targets", "query", "qkv_proj"], r"unknown layer name\(s\) \['qkv_proj'\]"),
+    "unknown preset": (lambda t: ["--preset", "gemma_9z_en"], r"Unknown preset 'gemma_9z_en'"),
+    "preset directory missing files": (lambda t: ["--preset", str(t / "empty_preset")], r"empty_preset is missing config.json"),
+    "missing credentials": (lambda t: ["--preset", "gemma_2b_en", "--preset-version", "9"], r"needs Kaggle credentials"),
+    "unwritable output directory": (lambda t: ["--output-dir", str(t / "afile" / "run")], r"(not writable|Cannot write|is a file)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_leaves_no_files(tmp_path, capsys, case):
+    (tmp_path / "empty_preset").mkdir()
+    (tmp_path / "afile").write_text("not a directory")
+    make_args, pattern = BAD_INPUTS[case]
+    args = make_args(tmp_path)
+    output = ["--output-dir", str(tmp_path / "run")] if "--output-dir" not in args else []
+    code = main(["train", *FAST, *args, *output])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("gemma-lora: error: ") and err.count("\n") == 1, err
+    import re
+
+    assert re.search(pattern, err), err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from gemma_lora.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        main(["--debug", "train", "--lora-rank", "0"])

@@ -1,0 +1,20 @@
+"""Generation: one sample per prompt, length limit, stop strings, deterministic greedy."""
+
+from gemma_lora.generate import cut_at_stop_strings, generate
+
+
+def test_cut_at_the_earliest_stop_string():
+    text = "Paris.\nInstruction:\nMore\n\nResponse:"
+    assert cut_at_stop_strings(text, ["\n\nResponse:", "\nInstruction:"]) == ("Paris.", "\nInstruction:")
+    assert cut_at_stop_strings("Paris.", ["\nInstruction:"]) == ("Paris.", None)
+
+
+def test_greedy_samples_are_deterministic_and_bounded(tiny_lm, make_config):
+    config = make_config(max_new_tokens=6, stop_strings=["\nInstruction:"])
+    prompts = ["Name a colour.", "Explain the process of photosynthesis in a way that a child could understand."]
+    first = generate(tiny_lm, prompts, config, batch_size=2)
+    again = generate(tiny_lm, prompts[::-1], config, batch_size=1)
+    assert [s.instruction for s in first] == prompts
+    assert all(s.new_tokens <= 6 for s in first)
+    assert [s.text for s in first] == [s.text for s in again[::-1]]  # batching and order do not matter
+    assert all(not s.ended or s.ended_with_eos or s.stop_string for s in first)
