@@ -5,6 +5,7 @@ token arrays, so the output tokens show whether the model itself ended its
 answer with `<eos>` (a string output would hide that).
 """
 
+import weakref
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -15,6 +16,9 @@ from gemma_lora.data import Example, prompt_text
 runtime.ensure_runtime()
 
 import keras_hub  # noqa: E402
+
+
+_SAMPLERS = weakref.WeakKeyDictionary()  # model -> the sampler settings it was given
 
 
 @dataclass
@@ -52,8 +56,13 @@ def generate(causal_lm, instructions, config, batch_size=8):
         A list of `Sample`, one per instruction.
     """
     tokenizer = causal_lm.preprocessor.tokenizer
-    causal_lm.sampler = make_sampler(config)
-    causal_lm.generate_function = None  # Rebuild with this sampler.
+    sampler_key = (config.sampler, config.top_k, config.seed)
+    if _SAMPLERS.get(causal_lm) != sampler_key or causal_lm.generate_function is None:
+        # A new sampler needs a new compiled generate function; the same one is
+        # reused, so samples after training cost no second compilation.
+        causal_lm.sampler = make_sampler(config)
+        causal_lm.generate_function = None
+        _SAMPLERS[causal_lm] = sampler_key
     samples = []
     for start in range(0, len(instructions), batch_size):
         batch = list(instructions[start : start + batch_size])
