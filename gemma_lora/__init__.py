@@ -11,6 +11,7 @@ import Keras before `configure_runtime` has set the backend.
 
 from gemma_lora.config import TrainConfig, resolve_config
 from gemma_lora.errors import (
+    AdapterError,
     ConfigError,
     CredentialsError,
     DataError,
@@ -38,9 +39,12 @@ _LAZY = {
     "token_loss": "gemma_lora.train",
     "generate": "gemma_lora.generate",
     "save_adapter": "gemma_lora.adapters",
+    "load_adapter": "gemma_lora.adapters",
+    "merge_adapter": "gemma_lora.adapters",
 }
 
 __all__ = [
+    "AdapterError",
     "ConfigError",
     "CredentialsError",
     "DataError",

@@ -1,20 +1,37 @@
-"""Save a trained LoRA adapter with the metadata needed to reuse it.
+"""Adapters you can keep: save with metadata, load with checks, merge into the base.
 
 `adapter.lora.h5` is written by KerasHub's own `save_lora_weights`, so stock
 `backbone.load_lora_weights` reads it; `adapter.json` beside it records what
-the h5 cannot (alpha, targets, template, base preset, versions, data).
+the h5 cannot: alpha, targets, template, base model, versions, data. With the
+default targets and alpha = rank the stock loader gives the same model; with
+other targets or alpha it would load silently wrong (it enables LoRA on the
+default layers with alpha = rank), which is why `load_adapter` reads the
+metadata first.
 """
 
 import hashlib
 import json
+import os
+import shutil
+import tempfile
+import warnings
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
+
+from gemma_lora.errors import AdapterError
 from gemma_lora.io import atomic_path, write_text_atomic
-from gemma_lora.model import lora_layers
+from gemma_lora.model import enable_lora, layers_with_weights, lora_layers
 
 ADAPTER_FILE = "adapter.lora.h5"
 METADATA_FILE = "adapter.json"
+DEFAULT_TARGETS = ("query", "value")
+# Backbone config entries that must match for an adapter to fit a model.
+SHAPE_KEYS = (
+    "vocabulary_size", "num_layers", "num_query_heads", "num_key_value_heads",
+    "hidden_dim", "intermediate_dim", "head_dim",
+)
 
 
 def save_adapter(causal_lm, directory, config, extra=None):
@@ -28,22 +45,27 @@ def save_adapter(causal_lm, directory, config, extra=None):
 
     Returns:
         Path of the h5 file.
+
+    Raises:
+        OutputError: the files cannot be written (nothing partial is left).
     """
     directory = Path(directory)
     h5_path = directory / ADAPTER_FILE
     with atomic_path(h5_path, suffix=".lora.h5") as tmp:
         tmp.unlink()  # h5py refuses to overwrite the placeholder mkstemp made.
         causal_lm.backbone.save_lora_weights(str(tmp))
-    layers = lora_layers(causal_lm)
+    alpha = config.lora_alpha if config.lora_alpha is not None else config.lora_rank
     info = {
         "format": "gemma-lora adapter v1",
         "base_preset": config.preset,
         "base_preset_version": config.preset_version,
         "backbone_class": type(causal_lm.backbone).__name__,
+        "backbone_shape": backbone_shape(causal_lm.backbone),
         "rank": config.lora_rank,
-        "alpha": config.lora_alpha if config.lora_alpha is not None else config.lora_rank,
+        "alpha": alpha,
         "targets": list(config.lora_targets),
-        "lora_layers": len(layers),
+        "lora_layers": len(lora_layers(causal_lm)),
+        "stock_loader_compatible": alpha == config.lora_rank and sorted(config.lora_targets) == sorted(DEFAULT_TARGETS),
         "template": config.template,
         "context_template": config.context_template if config.include_context else None,
         "versions": versions(),
@@ -52,6 +74,162 @@ def save_adapter(causal_lm, directory, config, extra=None):
     }
     write_text_atomic(directory / METADATA_FILE, json.dumps(info, indent=2) + "\n")
     return h5_path
+
+
+def read_adapter(path):
+    """Check an adapter file and return (rank, {layer index: (A, B)}, metadata or None).
+
+    Raises:
+        AdapterError: wrong extension, missing, or not a readable LoRA h5.
+    """
+    import h5py
+
+    path = Path(path)
+    if not path.name.endswith(".lora.h5"):
+        raise AdapterError(
+            f"An adapter file must end in .lora.h5 (KerasHub's LoRA format). Received: {path}. "
+            "Pass the adapter.lora.h5 of a run directory."
+        )
+    if not path.is_file():
+        raise AdapterError(f"Adapter file not found: {path}.")
+    try:
+        with h5py.File(path, "r") as f:
+            rank = int(f["lora/vars/rank"][()])
+            factors = {
+                int(index): (np.asarray(group["vars/lora_kernel_a"]), np.asarray(group["vars/lora_kernel_b"]))
+                for index, group in f["lora"].items()
+                if index != "vars"
+            }
+    except (OSError, KeyError, ValueError) as e:
+        raise AdapterError(
+            f"{path} is not a readable LoRA adapter ({type(e).__name__}: the file is corrupt, "
+            "truncated or not written by save_lora_weights). Use an intact copy."
+        ) from None
+    meta_path = path.with_name(METADATA_FILE)
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    if meta is not None and meta.get("rank") != rank:
+        raise AdapterError(f"{meta_path} says rank {meta.get('rank')} but {path} holds rank {rank}: they do not belong together.")
+    return rank, factors, meta
+
+
+def load_adapter(causal_lm, path):
+    """Apply a saved adapter to a model (without LoRA, or with the same LoRA layout).
+
+    Reads `adapter.json` to enable LoRA with the adapter's targets and alpha
+    and to check the base model; without it, falls back to KerasHub's stock
+    behaviour (default targets, alpha = rank) with a warning.
+
+    Returns:
+        The adapter's metadata dict (None without adapter.json).
+
+    Raises:
+        AdapterError: unreadable file, another base model, or a rank or
+            target mismatch with LoRA already enabled on `causal_lm`.
+    """
+    rank, factors, meta = read_adapter(path)
+    if meta is None:
+        warnings.warn(
+            f"No {METADATA_FILE} beside {path}: loading it as a stock KerasHub adapter "
+            "(default targets query/value, alpha = rank), unchecked.",
+            stacklevel=2,
+        )
+        targets, alpha = DEFAULT_TARGETS, None
+    else:
+        targets, alpha = tuple(meta["targets"]), float(meta["alpha"])
+        _check_base(causal_lm, meta, path)
+    existing = lora_layers(causal_lm)
+    if existing:
+        have_rank = existing[0].lora_rank
+        have_targets = sorted({layer.name for layer in existing})
+        if have_rank != rank or have_targets != sorted(set(targets)):
+            raise AdapterError(
+                f"{path} is a rank-{rank} adapter for {sorted(set(targets))}, but this model already has "
+                f"rank-{have_rank} LoRA on {have_targets}. Load it into a model without LoRA."
+            )
+        if alpha is not None:
+            for layer in existing:
+                layer.lora_alpha = alpha
+    else:
+        enable_lora(causal_lm, rank, alpha, targets)
+    layers = layers_with_weights(causal_lm.backbone)
+    expected = {i for i, layer in enumerate(layers) if getattr(layer, "lora_enabled", False)}
+    if set(factors) != expected:
+        raise AdapterError(
+            f"{path} holds LoRA factors for other layers than this model has (layer indices "
+            f"{sorted(factors)[:6]} vs {sorted(expected)[:6]}): it was trained on another model."
+        )
+    for index, (a, b) in factors.items():
+        layer = layers[index]
+        if a.shape != tuple(layer.lora_kernel_a.shape) or b.shape != tuple(layer.lora_kernel_b.shape):
+            raise AdapterError(
+                f"{path} does not fit this model: layer {layer.path} needs LoRA factors "
+                f"{tuple(layer.lora_kernel_a.shape)} and {tuple(layer.lora_kernel_b.shape)}, the file has "
+                f"{a.shape} and {b.shape}. The adapter was trained on another base model."
+            )
+        layer.lora_kernel_a.assign(a)
+        layer.lora_kernel_b.assign(b)
+    return meta
+
+
+def _check_base(causal_lm, meta, path):
+    backbone = causal_lm.backbone
+    name = type(backbone).__name__
+    if meta.get("backbone_class") not in (None, name):
+        raise AdapterError(
+            f"{path} was trained on a {meta['backbone_class']} ({meta.get('base_preset')}), not a {name}. "
+            "Load it onto the base model it was trained on."
+        )
+    want, have = meta.get("backbone_shape") or {}, backbone_shape(backbone)
+    different = {k: (want[k], have.get(k)) for k in want if want[k] != have.get(k)}
+    if different:
+        details = ", ".join(f"{k} {a} vs {b}" for k, (a, b) in different.items())
+        raise AdapterError(
+            f"{path} was trained on another base model ({meta.get('base_preset')}: {details}). "
+            "Load it onto the base model it was trained on."
+        )
+
+
+def merge_adapter(causal_lm, preset_dir, output_dir, precision="float32"):
+    """Fold W + (alpha/rank)·A·B into a plain model and save it as a KerasHub preset.
+
+    Args:
+        causal_lm: the model with the adapter applied.
+        preset_dir: the base preset directory (a fresh copy without LoRA is loaded from it).
+        output_dir: the new preset directory (must not exist).
+        precision: dtype of the merged model's weights.
+
+    Returns:
+        The output directory; `keras_hub.models.CausalLM.from_preset(output_dir)`
+        loads it with no LoRA.
+    """
+    from gemma_lora.errors import OutputError
+    from gemma_lora.model import load_causal_lm
+
+    output_dir = Path(output_dir)
+    if output_dir.exists():
+        raise OutputError(f"{output_dir} already exists. Give a new directory for the merged model.")
+    layers = layers_with_weights(causal_lm.backbone)
+    # `layer.kernel` of a LoRA EinsumDense is the merged W + (alpha/rank)·A·B.
+    merged = {i: np.asarray(layer.kernel) for i, layer in enumerate(layers) if getattr(layer, "lora_enabled", False)}
+    plain = load_causal_lm(preset_dir, precision)
+    plain_layers = layers_with_weights(plain.backbone)
+    for index, kernel in merged.items():
+        plain_layers[index].kernel.assign(kernel)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
+    try:
+        plain.save_to_preset(str(staging))
+        os.replace(staging, output_dir)
+    except OSError as e:
+        raise OutputError(f"Cannot write the merged model to {output_dir}: {e.strerror}.") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output_dir
+
+
+def backbone_shape(backbone):
+    config = backbone.get_config()
+    return {k: config[k] for k in SHAPE_KEYS if k in config}
 
 
 def versions():

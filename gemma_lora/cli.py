@@ -58,6 +58,7 @@ def build_parser():
     train = commands.add_parser("train", help="Fine-tune a preset and write a run directory.",
                                 description="Fine-tune a Gemma preset with LoRA. Defaults: the package's; --recipe: the classic KerasHub recipe.")
     train.add_argument("--config", help="TOML, YAML or JSON file of config fields (flags override it).")
+    train.add_argument("--resume", metavar="RUN_DIR", help="Continue an interrupted run from its newest checkpoint, with its own config.json.")
     add_field_flags(train, FIELDS)
     train.set_defaults(handler=run_train)
 
@@ -67,8 +68,14 @@ def build_parser():
     generate.add_argument("--adapter", help="A .lora.h5 adapter (e.g. RUN_DIR/adapter.lora.h5) to apply.")
     generate.set_defaults(handler=run_generate)
 
-    info = commands.add_parser("info", help="Show what a run directory or preset holds.")
-    info.add_argument("target", help="A run directory, a preset directory, or a preset name.")
+    merge = commands.add_parser("merge", help="Fold an adapter into its base and save a plain KerasHub preset.")
+    merge.add_argument("adapter", help="The .lora.h5 adapter (its adapter.json names the base preset).")
+    merge.add_argument("output_dir", help="New directory for the merged preset.")
+    add_field_flags(merge, ("preset", "preset_version", "precision"))
+    merge.set_defaults(handler=run_merge)
+
+    info = commands.add_parser("info", help="Show what a run directory, adapter or preset holds.")
+    info.add_argument("target", help="A run directory, a .lora.h5 adapter, a preset directory, or a preset name.")
     info.set_defaults(handler=run_info)
     return parser
 
@@ -115,10 +122,24 @@ def config_from_args(args, names):
 
 
 def run_train(args):
-    config = config_from_args(args, FIELDS)
+    from gemma_lora.errors import ConfigError
+
+    if args.resume:
+        given = [name for name in FIELDS if hasattr(args, name)] + (["config"] if args.config else [])
+        if given:
+            raise ConfigError(
+                f"--resume uses the run's own config.json; drop {', '.join('--' + g.replace('_', '-') for g in given)} "
+                f"(to change a value, edit {Path(args.resume) / 'config.json'})."
+            )
+        config_file = Path(args.resume) / "config.json"
+        if not config_file.is_file():
+            raise ConfigError(f"{args.resume} is not a run directory (no config.json). Give the RUN_DIR of a run to resume.")
+        config = resolve_config(load_config_file(config_file), {"output_dir": str(args.resume)})
+    else:
+        config = config_from_args(args, FIELDS)
     from gemma_lora.pipeline import run_training
 
-    result = run_training(config)
+    result = run_training(config, resume=bool(args.resume))
     print(f"done: {result.run_dir}")
 
 
@@ -139,23 +160,50 @@ def run_generate(args):
 
 
 def load_adapter_for_generate(causal_lm, path):
-    """Apply an adapter with KerasHub's loader, and its alpha from adapter.json if present."""
-    from gemma_lora.errors import ConfigError
-    from gemma_lora.model import lora_layers
+    from gemma_lora.adapters import load_adapter
 
-    path = Path(path)
-    if not path.name.endswith(".lora.h5") or not path.is_file():
-        raise ConfigError(f"--adapter must be an existing .lora.h5 file. Received: {path}")
-    causal_lm.backbone.load_lora_weights(str(path))
-    meta = path.with_name("adapter.json")
-    if meta.is_file():
-        alpha = json.loads(meta.read_text()).get("alpha")
-        for layer in lora_layers(causal_lm):
-            layer.lora_alpha = float(alpha)
+    load_adapter(causal_lm, path)
+
+
+def run_merge(args):
+    from gemma_lora.adapters import read_adapter
+
+    _, _, meta = read_adapter(args.adapter)
+    meta = meta or {}
+    overrides = {
+        "preset": getattr(args, "preset", meta.get("base_preset")),
+        "preset_version": getattr(args, "preset_version", meta.get("base_preset_version")),
+        "precision": getattr(args, "precision", "float32"),
+    }
+    if overrides["preset"] is None:
+        from gemma_lora.errors import ConfigError
+
+        raise ConfigError(f"{args.adapter} has no adapter.json naming its base: pass --preset.")
+    config = resolve_config(overrides={k: v for k, v in overrides.items()})
+    from gemma_lora import runtime
+
+    runtime.configure_runtime(config.memory_fraction)
+    from gemma_lora import model
+    from gemma_lora.adapters import load_adapter, merge_adapter
+
+    preset_dir = model.resolve_preset(config.preset, config.preset_version)
+    precision = config.resolved_precision(model.platform()) if config.precision == "auto" else config.precision
+    causal_lm = model.load_causal_lm(preset_dir, precision)
+    load_adapter(causal_lm, args.adapter)
+    out = merge_adapter(causal_lm, preset_dir, args.output_dir, precision)
+    print(f"merged {args.adapter} into {config.preset}: {out} ({precision} weights, no LoRA)")
 
 
 def run_info(args):
     target = Path(args.target)
+    if target.name.endswith(".lora.h5"):
+        from gemma_lora.adapters import read_adapter
+
+        rank, factors, meta = read_adapter(target)
+        size = sum(a.size + b.size for a, b in factors.values())
+        print(f"adapter: {target}: rank {rank}, {len(factors)} LoRA layers, {size:,} parameters")
+        print(json.dumps(meta, indent=2) if meta else "(no adapter.json: a stock KerasHub adapter)")
+        return
     if any((target / name).is_file() for name in ("summary.json", "adapter.json")):
         for name in ("config.json", "summary.json", "adapter.json"):
             if (target / name).is_file():

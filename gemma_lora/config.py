@@ -124,6 +124,10 @@ class TrainConfig:
         "AdamW weight decay (never applied to 'bias' or 'scale' variables).", default=0.01
     )
     seed: int = _help("Seeds data order, LoRA initialisation and sampling.", default=0)
+    checkpoint_every: int | None = _help(
+        "Save trainable weights and optimizer state every N steps (for --resume); None = never.",
+        default=50,
+    )
     # Generation
     prompts: list[str] = _help(
         "Extra instructions to sample before and after training (the recipe's two always run).",
@@ -313,6 +317,10 @@ def validate(config):
     need(c.batch_size > 0, f"batch_size={c.batch_size} must be > 0.")
     need(c.epochs > 0, f"epochs={c.epochs} must be > 0.")
     need(c.max_steps is None or c.max_steps > 0, f"max_steps={c.max_steps} must be > 0 or None.")
+    need(
+        c.checkpoint_every is None or c.checkpoint_every > 0,
+        f"checkpoint_every={c.checkpoint_every} must be > 0 or None.",
+    )
     need(
         math.isfinite(c.learning_rate) and c.learning_rate > 0,
         f"learning_rate={c.learning_rate} must be > 0.",

@@ -36,3 +36,7 @@ class RuntimeSetupError(GemmaLoraError):
 
 class TrainingError(GemmaLoraError):
     """Training stopped for a reason the user must act on (e.g. NaN loss)."""
+
+
+class AdapterError(GemmaLoraError):
+    """An adapter file is unreadable or does not fit the model it is loaded into."""

@@ -229,14 +229,18 @@ def enable_lora(causal_lm, rank, alpha=None, targets=("query", "value"), seed=No
     return layers
 
 
+def layers_with_weights(backbone):
+    """The backbone's layers in the order KerasHub numbers them in LoRA files.
+
+    `_flatten_layers` filtered to layers with weights is the walk KerasHub's
+    own `save_lora_weights` and `load_lora_weights` use; the same numbering
+    keeps adapter files interchangeable.
+    """
+    return [layer for layer in backbone._flatten_layers(include_self=False) if layer.weights]
+
+
 def lora_layers(causal_lm):
-    # `_flatten_layers` is the walk KerasHub's own enable_lora and
-    # save_lora_weights use; the same order keeps adapter files compatible.
-    return [
-        layer
-        for layer in causal_lm.backbone._flatten_layers(include_self=False)
-        if getattr(layer, "lora_enabled", False)
-    ]
+    return [layer for layer in layers_with_weights(causal_lm.backbone) if getattr(layer, "lora_enabled", False)]
 
 
 def _einsum_names(backbone):

@@ -3,8 +3,9 @@
     from gemma_lora import TrainConfig, run_training
     result = run_training(TrainConfig(preset="tiny", sequence_length=128, max_steps=5))
 
-The run directory receives config.json, metrics.csv, samples.json/.md,
-adapter.lora.h5 + adapter.json and summary.json.
+The run directory receives config.json, before.json (losses and samples before
+training), checkpoints/, metrics.csv, samples.json/.md, adapter.lora.h5 +
+adapter.json and summary.json.
 """
 
 import hashlib
@@ -31,11 +32,19 @@ class RunResult:
     adapter: Path | None = None
 
 
-def run_training(config, echo=print):
+def run_training(config, echo=print, resume=False):
     """Fine-tune as `config` says and write the run directory.
 
+    Args:
+        config: a validated `TrainConfig`.
+        echo: where progress lines go (print by default).
+        resume: continue the run in `config.output_dir` from its newest
+            checkpoint (the config must be that run's own config.json).
+
     Raises:
-        GemmaLoraError subclasses for bad input; TrainingError on a NaN loss.
+        GemmaLoraError subclasses for bad input; TrainingError on a NaN loss
+        (the last good checkpoint is kept); KeyboardInterrupt after Ctrl-C,
+        once a checkpoint is saved.
     """
     runtime.configure_runtime(
         memory_fraction=config.memory_fraction,
@@ -43,45 +52,64 @@ def run_training(config, echo=print):
         compilation_cache_dir=config.compilation_cache,
     )
     # Imported after the runtime is configured: these import Keras.
-    from gemma_lora import train
+    from gemma_lora import checkpoints, train
     from gemma_lora.adapters import save_adapter
-    from gemma_lora.generate import generate
+    from gemma_lora.generate import Sample, generate
 
-    # The directory is made first so an unwritable path fails before the slow
-    # model load; it stays empty until every input has been checked, and a
-    # failed check removes it again, so bad input leaves nothing behind.
-    requested = Path(config.output_dir or default_run_dir(config))
-    existed = requested.exists()
-    run_dir = prepare_output_dir(requested)
+    if resume:
+        run_dir, checkpoint = _resumable(Path(config.output_dir))
+    else:
+        run_dir, checkpoint = _new_run_dir(config), None
     try:
         causal_lm, parameters, rows, data_stats, precision = _prepare(config, echo)
     except BaseException:
-        if not existed and not any(run_dir.iterdir()):
-            run_dir.rmdir()
+        if not resume and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # Bad input leaves nothing behind.
         raise
-    save_config(config, run_dir / "config.json")
     echo(f"run directory: {run_dir}")
-
     train.compile_for_training(causal_lm, config)
     scored = {name: r for name, r in rows.items() if name != "train" and len(r)}
-    before = {name: train.token_loss(causal_lm, r)["token_loss"] for name, r in scored.items()}
     instructions = list(RECIPE_PROMPTS) + list(config.prompts)
-    samples_before = generate(causal_lm, instructions, config)
+    if resume:
+        saved = json.loads((run_dir / BEFORE_FILE).read_text())
+        before, samples_before = saved["token_loss"], [Sample(**s) for s in saved["samples"]]
+        start, global_step = checkpoints.restore_checkpoint(causal_lm, checkpoint)
+        echo(f"resuming from {checkpoint.name}: step {global_step}, epoch {start.epoch + 1}")
+    else:
+        save_config(config, run_dir / "config.json")
+        before = {name: train.token_loss(causal_lm, r)["token_loss"] for name, r in scored.items()}
+        samples_before = generate(causal_lm, instructions, config)
+        record = {"token_loss": before, "samples": [s.to_dict() for s in samples_before]}
+        write_text_atomic(run_dir / BEFORE_FILE, json.dumps(record, indent=2) + "\n")
+        start, global_step = train.Position(), 0
     _echo_samples(echo, "before", samples_before)
 
     counter, callbacks = train.callbacks_for_run(run_dir, {"validation": rows["validation"]}, config)
+    checkpointer = checkpoints.Checkpointer(
+        run_dir, config.checkpoint_every, train.steps_per_epoch(rows["train"], config), global_step
+    )
     with train.Timer() as timer:
-        train.fit(causal_lm, rows["train"], config, callbacks=callbacks)
-    if counter.nan_step is not None:
-        raise TrainingError(
-            f"The training loss became NaN at step {counter.nan_step}; no adapter was saved. "
-            "Lower --learning-rate, or use --precision float32."
+        train.fit(causal_lm, rows["train"], config, callbacks=[checkpointer, *callbacks], start=start)
+    if checkpointer.bad_step is not None:
+        kept = (
+            f"The last good checkpoint, {checkpointer.last_saved or checkpoints.latest_checkpoint(run_dir)}, is kept: "
+            f"lower learning_rate in {run_dir / 'config.json'} and run `gemma-lora train --resume {run_dir}`."
+            if checkpoints.latest_checkpoint(run_dir)
+            else "No checkpoint was saved before it; lower --learning-rate and start again."
         )
+        raise TrainingError(f"The training loss became NaN at step {checkpointer.bad_step}; training stopped. {kept}")
+    if checkpointer.interrupted:
+        echo(
+            f"interrupted: checkpoint {checkpointer.last_saved} saved at step {checkpointer.global_step}; "
+            f"continue with `gemma-lora train --resume {run_dir}`"
+        )
+        raise KeyboardInterrupt
     # Rows seen times the mean real tokens per row; the time includes compilation.
     rows_seen = min(counter.steps * config.batch_size, len(rows["train"]) * config.epochs)
     real_tokens_seen = rows_seen * rows["train"].real_tokens / len(rows["train"])
     train_stats = {
-        "steps": counter.steps,
+        "steps": checkpointer.global_step,
+        "steps_this_session": counter.steps,
         "seconds": round(timer.seconds, 2),
         "real_tokens_per_second": round(real_tokens_seen / timer.seconds, 1),
     }
@@ -124,6 +152,29 @@ def run_training(config, echo=print):
         run_dir, parameters, summary["data"], before, after, train_stats,
         samples=list(zip(samples_before, samples_after)), adapter=adapter,
     )
+
+
+BEFORE_FILE = "before.json"
+
+
+def _new_run_dir(config):
+    # Made first so an unwritable path fails before the slow model load.
+    return prepare_output_dir(config.output_dir or default_run_dir(config))
+
+
+def _resumable(run_dir):
+    """Check a run directory can be resumed; return it and its newest checkpoint."""
+    from gemma_lora.checkpoints import latest_checkpoint
+
+    if (run_dir / "adapter.json").is_file():
+        raise TrainingError(f"The run in {run_dir} already finished (it has adapter.json); nothing to resume.")
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None or not (run_dir / BEFORE_FILE).is_file():
+        raise TrainingError(
+            f"No checkpoint in {run_dir / 'checkpoints'}: the run stopped before its first one. "
+            "Start it again instead of resuming."
+        )
+    return run_dir, checkpoint
 
 
 def _prepare(config, echo):

@@ -46,27 +46,91 @@ def compile_for_training(causal_lm, config):
     )
 
 
-def fit(causal_lm, rows, config, callbacks=(), verbose="auto"):
-    """Train on `rows` (a `data.TokenizedRows`) and return the Keras History.
+@dataclasses.dataclass
+class Position:
+    """Where training stands: epochs finished and steps done in the current epoch."""
 
-    Arrays go straight to `keras.Model.fit`. KerasHub's own `fit` (its
-    PipelineModel) would wrap them in a grain/tf.data dataset and drop
-    `shuffle`; Keras' array path reshuffles every epoch from the seed.
+    epoch: int = 0
+    step: int = 0
+
+
+class History:
+    """Per-epoch logs of every `keras.Model.fit` call of one training run."""
+
+    def __init__(self):
+        self.history = {}
+
+    def extend(self, keras_history):
+        for name, values in keras_history.history.items():
+            self.history.setdefault(name, []).extend(values)
+
+
+def epoch_order(n_rows, config, epoch):
+    """Row order of an epoch: file order, or a permutation drawn from (seed, epoch).
+
+    Drawn here rather than by Keras' shuffle so that a resumed run can rebuild
+    the order of an interrupted epoch and skip the steps it already took.
     """
-    rows = pad_to_batches(rows, config.batch_size)
+    if not config.shuffle:
+        return np.arange(n_rows)
+    return np.random.default_rng([config.seed, epoch]).permutation(n_rows)
+
+
+def fit(causal_lm, rows, config, callbacks=(), verbose="auto", start=None):
+    """Train on `rows` (a `data.TokenizedRows`) from `start` and return a History.
+
+    One `keras.Model.fit` call per epoch, on arrays put in that epoch's order.
+    Arrays go straight to `keras.Model.fit`: KerasHub's own `fit` (its
+    PipelineModel) would wrap them in a grain/tf.data dataset and drop
+    `shuffle`. Callbacks that set `model.stop_training` end the whole run.
+
+    Args:
+        start: a `Position` to resume from (default: the beginning).
+    """
+    start = start or Position()
     callbacks = list(callbacks)
     if config.max_steps:
-        callbacks.insert(0, StopAfterSteps(config.max_steps))
-    return keras.Model.fit(
-        causal_lm,
-        x=rows.x,
-        y=rows.labels,
-        sample_weight=rows.weights,
-        batch_size=config.batch_size,
-        epochs=config.epochs,
-        shuffle=config.shuffle,
-        callbacks=callbacks,
-        verbose=verbose,
+        done = start.epoch * steps_per_epoch(rows, config) + start.step
+        callbacks.insert(0, StopAfterSteps(config.max_steps - done))
+    history = History()
+    for epoch in range(start.epoch, config.epochs):
+        skip = start.step if epoch == start.epoch else 0
+        epoch_rows = pad_to_batches(take(rows, epoch_order(len(rows), config, epoch)), config.batch_size)
+        epoch_rows = take(epoch_rows, np.arange(skip * config.batch_size, len(epoch_rows)))
+        for callback in callbacks:
+            if hasattr(callback, "begin_epoch"):
+                callback.begin_epoch(epoch, skip)
+        history.extend(
+            keras.Model.fit(
+                causal_lm,
+                x=epoch_rows.x,
+                y=epoch_rows.labels,
+                sample_weight=epoch_rows.weights,
+                batch_size=config.batch_size,
+                initial_epoch=epoch,
+                epochs=epoch + 1,
+                shuffle=False,
+                callbacks=callbacks,
+                verbose=verbose,
+            )
+        )
+        if causal_lm.stop_training:
+            break
+    return history
+
+
+def steps_per_epoch(rows, config):
+    return math.ceil(len(rows) / config.batch_size)
+
+
+def take(rows, index):
+    """The rows at `index` (a NumPy index array), as new `TokenizedRows`."""
+    return dataclasses.replace(
+        rows,
+        token_ids=rows.token_ids[index],
+        padding_mask=rows.padding_mask[index],
+        labels=rows.labels[index],
+        weights=rows.weights[index],
     )
 
 
@@ -97,7 +161,7 @@ def pad_to_batches(rows, batch_size):
 
 
 class StopAfterSteps(keras.callbacks.Callback):
-    """Stop training after a fixed number of optimizer steps (for smoke runs)."""
+    """Stop training after a number of optimizer steps, counted across fit calls."""
 
     def __init__(self, max_steps):
         super().__init__()
@@ -147,7 +211,8 @@ def callbacks_for_run(run_dir, splits, config):
     """The callbacks a CLI/pipeline run uses: step counter, split scores, CSV, TensorBoard."""
     counter = StepCounter()
     callbacks = [counter, SplitScorer(splits, max(config.batch_size, 8))]
-    callbacks.append(keras.callbacks.CSVLogger(str(run_dir / "metrics.csv")))
+    # append: one fit call per epoch, and resumed runs, add to the same file.
+    callbacks.append(keras.callbacks.CSVLogger(str(run_dir / "metrics.csv"), append=True))
     if config.tensorboard:
         try:
             callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard")))

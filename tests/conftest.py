@@ -18,6 +18,11 @@ os.environ["GEMMA_LORA_CACHE"] = os.path.join(_CACHE, "gemma_lora")
 os.environ["KAGGLEHUB_CACHE"] = os.path.join(_CACHE, "kagglehub")
 os.environ["HF_HOME"] = os.path.join(_CACHE, "hf")
 os.environ["KAGGLE_CONFIG_DIR"] = os.path.join(_CACHE, "kaggle-config")  # no ~/.kaggle
+# Tests compile the same tiny programs many times, in this process and in the
+# CLI subprocesses: a shared persistent compilation cache pays for each once.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_CACHE, "jax")
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 for name in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
     os.environ.pop(name, None)
 
