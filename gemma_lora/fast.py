@@ -1,0 +1,713 @@
+"""A functional Gemma (1) forward pass and LoRA train step in pure JAX.
+
+KerasHub's `GemmaCausalLM` trains through Keras: it merges every LoRA factor
+into its kernel each step, materialises float32 logits for the whole batch and
+cannot take per-example attention masks, so packed rows are impossible. This
+module reads the same weights into plain arrays and runs the same math as
+KerasHub's `GemmaBackbone` (gemma_backbone.py, gemma_decoder_block.py,
+gemma_attention.py, rms_normalization.py in keras-hub 0.32) as one jitted step:
+
+    config, frozen, lora = extract_params(causal_lm, rank=4)
+    step = make_train_step(config, AdamW(learning_rate=5e-5, weight_decay=0.01))
+    opt_state = step.init(lora)
+    for batch in batches:            # dicts made by `gemma_lora.packing.pack`
+        lora, opt_state, sums = step(frozen, lora, opt_state, batch)
+    write_back(causal_lm, config, lora)   # the Keras model now has the result
+
+A batch is a dict of (batch, seq) arrays: `token_ids`, `segment_ids` (0 =
+padding, 1..k = the packed examples of a row), `positions` (restarting at 0 for
+each example), `labels` (the next token) and `loss_weights`.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma_lora.errors import ConfigError
+
+# The einsum equation of every EinsumDense layer LoRA may target, as KerasHub
+# builds them. In each one the kernel's last axis is the output's last axis,
+# which is what lets Keras' LoRA (and `_project` below) reuse the equation for
+# `x @ lora_kernel_a` and finish with a plain matmul by `lora_kernel_b`.
+EQUATIONS = {
+    "query": "btd,ndh->btnh",
+    "key": "btd,kdh->btkh",
+    "value": "btd,kdh->btkh",
+    "attention_output": "btnh,nhd->btd",
+    "ffw_gating": "btd,df->btf",
+    "ffw_gating_2": "btd,df->btf",
+    "ffw_linear": "btf,fd->btd",
+}
+
+# "auto" picks cuDNN flash attention on GPU and XLA elsewhere.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+# How packing reaches attention. "dense": a (batch, 1, seq, seq) boolean mask of
+# same-segment-and-causal pairs. "causal": `is_causal=True` plus a same-segment
+# mask, so cuDNN can skip the blocks above the diagonal. "none": `is_causal`
+# alone, correct only for rows holding one example (padding at the end never
+# reaches earlier tokens); it measures what the segment mask costs.
+MASK_FORMS = ("dense", "causal", "none")
+# What the backward pass recomputes instead of keeping. "none": keep every
+# layer's activations (fastest). "gate": keep the GeGLU's linear half and
+# recompute its gate projection (one of the three FFN matmuls; halves the
+# largest activation). "ffn": recompute each feed-forward block
+# (its two up-projections) from its input. "layer": keep only each layer's
+# input and recompute the whole layer (least memory, ~1.5x the FLOPs).
+REMAT_MODES = ("none", "gate", "ffn", "layer")
+
+
+@dataclasses.dataclass(frozen=True)
+class FastConfig:
+    """Static description of the model and of how the fast path runs it.
+
+    Frozen (hashable) so it can be closed over by jitted functions. The
+    defaults are the fastest settings measured on an H100 (docs/perf.md).
+    """
+
+    vocabulary_size: int
+    num_layers: int
+    num_query_heads: int
+    num_key_value_heads: int
+    hidden_dim: int
+    head_dim: int
+    ffw_dim: int  # KerasHub's `intermediate_dim // 2`: each GeGLU half.
+    layer_norm_epsilon: float = 1e-6
+    lora_targets: tuple = ("query", "value")
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    dtype: str = "bfloat16"  # frozen weights and activations; LoRA stays float32
+    attention: str = "auto"  # "auto" = cuDNN flash attention on GPU, else XLA
+    mask_form: str = "causal"  # see MASK_FORMS
+    remat: str = "none"  # see REMAT_MODES
+    # Layers as one lax.scan over stacked weights (compiles one layer body,
+    # ~2x faster to compile) or a Python loop over per-layer arrays: the scan
+    # copies every weight and saved activation out of the stack in both
+    # passes, which cost 16% of the step at gemma_2b's shape.
+    scan_layers: bool = False
+    loss_chunk: int = 1024  # tokens per slice of the vocabulary projection
+    # dtype the vocabulary projection writes its logits in. "bfloat16" halves
+    # the loss' memory traffic at the price of ~3 significant digits.
+    logits_dtype: str = "float32"
+
+    @property
+    def lora_scale(self):
+        return self.lora_alpha / self.lora_rank
+
+    def validate(self):
+        """Raise ConfigError listing every invalid setting at once."""
+        problems = []
+        unknown = [t for t in self.lora_targets if t not in EQUATIONS]
+        if unknown:
+            problems.append(
+                f"lora_targets={unknown} are not Gemma layers; choose from "
+                f"{sorted(EQUATIONS)}"
+            )
+        if self.lora_rank < 1:
+            problems.append(f"lora_rank must be >= 1. Received: {self.lora_rank}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            problems.append(
+                f"attention must be one of {ATTENTION_IMPLEMENTATIONS}. "
+                f"Received: {self.attention!r}"
+            )
+        if self.mask_form not in MASK_FORMS:
+            problems.append(
+                f"mask_form must be one of {MASK_FORMS}. Received: {self.mask_form!r}"
+            )
+        if self.remat not in REMAT_MODES:
+            problems.append(
+                f"remat must be one of {REMAT_MODES}. Received: {self.remat!r}"
+            )
+        if self.loss_chunk < 1:
+            problems.append(f"loss_chunk must be >= 1. Received: {self.loss_chunk}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return self
+
+
+# ---------------------------------------------------------------- parameters
+
+
+def _layer_of(block, target):
+    attention = block.attention
+    return {
+        "query": lambda: attention.query_dense,
+        "key": lambda: attention.key_dense,
+        "value": lambda: attention.value_dense,
+        "attention_output": lambda: attention.output_dense,
+        "ffw_gating": lambda: block.gating_ffw,
+        "ffw_gating_2": lambda: block.gating_ffw_2,
+        "ffw_linear": lambda: block.ffw_linear,
+    }[target]()
+
+
+def _base_kernel(layer):
+    # `layer.kernel` returns the kernel with LoRA already merged in when LoRA
+    # is enabled; the frozen base is the variable named "kernel".
+    return next(w for w in layer.weights if w.name == "kernel")
+
+
+def _check_supported(backbone):
+    unsupported = {
+        "use_post_ffw_norm": backbone.use_post_ffw_norm,
+        "use_post_attention_norm": backbone.use_post_attention_norm,
+        "attention_logit_soft_cap": backbone.attention_logit_soft_cap,
+        "final_logit_soft_cap": backbone.final_logit_soft_cap,
+        "use_sliding_window_attention": backbone.use_sliding_window_attention,
+        "dropout": backbone.dropout,
+    }
+    used = {k: v for k, v in unsupported.items() if v}
+    if used:
+        raise ConfigError(
+            f"The fast path implements Gemma 1 only; this backbone sets {used}. "
+            "Train it with the Keras path instead."
+        )
+
+
+def extract_params(
+    causal_lm,
+    lora_targets=("query", "value"),
+    rank=None,
+    alpha=None,
+    dtype="bfloat16",
+    seed=0,
+    **options,
+):
+    """Read a KerasHub `GemmaCausalLM` into (config, frozen, lora) pytrees.
+
+    Args:
+        causal_lm: a `keras_hub.models.GemmaCausalLM` (Gemma 1 architecture).
+        lora_targets: tuple of str, default ("query", "value"); names from
+            `EQUATIONS`.
+        rank: int or None. LoRA rank. None takes the rank of LoRA already
+            enabled on the targets, else 4.
+        alpha: float or None. LoRA alpha (update scale alpha / rank). None takes
+            the enabled layers' alpha, else `rank` (Keras' default).
+        dtype: str, default "bfloat16". dtype of the frozen weights and of the
+            activations; "float32" reproduces KerasHub's float32 model.
+        seed: int, default 0. Seeds the initial `lora_kernel_a` when the model
+            has no LoRA enabled (he_uniform, as Keras does; `lora_kernel_b`
+            starts at zero, so the initial model is the base model).
+        **options: other `FastConfig` fields (attention, mask_form, remat,
+            loss_chunk).
+
+    Returns:
+        (FastConfig, frozen, lora). `frozen` holds the base weights in `dtype`;
+        `lora` holds, per layer and target, float32 "lora_kernel_a" of shape
+        kernel.shape[:-1] + (rank,) and "lora_kernel_b" of shape
+        (rank, kernel.shape[-1]), exactly Keras' shapes. Per layer means a
+        list indexed by layer, or with `scan_layers=True` arrays stacked on a
+        leading layer axis; `layer_lora` reads either.
+
+    Raises:
+        ConfigError: unsupported architecture, unknown target, or a rank or
+            alpha that disagrees with LoRA already enabled on the model.
+    """
+    import keras
+
+    backbone = causal_lm.backbone
+    _check_supported(backbone)
+    blocks = backbone.transformer_layers
+    lora_targets = tuple(lora_targets)
+    enabled = [
+        _layer_of(blocks[0], t)
+        for t in lora_targets
+        if t in EQUATIONS and _layer_of(blocks[0], t).lora_enabled
+    ]
+    if enabled:
+        if rank is not None and rank != enabled[0].lora_rank:
+            raise ConfigError(
+                f"The model already has LoRA rank {enabled[0].lora_rank} enabled. "
+                f"Received: rank={rank}. Pass rank=None to use it."
+            )
+        rank = enabled[0].lora_rank
+        alpha = enabled[0].lora_alpha if alpha is None else alpha
+    rank = 4 if rank is None else rank
+    alpha = rank if alpha is None else alpha
+    config = FastConfig(
+        vocabulary_size=backbone.vocabulary_size,
+        num_layers=backbone.num_layers,
+        num_query_heads=backbone.num_query_heads,
+        num_key_value_heads=backbone.num_key_value_heads,
+        hidden_dim=backbone.hidden_dim,
+        head_dim=backbone.head_dim,
+        ffw_dim=backbone.intermediate_dim // 2,
+        layer_norm_epsilon=backbone.layer_norm_epsilon,
+        lora_targets=lora_targets,
+        lora_rank=int(rank),
+        lora_alpha=float(alpha),
+        dtype=dtype,
+        **options,
+    ).validate()
+
+    initializer = keras.initializers.HeUniform(seed=seed)
+    layers, lora = [], []
+    for block in blocks:
+        layer_params = {
+            "pre_attention_norm": jnp.asarray(block.pre_attention_norm.scale.value, dtype),
+            "pre_ffw_norm": jnp.asarray(block.pre_ffw_norm.scale.value, dtype),
+        }
+        for name in EQUATIONS:
+            layer_params[name] = jnp.asarray(_base_kernel(_layer_of(block, name)).value, dtype)
+        layers.append(layer_params)
+        layer_lora = {}
+        for target in lora_targets:
+            layer = _layer_of(block, target)
+            shape = tuple(_base_kernel(layer).shape)
+            if layer.lora_enabled:
+                if layer.lora_rank != rank:
+                    raise ConfigError(
+                        f"Layer {layer.path} has LoRA rank {layer.lora_rank}, "
+                        f"others {rank}. Enable one rank on every target."
+                    )
+                a, b = layer.lora_kernel_a.value, layer.lora_kernel_b.value
+            else:
+                a = initializer(shape[:-1] + (rank,), dtype="float32")
+                b = np.zeros((rank, shape[-1]), "float32")
+            layer_lora[target] = {
+                "lora_kernel_a": jnp.asarray(a, jnp.float32),
+                "lora_kernel_b": jnp.asarray(b, jnp.float32),
+            }
+        lora.append(layer_lora)
+    frozen = {
+        "embedding": jnp.asarray(backbone.token_embedding.embeddings.value, dtype),
+        "final_norm": jnp.asarray(backbone.layer_norm.scale.value, dtype),
+        "layers": _arrange(config, layers),
+    }
+    return config, frozen, _arrange(config, lora)
+
+
+def _arrange(config, per_layer):
+    """A list of per-layer pytrees, or one pytree of stacked arrays to scan."""
+    if config.scan_layers:
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+    return list(per_layer)
+
+
+def layer_lora(config, lora, index):
+    """The LoRA factors of layer `index`: {target: {"lora_kernel_a", "lora_kernel_b"}}."""
+    if config.scan_layers:
+        return jax.tree.map(lambda x: x[index], lora)
+    return lora[index]
+
+
+def write_back(causal_lm, config, lora):
+    """Assign trained LoRA factors to the Keras model's EinsumDense layers.
+
+    Enables LoRA (with the config's rank and alpha) on target layers that do
+    not have it yet, so the Keras model then computes what the fast path does.
+
+    Raises:
+        ConfigError: a target layer already has LoRA of another rank or alpha.
+    """
+    blocks = causal_lm.backbone.transformer_layers
+    for i, block in enumerate(blocks):
+        factors = layer_lora(config, lora, i)
+        for target in config.lora_targets:
+            layer = _layer_of(block, target)
+            if not layer.lora_enabled:
+                layer.enable_lora(config.lora_rank, lora_alpha=config.lora_alpha)
+            if (layer.lora_rank, float(layer.lora_alpha)) != (
+                config.lora_rank,
+                config.lora_alpha,
+            ):
+                raise ConfigError(
+                    f"Layer {layer.path} has LoRA rank {layer.lora_rank} alpha "
+                    f"{layer.lora_alpha}; the trained factors have rank "
+                    f"{config.lora_rank} alpha {config.lora_alpha}."
+                )
+            layer.lora_kernel_a.assign(np.asarray(factors[target]["lora_kernel_a"]))
+            layer.lora_kernel_b.assign(np.asarray(factors[target]["lora_kernel_b"]))
+
+
+def init_params(config, key):
+    """Random frozen weights and fresh LoRA factors of `config`'s shape.
+
+    For benchmarks: builds gemma_2b-sized weights directly on the device, in
+    `config.dtype`, without a Keras model holding a second copy. Norm scales
+    are small and random rather than zero so no multiply sees only zeros.
+    """
+    dtype = jnp.dtype(config.dtype)
+    n, k, d, h, f, L = (
+        config.num_query_heads,
+        config.num_key_value_heads,
+        config.hidden_dim,
+        config.head_dim,
+        config.ffw_dim,
+        config.num_layers,
+    )
+    shapes = {
+        "query": (n, d, h),
+        "key": (k, d, h),
+        "value": (k, d, h),
+        "attention_output": (n, h, d),
+        "ffw_gating": (d, f),
+        "ffw_gating_2": (d, f),
+        "ffw_linear": (f, d),
+    }
+    fan_in = {"attention_output": n * h, "ffw_linear": f}
+    keys = iter(jax.random.split(key, 16 * (L + 1)))
+
+    def normal(shape, scale):
+        # Drawn in the target dtype: no float32 copy of the weights, ever.
+        return jax.random.normal(next(keys), shape, dtype) * jnp.asarray(scale, dtype)
+
+    layers, lora = [], []
+    for _ in range(L):
+        layer = {
+            name: normal(shape, 1.0 / math.sqrt(fan_in.get(name, d)))
+            for name, shape in shapes.items()
+        }
+        layer["pre_attention_norm"] = normal((d,), 0.1)
+        layer["pre_ffw_norm"] = normal((d,), 0.1)
+        layers.append(layer)
+        factors = {}
+        for target in config.lora_targets:
+            shape = shapes[target]
+            # he_uniform, as Keras initialises lora_kernel_a; B starts at 0.
+            bound = math.sqrt(6.0 / math.prod(shape[:-1]))
+            factors[target] = {
+                "lora_kernel_a": jax.random.uniform(
+                    next(keys), (*shape[:-1], config.lora_rank), jnp.float32, -bound, bound
+                ),
+                "lora_kernel_b": jnp.zeros((config.lora_rank, shape[-1]), jnp.float32),
+            }
+        lora.append(factors)
+    frozen = {
+        "embedding": normal((config.vocabulary_size, d), 1.0 / math.sqrt(d)),
+        "final_norm": normal((d,), 0.1),
+        "layers": _arrange(config, layers),
+    }
+    return frozen, _arrange(config, lora)
+
+
+# ------------------------------------------------------------------- forward
+
+
+# The elementwise helpers below are wrapped in jax.checkpoint: their backward
+# then keeps only their (bfloat16) inputs and recomputes the float32
+# intermediates inside the fused backward kernels, instead of storing float32
+# copies of activations for every layer.
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2,))
+def _rms_norm(x, scale, epsilon):
+    # As KerasHub's RMSNormalization: statistics in float32, x * (1 + scale).
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(var + epsilon) * (1.0 + scale.astype(jnp.float32))
+    return y.astype(x.dtype)
+
+
+@jax.checkpoint
+def _rope(x, positions):
+    # KerasHub's RotaryEmbedding (max_wavelength 10,000, rotate-half form).
+    # KerasHub then interleaves the two halves of q and of k; the same
+    # permutation on both leaves every q.k product unchanged, so we skip it.
+    half = x.shape[-1] // 2
+    inv_freq = 10_000.0 ** (-np.arange(0, 2 * half, 2, dtype=np.float32) / (2 * half))
+    angle = positions.astype(jnp.float32)[..., None] * inv_freq  # (b, t, half)
+    angle = jnp.concatenate([angle, angle], axis=-1)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * jnp.cos(angle) + rotated * jnp.sin(angle)).astype(x.dtype)
+
+
+def _project(x, kernel, lora, equation, scale):
+    # x @ W + s * (x @ A) @ B: the rank-r detour costs ~r/width of the main
+    # product, where merging A @ B into W would rewrite W every step.
+    y = jnp.einsum(equation, x, kernel)
+    if lora is None:
+        return y
+    low = jnp.einsum(equation, x, lora["lora_kernel_a"].astype(x.dtype))
+    delta = jnp.matmul(low, lora["lora_kernel_b"].astype(x.dtype))
+    return y + (scale * delta).astype(y.dtype)
+
+
+def _attention_impl(config):
+    if config.attention != "auto":
+        return config.attention
+    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+
+
+def _attention(config, q, k, v, segment_ids):
+    # Packed examples must not see each other: a query attends to keys of its
+    # own segment only. Padding (segment 0) attends to padding, so no row of
+    # the mask is empty (an empty row gives NaN in some kernels).
+    same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    causal = config.mask_form != "dense"
+    if not causal:
+        t = segment_ids.shape[1]
+        same = same & jnp.tril(jnp.ones((t, t), bool))[None, None]
+    return jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        mask=None if config.mask_form == "none" else same,
+        scale=1.0 / math.sqrt(config.head_dim),
+        is_causal=causal,
+        implementation=_attention_impl(config),
+    )
+
+
+def _decoder_layer(config, x, layer, lora, segment_ids, positions):
+    s = config.lora_scale
+
+    def project(name, inputs):
+        return _project(inputs, layer[name], lora.get(name), EQUATIONS[name], s)
+
+    h = _rms_norm(x, layer["pre_attention_norm"], config.layer_norm_epsilon)
+    q = _rope(project("query", h), positions)
+    k = _rope(project("key", h), positions)
+    v = project("value", h)
+    x = x + project("attention_output", _attention(config, q, k, v, segment_ids))
+
+    def feed_forward(x):
+        h = _rms_norm(x, layer["pre_ffw_norm"], config.layer_norm_epsilon)
+        up = project("ffw_gating_2", h)
+        if config.remat == "gate":
+            # Keep h and up; the gate projection is recomputed when needed.
+            gated = jax.checkpoint(lambda h, up: _geglu(project("ffw_gating", h), up))
+            return project("ffw_linear", gated(h, up))
+        return project("ffw_linear", _geglu(project("ffw_gating", h), up))
+
+    if config.remat == "ffn":
+        feed_forward = jax.checkpoint(feed_forward)
+    return x + feed_forward(x)
+
+
+@jax.checkpoint
+def _geglu(gate, up):
+    # KerasHub: gelu(approximate=True)(x1) * x2. In float32, rounded once.
+    gate32 = jax.nn.gelu(gate.astype(jnp.float32), approximate=True)
+    return (gate32 * up.astype(jnp.float32)).astype(gate.dtype)
+
+
+def hidden_states(config, frozen, lora, token_ids, segment_ids, positions):
+    """Final-normalised hidden states, (batch, seq, hidden) in config.dtype."""
+    dtype = jnp.dtype(config.dtype)
+    x = jnp.take(frozen["embedding"], token_ids, axis=0)
+    # KerasHub casts sqrt(hidden_dim) to the activation dtype before scaling.
+    x = x * jnp.asarray(math.sqrt(config.hidden_dim), jnp.float32).astype(dtype)
+
+    def body(x, layer_and_lora):
+        layer, layer_lora = layer_and_lora
+        return _decoder_layer(config, x, layer, layer_lora, segment_ids, positions), None
+
+    if config.remat == "layer":
+        body = jax.checkpoint(body)
+    if config.scan_layers:
+        x, _ = jax.lax.scan(body, x, (frozen["layers"], lora))
+    else:
+        for layer_and_lora in zip(frozen["layers"], lora):
+            x, _ = body(x, layer_and_lora)
+    return _rms_norm(x, frozen["final_norm"], config.layer_norm_epsilon)
+
+
+def logits(config, frozen, lora, token_ids, segment_ids, positions):
+    """Full float32 logits, (batch, seq, vocab). For tests and small inputs."""
+    h = hidden_states(config, frozen, lora, token_ids, segment_ids, positions)
+    return jnp.einsum(
+        "btd,vd->btv", h, frozen["embedding"], preferred_element_type=jnp.float32
+    )
+
+
+# ---------------------------------------------------------------------- loss
+
+
+def _chunk_nll(h, embedding, labels, weights, with_grad, logits_dtype):
+    # One slice of tokens against the whole (tied) vocabulary; logits exist
+    # only for this slice. Reductions run in float32 whatever logits_dtype.
+    logits = jnp.einsum("td,vd->tv", h, embedding, preferred_element_type=logits_dtype)
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+    weights = jnp.where(weights > 0, weights, 0.0)
+    nll = jnp.sum(jnp.where(weights > 0, (lse - picked) * weights, 0.0))
+    if not with_grad:
+        return nll, None
+    # d nll / d logits = weight * (softmax - onehot), built in one fused pass.
+    vocab = jax.lax.broadcasted_iota(labels.dtype, logits.shape, 1)
+    probs = jnp.exp(logits - lse[:, None])
+    dlogits = (jnp.where(vocab == labels[:, None], probs - 1.0, probs) * weights[:, None])
+    dh = jnp.einsum(
+        "tv,vd->td",
+        dlogits.astype(embedding.dtype),
+        embedding,
+        preferred_element_type=jnp.float32,
+    )
+    return nll, dh.astype(h.dtype)
+
+
+def _chunked(h, labels, weights, chunk):
+    n = h.shape[0]
+    chunk = min(chunk, n)
+    pad = (-n) % chunk
+    if pad:
+        h = jnp.pad(h, ((0, pad), (0, 0)))
+        labels = jnp.pad(labels, (0, pad))
+        weights = jnp.pad(weights, (0, pad))
+    count = (n + pad) // chunk
+    return (
+        h.reshape(count, chunk, h.shape[-1]),
+        labels.reshape(count, chunk),
+        weights.reshape(count, chunk),
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _lm_nll(h, embedding, labels, weights, chunk, logits_dtype):
+    hs, ls, ws = _chunked(h, labels, weights, chunk)
+
+    def body(total, xs):
+        nll, _ = _chunk_nll(xs[0], embedding, xs[1], xs[2], False, logits_dtype)
+        return total + nll, None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, ls, ws))
+    return total
+
+
+def _lm_nll_fwd(h, embedding, labels, weights, chunk, logits_dtype):
+    # The gradient with respect to h is computed alongside the loss, slice by
+    # slice, so the backward pass neither keeps nor recomputes any logits:
+    # two vocabulary-sized matmuls per token instead of three.
+    n = h.shape[0]
+    hs, ls, ws = _chunked(h, labels, weights, chunk)
+
+    def body(total, xs):
+        nll, dh = _chunk_nll(xs[0], embedding, xs[1], xs[2], True, logits_dtype)
+        return total + nll, dh
+
+    total, dh = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, ls, ws))
+    return total, dh.reshape(-1, h.shape[-1])[:n]
+
+
+def _lm_nll_bwd(chunk, logits_dtype, dh, g):
+    # The embedding is frozen and labels/weights are data: no cotangents.
+    return (dh * g.astype(dh.dtype), None, None, None)
+
+
+_lm_nll.defvjp(_lm_nll_fwd, _lm_nll_bwd)
+
+
+def loss_sums(config, frozen, lora, batch):
+    """Sum of -log p(label) over weighted tokens, and the sum of the weights.
+
+    The per-token mean is `nll_sum / weight_sum`; reporting the two sums lets
+    a caller average over many batches exactly.
+    """
+    h = hidden_states(
+        config,
+        frozen,
+        lora,
+        batch["token_ids"],
+        batch["segment_ids"],
+        batch["positions"],
+    )
+    weights = batch["loss_weights"].astype(jnp.float32).reshape(-1)
+    nll = _lm_nll(
+        h.reshape(-1, config.hidden_dim),
+        frozen["embedding"],
+        batch["labels"].reshape(-1).astype(jnp.int32),
+        weights,
+        config.loss_chunk,
+        jnp.dtype(config.logits_dtype),
+    )
+    return nll, jnp.sum(weights)
+
+
+# ----------------------------------------------------------------- optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamW:
+    """keras.optimizers.AdamW's update, on a pytree of float32 arrays.
+
+    Written here rather than taken from optax (not a dependency of this
+    package) or Keras' stateless optimizer API (which needs Keras variables
+    to map state to): the rule is a dozen lines. As in Keras: decoupled decay
+    `p -= p * wd * lr` first, then Adam with bias correction folded into the
+    step size and epsilon added to sqrt(v); leaves whose path contains one of
+    `exclude` (Keras: `exclude_from_weight_decay(var_names=...)`) get no decay.
+    """
+
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: float = 1e-7
+    exclude: tuple = ("bias", "scale")
+
+    def init(self, params):
+        zeros = lambda p: jnp.zeros_like(p)  # noqa: E731
+        return {
+            "count": jnp.zeros((), jnp.int32),
+            "m": jax.tree.map(zeros, params),
+            "v": jax.tree.map(zeros, params),
+        }
+
+    def _decays(self, path):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        return not any(word in name for word in self.exclude)
+
+    def update(self, params, grads, state):
+        count = state["count"] + 1
+        t = count.astype(jnp.float32)
+        lr = self.learning_rate
+        alpha = lr * jnp.sqrt(1.0 - self.beta_2**t) / (1.0 - self.beta_1**t)
+
+        def one(path, p, g, m, v):
+            if self.weight_decay and self._decays(path):
+                p = p - p * (self.weight_decay * lr)
+            m = m + (g - m) * (1.0 - self.beta_1)
+            v = v + (jnp.square(g) - v) * (1.0 - self.beta_2)
+            return p - m * alpha / (jnp.sqrt(v) + self.epsilon), m, v
+
+        out = jax.tree_util.tree_map_with_path(one, params, grads, state["m"], state["v"])
+        is_triple = lambda x: isinstance(x, tuple)  # noqa: E731
+        pick = lambda i: jax.tree.map(lambda x: x[i], out, is_leaf=is_triple)  # noqa: E731
+        return pick(0), {"count": count, "m": pick(1), "v": pick(2)}
+
+
+# ---------------------------------------------------------------- train step
+
+
+class TrainStep:
+    """One jitted LoRA training step: gradients of the mean per-token loss.
+
+    `step(frozen, lora, opt_state, batch) -> (lora, opt_state, sums)`, where
+    `sums = {"nll_sum", "weight_sum"}` stay on the device (no host sync per
+    step). The LoRA and optimizer buffers are donated: the caller's old arrays
+    are invalid after the call. `traces` counts compilations of the step.
+    """
+
+    def __init__(self, config, optimizer=None):
+        self.config = config.validate()
+        self.optimizer = optimizer or AdamW()
+        self.traces = 0
+        self._step = jax.jit(self._run, donate_argnums=(1, 2))
+
+    def init(self, lora):
+        return self.optimizer.init(lora)
+
+    def _run(self, frozen, lora, opt_state, batch):
+        self.traces += 1  # Python runs here only while tracing.
+
+        def objective(lora):
+            nll, weight = loss_sums(self.config, frozen, lora, batch)
+            return nll / jnp.maximum(weight, 1.0), (nll, weight)
+
+        grads, (nll, weight) = jax.grad(objective, has_aux=True)(lora)
+        lora, opt_state = self.optimizer.update(lora, grads, opt_state)
+        return lora, opt_state, {"nll_sum": nll, "weight_sum": weight}
+
+    def __call__(self, frozen, lora, opt_state, batch):
+        return self._step(frozen, lora, opt_state, batch)
+
+
+def make_train_step(config, optimizer=None):
+    """A `TrainStep` for `config` with `optimizer` (default: AdamW())."""
+    return TrainStep(config, optimizer)

@@ -1,0 +1,104 @@
+"""Pack several short examples into each fixed-length row.
+
+Padding every example to the sequence length wastes most of the compute on
+real instruction data (Dolly rows average ~107 Gemma tokens against a 512-token
+row). Packing puts several examples in one row; `segment_ids` tells the fast
+path (`gemma_lora.fast`) which tokens may attend to which, and `positions`
+restart at 0 per example so each one sees the rotary positions it would see
+alone.
+
+    rows = pack([(ids, weights), ...], sequence_length=512)
+    real_token_fraction(rows)   # share of processed tokens that are not padding
+"""
+
+import numpy as np
+
+from gemma_lora.errors import DataError
+
+
+def pack(examples, sequence_length, pad_id=0):
+    """Pack (token_ids, loss_weights) examples into rows, first-fit decreasing.
+
+    Args:
+        examples: sequence of (token_ids, loss_weights) pairs of equal-length
+            int / float sequences. `loss_weights[i]` weighs the prediction made
+            at position i, of token i+1 (KerasHub's convention after its
+            one-token shift; for a per-token response mask r pass
+            r[1:] + [0]). Examples longer than `sequence_length` are truncated.
+        sequence_length: int, the row length.
+        pad_id: int, default 0, token id written into padding.
+
+    Returns:
+        dict of numpy arrays, each (rows, sequence_length): "token_ids"
+        (int32), "segment_ids" (int32; 0 = padding, 1..k = the k examples of
+        the row, in placement order), "positions" (int32; 0.. within each
+        example), "labels" (int32; the next token of the same example, 0 where
+        there is none) and "loss_weights" (float32; the given weights, 0 on
+        padding and on each example's last token, which has no next token
+        within its example).
+
+    Raises:
+        DataError: no examples, an empty example, or token_ids and
+            loss_weights of different lengths.
+    """
+    if sequence_length < 2:
+        raise DataError(f"sequence_length must be >= 2. Received: {sequence_length}")
+    items = []
+    for index, (token_ids, loss_weights) in enumerate(examples):
+        if len(token_ids) != len(loss_weights):
+            raise DataError(
+                f"Example {index} has {len(token_ids)} token ids but "
+                f"{len(loss_weights)} loss weights; they must match."
+            )
+        if len(token_ids) == 0:
+            raise DataError(f"Example {index} is empty; drop it before packing.")
+        items.append(
+            (
+                np.asarray(token_ids[:sequence_length], np.int32),
+                np.asarray(loss_weights[:sequence_length], np.float32),
+            )
+        )
+    if not items:
+        raise DataError("Nothing to pack: received no examples.")
+
+    # First-fit decreasing: place long examples first so short ones fill the
+    # gaps; stable sort keeps equal lengths in input order (reproducible rows).
+    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
+    free = []  # room left in each row
+    rows = []  # indices of the examples placed in each row
+    for i in order:
+        length = len(items[i][0])
+        for r, room in enumerate(free):
+            if room >= length:
+                free[r] -= length
+                rows[r].append(i)
+                break
+        else:
+            free.append(sequence_length - length)
+            rows.append([i])
+
+    shape = (len(rows), sequence_length)
+    out = {
+        "token_ids": np.full(shape, pad_id, np.int32),
+        "segment_ids": np.zeros(shape, np.int32),
+        "positions": np.zeros(shape, np.int32),
+        "labels": np.zeros(shape, np.int32),
+        "loss_weights": np.zeros(shape, np.float32),
+    }
+    for r, members in enumerate(rows):
+        start = 0
+        for segment, i in enumerate(members, start=1):
+            token_ids, loss_weights = items[i]
+            end = start + len(token_ids)
+            out["token_ids"][r, start:end] = token_ids
+            out["segment_ids"][r, start:end] = segment
+            out["positions"][r, start:end] = np.arange(len(token_ids))
+            out["labels"][r, start : end - 1] = token_ids[1:]
+            out["loss_weights"][r, start : end - 1] = loss_weights[:-1]
+            start = end
+    return out
+
+
+def real_token_fraction(packed):
+    """Share of the processed tokens that belong to an example (not padding)."""
+    return float(np.mean(packed["segment_ids"] > 0))
