@@ -112,8 +112,12 @@ def read_adapter(path):
     return rank, factors, meta
 
 
-def load_adapter(causal_lm, path):
+def load_adapter(causal_lm, path, preset=None):
     """Apply a saved adapter to a model (without LoRA, or with the same LoRA layout).
+
+    `preset`, the name the model was loaded by, is compared with the base the
+    adapter was trained on: a different name with the same shape (e.g. an
+    instruction-tuned sibling) loads with a warning; a different shape is an error.
 
     Reads `adapter.json` to enable LoRA with the adapter's targets and alpha
     and to check the base model; without it, falls back to KerasHub's stock
@@ -137,6 +141,12 @@ def load_adapter(causal_lm, path):
     else:
         targets, alpha = tuple(meta["targets"]), float(meta["alpha"])
         _check_base(causal_lm, meta, path)
+        if preset is not None and meta.get("base_preset") not in (None, preset):
+            warnings.warn(
+                f"{path} was trained on {meta['base_preset']!r}; loading it onto {preset!r}, which has "
+                "the same shape but may have other weights.",
+                stacklevel=2,
+            )
     existing = lora_layers(causal_lm)
     if existing:
         have_rank = existing[0].lora_rank

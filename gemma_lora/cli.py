@@ -154,15 +154,11 @@ def run_generate(args):
     preset_dir = model.resolve_preset(config.preset, config.preset_version)
     causal_lm = model.load_causal_lm(preset_dir, config.resolved_precision(model.platform()))
     if args.adapter:
-        load_adapter_for_generate(causal_lm, args.adapter)
+        from gemma_lora.adapters import load_adapter
+
+        load_adapter(causal_lm, args.adapter, preset=config.preset)
     for sample in generate(causal_lm, args.prompt, config):
         print(f"### {sample.instruction}\n{sample.text.strip()}\n")
-
-
-def load_adapter_for_generate(causal_lm, path):
-    from gemma_lora.adapters import load_adapter
-
-    load_adapter(causal_lm, path)
 
 
 def run_merge(args):
@@ -189,7 +185,7 @@ def run_merge(args):
     preset_dir = model.resolve_preset(config.preset, config.preset_version)
     precision = config.resolved_precision(model.platform()) if config.precision == "auto" else config.precision
     causal_lm = model.load_causal_lm(preset_dir, precision)
-    load_adapter(causal_lm, args.adapter)
+    load_adapter(causal_lm, args.adapter, preset=config.preset)
     out = merge_adapter(causal_lm, preset_dir, args.output_dir, precision)
     print(f"merged {args.adapter} into {config.preset}: {out} ({precision} weights, no LoRA)")
 

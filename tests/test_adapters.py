@@ -149,3 +149,9 @@ def test_cli_merge_and_info(tmp_path, tiny_preset, make_config, capsys):
     assert "rank 4, 4 LoRA layers" in out and json.loads(out[out.index("{"):])["base_preset"] == "tiny"
     assert main(["merge", str(tmp_path / "adapter.h5"), str(tmp_path / "m2")]) == 2
     assert "must end in .lora.h5" in capsys.readouterr().err
+
+
+def test_same_shape_other_preset_name_warns(tmp_path, tiny_preset, make_config):
+    path = save(trained_like(fresh(tiny_preset)), tmp_path, make_config)
+    with pytest.warns(UserWarning, match="trained on 'tiny'; loading it onto 'my_tiny_copy'"):
+        adapters.load_adapter(fresh(tiny_preset), path, preset="my_tiny_copy")

@@ -112,3 +112,27 @@ def test_debug_shows_the_traceback(tmp_path):
 
     with pytest.raises(ConfigError):
         main(["--debug", "train", "--lora-rank", "0"])
+
+
+def test_kaggle_403_consent_answer(tmp_path, capsys, monkeypatch):
+    """Kaggle's 403 before the license is accepted (simulated): one line, exit 2, key never shown."""
+    import kagglehub
+    import requests
+    from kagglehub import exceptions
+
+    secret = "fedcba9876543210fedcba9876543210"
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", secret)
+
+    def refuse(handle, *args, **kwargs):
+        response = requests.Response()
+        response.status_code = 403
+        raise exceptions.KaggleApiHTTPError(f"403 Forbidden for {secret}", response=response)
+
+    monkeypatch.setattr(kagglehub, "model_download", refuse)
+    code = main(["train", *FAST, "--preset", "gemma_2b_en", "--preset-version", "9", "--output-dir", str(tmp_path / "run")])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.err.count("\n") == 1
+    assert "HTTP 403" in captured.err and "accept the Gemma license" in captured.err
+    assert secret not in captured.err + captured.out
+    assert not (tmp_path / "run").exists()
