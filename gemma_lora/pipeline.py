@@ -84,7 +84,7 @@ def run_training(config, echo=print, resume=False):
         start, global_step = train.Position(), 0
     _echo_samples(echo, "before", samples_before)
 
-    counter, callbacks = train.callbacks_for_run(run_dir, {"validation": rows["validation"]}, config)
+    callbacks = train.callbacks_for_run(run_dir, {"validation": rows["validation"]}, config)
     checkpointer = checkpoints.Checkpointer(
         run_dir, config.checkpoint_every, train.steps_per_epoch(rows["train"], config), global_step
     )
@@ -105,11 +105,12 @@ def run_training(config, echo=print, resume=False):
         )
         raise KeyboardInterrupt
     # Rows seen times the mean real tokens per row; the time includes compilation.
-    rows_seen = min(counter.steps * config.batch_size, len(rows["train"]) * config.epochs)
+    steps = checkpointer.global_step - global_step
+    rows_seen = min(steps * config.batch_size, len(rows["train"]) * config.epochs)
     real_tokens_seen = rows_seen * rows["train"].real_tokens / len(rows["train"])
     train_stats = {
         "steps": checkpointer.global_step,
-        "steps_this_session": counter.steps,
+        "steps_this_session": steps,
         "seconds": round(timer.seconds, 2),
         "real_tokens_per_second": round(real_tokens_seen / timer.seconds, 1),
     }
@@ -118,7 +119,7 @@ def run_training(config, echo=print, resume=False):
         echo(f"{name} token loss (response tokens{'' if config.response_only_loss else ' and prompt'}): "
              f"{before[name]:.4f} before → {after[name]:.4f} after ({len(rows[name])} rows)")
     echo(
-        f"trained {counter.steps} steps in {timer.seconds:.1f} s, compilation included "
+        f"trained {steps} steps in {timer.seconds:.1f} s, compilation included "
         f"({train_stats['real_tokens_per_second']:,} real tokens/s)"
     )
 

@@ -174,22 +174,6 @@ class StopAfterSteps(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-class StepCounter(keras.callbacks.Callback):
-    """Count steps and the loss-carrying tokens seen; stop on a non-finite loss."""
-
-    def __init__(self):
-        super().__init__()
-        self.steps = 0
-        self.nan_step = None
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.steps += 1
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            self.nan_step = self.steps
-            self.model.stop_training = True
-
-
 class SplitScorer(keras.callbacks.Callback):
     """After each epoch, add the true per-token loss of each split to the logs."""
 
@@ -208,9 +192,8 @@ class SplitScorer(keras.callbacks.Callback):
 
 
 def callbacks_for_run(run_dir, splits, config):
-    """The callbacks a CLI/pipeline run uses: step counter, split scores, CSV, TensorBoard."""
-    counter = StepCounter()
-    callbacks = [counter, SplitScorer(splits, max(config.batch_size, 8))]
+    """The callbacks a CLI/pipeline run uses: split scores, CSV log, TensorBoard."""
+    callbacks = [SplitScorer(splits, max(config.batch_size, 8))]
     # append: one fit call per epoch, and resumed runs, add to the same file.
     callbacks.append(keras.callbacks.CSVLogger(str(run_dir / "metrics.csv"), append=True))
     if config.tensorboard:
@@ -221,7 +204,7 @@ def callbacks_for_run(run_dir, splits, config):
                 "tensorboard=true needs the tensorboard package. pip install tensorboard, "
                 "or drop --tensorboard."
             ) from None
-    return counter, callbacks
+    return callbacks
 
 
 def token_loss(causal_lm, rows, batch_size=8):

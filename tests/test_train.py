@@ -89,14 +89,17 @@ def test_the_token_loss_metric_ignores_padding_but_keras_loss_does_not(tiny_lm, 
     assert padding_share > 0.2 and logs["loss"][0] < 0.9 * expected  # the quirk, shown
 
 
-def test_a_nan_loss_stops_training(tiny_lm, make_config):
+def test_a_nan_loss_stops_training_without_a_checkpoint(tmp_path, tiny_lm, make_config):
+    from gemma_lora.checkpoints import Checkpointer
+
     config = make_config(batch_size=4)
     layers = model.enable_lora(tiny_lm, 4, seed=0)
     layers[0].lora_kernel_b.assign(np.full(layers[0].lora_kernel_b.shape, np.nan, "float32"))
-    counter = train.StepCounter()
+    guard = Checkpointer(tmp_path, every=1, steps_per_epoch=4)
     train.compile_for_training(tiny_lm, config)
-    train.fit(tiny_lm, tiny_rows(tiny_lm, config, 16), config, callbacks=[counter], verbose=0)
-    assert counter.nan_step == 1 and counter.steps == 1
+    train.fit(tiny_lm, tiny_rows(tiny_lm, config, 16), config, callbacks=[guard], verbose=0)
+    assert guard.bad_step == 1 and guard.global_step == 1
+    assert guard.last_saved is None and not (tmp_path / "checkpoints").exists()
 
 
 def test_shuffling_is_seeded(tiny_lm, make_config):
