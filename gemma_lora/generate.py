@@ -84,12 +84,16 @@ def _generate_batch(causal_lm, tokenizer, instructions, config):
         padding_mask[row, : len(ids)] = True
     # With token arrays, KerasHub's generate must not run the string
     # preprocessor; detach it for the call only.
+    inputs = {"token_ids": token_ids, "padding_mask": padding_mask}
+    if isinstance(causal_lm, keras_hub.models.Gemma3CausalLM):
+        # Gemma 3's generate returns its `images` input; without one it returns
+        # None, which KerasHub 0.32's output normalisation cannot concatenate.
+        # Zero images (a static 0 on that axis) means text only.
+        inputs["images"] = np.zeros((len(prompts), 0, 1, 1, 3), "float32")
     preprocessor = causal_lm.preprocessor
     causal_lm.preprocessor = None
     try:
-        output = causal_lm.generate(
-            {"token_ids": token_ids, "padding_mask": padding_mask}, stop_token_ids=[eos]
-        )
+        output = causal_lm.generate(inputs, stop_token_ids=[eos])
     finally:
         causal_lm.preprocessor = preprocessor
     out_ids = np.asarray(output["token_ids"])
