@@ -104,7 +104,8 @@ def run_training(config, echo=print, resume=False):
             f"continue with `gemma-lora train --resume {run_dir}`"
         )
         raise KeyboardInterrupt
-    # Rows seen times the mean real tokens per row; the time includes compilation.
+    # Rows seen times the mean real tokens per row; the time includes compilation
+    # and the per-epoch validation scoring.
     steps = checkpointer.global_step - global_step
     rows_seen = min(steps * config.batch_size, len(rows["train"]) * config.epochs)
     real_tokens_seen = rows_seen * rows["train"].real_tokens / len(rows["train"])
@@ -119,7 +120,7 @@ def run_training(config, echo=print, resume=False):
         echo(f"{name} token loss (response tokens{'' if config.response_only_loss else ' and prompt'}): "
              f"{before[name]:.4f} before → {after[name]:.4f} after ({len(rows[name])} rows)")
     echo(
-        f"trained {steps} steps in {timer.seconds:.1f} s, compilation included "
+        f"trained {steps} steps in {timer.seconds:.1f} s, compilation and per-epoch validation included "
         f"({train_stats['real_tokens_per_second']:,} real tokens/s)"
     )
 
