@@ -54,9 +54,9 @@ class TrainConfig:
         default="gemma_2b_en",
     )
     preset_version: int | None = _help(
-        "Kaggle version of a named preset. The classic recipe used version 2 of "
-        "gemma_2b_en; KerasHub 0.32 would pick 3. None = KerasHub's choice.",
-        default=2,
+        "Kaggle version of a named preset. None = version 2 for gemma_2b_en (the classic "
+        "recipe's; KerasHub 0.32 would pick 3) and KerasHub's own choice for other names.",
+        default=None,
     )
     precision: str = _help(
         "float32 | bfloat16 | mixed_bfloat16 | auto (float32 on CPU, mixed_bfloat16 on GPU/TPU).",

@@ -21,6 +21,8 @@ import keras  # noqa: E402
 import keras_hub  # noqa: E402
 
 TINY = "tiny"
+# Kaggle versions the classic recipe used, where KerasHub now maps the name to a newer one.
+RECIPE_VERSIONS = {"gemma_2b_en": 2}
 # The real Gemma 3 270M base model, from the PyPI package of its GGUF file,
 # converted once into a KerasHub preset (see gguf_import.py).
 DEMO_NAMES = ("demo", "gemma3_270m_gguf")
@@ -53,7 +55,8 @@ def resolve_preset(preset, version=None):
             "kaggle://owner/model/framework/variation[/version]" handle, or a
             local preset directory.
         version: int or None; the Kaggle version for a named preset (None:
-            KerasHub's own choice). A version in a kaggle:// handle wins.
+            the classic recipe's version for gemma_2b_en, else KerasHub's
+            own choice). A version in a kaggle:// handle wins.
 
     Raises:
         PresetError: unknown name or a directory missing preset files.
@@ -77,6 +80,7 @@ def resolve_preset(preset, version=None):
             f"directory.{hint} Use e.g. gemma_2b_en, or 'tiny' for the offline test model."
         )
     handle = presets[preset]["kaggle_handle"].removeprefix("kaggle://")
+    version = version if version is not None else RECIPE_VERSIONS.get(preset)
     if version is not None:
         handle = "/".join(handle.split("/")[:4] + [str(version)])
     return download_kaggle(handle)

@@ -80,6 +80,8 @@ def test_named_preset_loads_from_the_kagglehub_cache_offline(tiny_preset):
     assert os.path.samefile(path, cached)
     causal_lm = model.load_causal_lm(path)
     assert causal_lm.backbone.num_layers == 2
+    # No version given: gemma_2b_en still means the recipe's version 2, not KerasHub's 3.
+    assert os.path.samefile(model.resolve_preset("gemma_2b_en"), cached)
     # A kaggle:// handle with an explicit version resolves the same way.
     assert os.path.samefile(model.resolve_preset("kaggle://keras/gemma/keras/gemma_2b_en/2"), cached)
 
