@@ -29,7 +29,6 @@ for name in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
 import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.path.join(REPO, "..", "shared", "data", "databricks-dolly-sample.jsonl")
 
 
 class NetworkBlocked(RuntimeError):

@@ -6,15 +6,19 @@ import json
 import numpy as np
 import pytest
 
-from conftest import SHARED_DATA, write_jsonl
+from conftest import write_jsonl
 from gemma_lora import data
 from gemma_lora.errors import ConfigError, DataError
 
 
-def test_shipped_sample_is_the_shared_file():
-    shipped = data.resolve_data_path("dolly-sample")
-    with gzip.open(shipped, "rb") as f:
-        assert f.read() == open(SHARED_DATA, "rb").read()
+def test_shipped_sample_is_the_documented_dolly_prefix():
+    """The shipped file is byte for byte the 1,501-record sample (sha256 from its source README)."""
+    import hashlib
+
+    with gzip.open(data.resolve_data_path("dolly-sample"), "rb") as f:
+        content = f.read()
+    assert hashlib.sha256(content).hexdigest() == "8215d3536de52db8f2fa490ee4b7d94593ce336a354cfb4a6edc1a66840cab1c"
+    assert content.count(b"\n") == 1501
 
 
 def test_default_splits_of_the_shipped_sample_are_fixed_and_disjoint(make_config):
