@@ -95,8 +95,10 @@ def fit(causal_lm, rows, config, callbacks=(), verbose="auto", start=None):
     history = History()
     for epoch in range(start.epoch, config.epochs):
         skip = start.step if epoch == start.epoch else 0
-        epoch_rows = pad_to_batches(take(rows, epoch_order(len(rows), config, epoch)), config.batch_size)
-        epoch_rows = take(epoch_rows, np.arange(skip * config.batch_size, len(epoch_rows)))
+        # Drop the rows of steps already taken, then pad the tail: the same
+        # batches as padding first, since padding only ever goes at the end.
+        order = epoch_order(len(rows), config, epoch)[skip * config.batch_size :]
+        epoch_rows = pad_to_batches(take(rows, order), config.batch_size)
         for callback in callbacks:
             if hasattr(callback, "begin_epoch"):
                 callback.begin_epoch(epoch, skip)
