@@ -113,6 +113,11 @@ class TrainConfig:
         "Shuffle training rows every epoch from the seed (stock KerasHub does not).",
         default=True,
     )
+    bucket_by_length: bool = _help(
+        "Batch rows of similar length and cut each batch to its longest row (rounded up to 64 "
+        "tokens) instead of padding every row to sequence_length; the recipe pads.",
+        default=True,
+    )
     # Optimisation
     batch_size: int = _help("Rows per step.", default=4)
     epochs: int = _help("Passes over the training rows.", default=1)
@@ -186,6 +191,7 @@ RECIPE_PROFILE = {
     "response_only_loss": False,
     "eos_after_truncation": True,
     "shuffle": False,
+    "bucket_by_length": False,
     "batch_size": 1,
     "epochs": 1,
     "learning_rate": 5e-5,

@@ -79,10 +79,11 @@ def epoch_order(n_rows, config, epoch):
 def fit(causal_lm, rows, config, callbacks=(), verbose="auto", start=None):
     """Train on `rows` (a `data.TokenizedRows`) from `start` and return a History.
 
-    One `keras.Model.fit` call per epoch, on arrays put in that epoch's order.
-    Arrays go straight to `keras.Model.fit`: KerasHub's own `fit` (its
-    PipelineModel) would wrap them in a grain/tf.data dataset and drop
-    `shuffle`. Callbacks that set `model.stop_training` end the whole run.
+    One `keras.Model.fit` call per epoch, on that epoch's batches (see
+    `epoch_batches`). Batches go straight to `keras.Model.fit` as a
+    `PyDataset`: KerasHub's own `fit` (its PipelineModel) would wrap arrays
+    in a grain/tf.data dataset and drop `shuffle`. Callbacks that set
+    `model.stop_training` end the whole run.
 
     Args:
         start: a `Position` to resume from (default: the beginning).
@@ -95,20 +96,16 @@ def fit(causal_lm, rows, config, callbacks=(), verbose="auto", start=None):
     history = History()
     for epoch in range(start.epoch, config.epochs):
         skip = start.step if epoch == start.epoch else 0
-        # Drop the rows of steps already taken, then pad the tail: the same
-        # batches as padding first, since padding only ever goes at the end.
-        order = epoch_order(len(rows), config, epoch)[skip * config.batch_size :]
-        epoch_rows = pad_to_batches(take(rows, order), config.batch_size)
+        # The epoch's batches are a pure function of (seed, epoch), so a
+        # resumed run rebuilds them and drops the ones already taken.
+        batches = epoch_batches(rows, config, epoch)[skip:]
         for callback in callbacks:
             if hasattr(callback, "begin_epoch"):
                 callback.begin_epoch(epoch, skip)
         history.extend(
             keras.Model.fit(
                 causal_lm,
-                x=epoch_rows.x,
-                y=epoch_rows.labels,
-                sample_weight=epoch_rows.weights,
-                batch_size=config.batch_size,
+                Batches(rows, batches, config),
                 initial_epoch=epoch,
                 epochs=epoch + 1,
                 shuffle=False,
@@ -125,6 +122,74 @@ def steps_per_epoch(rows, config):
     return math.ceil(len(rows) / config.batch_size)
 
 
+# Batch lengths are rounded up to a multiple of this: a handful of shapes
+# (each compiles the train step once) instead of one per batch.
+LENGTH_MULTIPLE = 64
+# Rows are sorted by length within windows of this many batches: batches of
+# rows of like length waste little on padding, and the epoch stays shuffled.
+SORT_WINDOW_BATCHES = 32
+
+
+def epoch_batches(rows, config, epoch):
+    """The row indices of each batch of an epoch, in training order.
+
+    With `bucket_by_length` (the default) rows are drawn in the epoch's order,
+    sorted by length within windows of `SORT_WINDOW_BATCHES` batches, cut into
+    batches, and the batches put in an order drawn from (seed, epoch). Each
+    batch is then only as long as its longest row (rounded up to
+    `LENGTH_MULTIPLE`): on Dolly at sequence_length 512 about 42% of the
+    positions of a fixed-length batch are real tokens, against 80-90% here.
+    Without it (the recipe), batches are consecutive rows of the epoch order.
+    """
+    order = epoch_order(len(rows), config, epoch)
+    size = config.batch_size
+    if not config.bucket_by_length:
+        return [order[i : i + size] for i in range(0, len(order), size)]
+    lengths = rows.padding_mask.sum(axis=1)
+    window = size * SORT_WINDOW_BATCHES
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = order[start : start + window]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches += [chunk[i : i + size] for i in range(0, len(chunk), size)]
+    shuffled = np.random.default_rng([config.seed, epoch, 1]).permutation(len(batches))
+    return [batches[i] for i in shuffled] if config.shuffle else batches
+
+
+def batch_arrays(rows, index, batch_size, trim=True):
+    """`(x, labels, weights)` of the rows at `index`, padded to `batch_size` rows.
+
+    With `trim`, positions past the batch's longest row (rounded up to
+    `LENGTH_MULTIPLE`) are dropped: they are padding in every row.
+    """
+    part = pad_rows(take(rows, index), batch_size)
+    if trim:
+        longest = int(part.padding_mask.sum(axis=1).max())
+        length = min(-(-longest // LENGTH_MULTIPLE) * LENGTH_MULTIPLE, part.token_ids.shape[1])
+        part = dataclasses.replace(
+            part,
+            token_ids=part.token_ids[:, :length],
+            padding_mask=part.padding_mask[:, :length],
+            labels=part.labels[:, :length],
+            weights=part.weights[:, :length],
+        )
+    return part.x, part.labels, part.weights
+
+
+class Batches(keras.utils.PyDataset):
+    """An epoch's batches for `keras.Model.fit`, each trimmed to its own length."""
+
+    def __init__(self, rows, batches, config):
+        super().__init__()
+        self.rows, self.batches, self.config = rows, batches, config
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return batch_arrays(self.rows, self.batches[i], self.config.batch_size, self.config.bucket_by_length)
+
+
 def take(rows, index):
     """The rows at `index` (a NumPy index array), as new `TokenizedRows`."""
     return dataclasses.replace(
@@ -136,8 +201,8 @@ def take(rows, index):
     )
 
 
-def pad_to_batches(rows, batch_size):
-    """Add all-padding rows (weight 0) so every batch is full.
+def pad_rows(rows, batch_size):
+    """Add all-padding rows (weight 0) up to a multiple of `batch_size` rows.
 
     A short last batch has a new shape, which would compile the train step a
     second time; a padding row adds nothing to the loss.
@@ -212,25 +277,26 @@ def callbacks_for_run(run_dir, splits, config):
 def token_loss(causal_lm, rows, batch_size=8):
     """Mean cross-entropy over the tokens that carry loss, and per-row means.
 
+    Rows are scored in length order, each batch trimmed to its longest row
+    (as in training), which skips most padding.
+
     Returns:
         dict with `token_loss` (sum of -log p over weighted tokens / their
         count), `perplexity` = exp(token_loss), `row_losses` (each row's mean,
-        NaN for rows with no weighted token) and `tokens`.
+        in the rows' own order; NaN for rows with no weighted token) and
+        `tokens`.
     """
     score = _scorer(causal_lm)
     trainable = [v.value for v in causal_lm.trainable_variables]
     non_trainable = [v.value for v in causal_lm.non_trainable_variables]
-    sums, counts = [], []
+    order = np.argsort(rows.padding_mask.sum(axis=1), kind="stable")
+    sums, counts = np.zeros(len(rows)), np.zeros(len(rows))
     for start in range(0, len(rows), batch_size):
-        batch = slice(start, start + batch_size)
-        n = len(rows.token_ids[batch])
-        arrays = [rows.token_ids[batch], rows.padding_mask[batch], rows.labels[batch], rows.weights[batch]]
-        # Pad the last batch to the full batch size so the scorer compiles once.
-        arrays = [np.concatenate([a, np.zeros((batch_size - n, *a.shape[1:]), a.dtype)]) for a in arrays]
-        s, c = score(trainable, non_trainable, *arrays)
-        sums.append(np.asarray(s)[:n])
-        counts.append(np.asarray(c)[:n])
-    sums, counts = np.concatenate(sums), np.concatenate(counts)
+        index = order[start : start + batch_size]
+        x, labels, weights = batch_arrays(rows, index, batch_size)
+        s, c = score(trainable, non_trainable, x["token_ids"], x["padding_mask"], labels, weights)
+        sums[index] = np.asarray(s)[: len(index)]
+        counts[index] = np.asarray(c)[: len(index)]
     total = float(counts.sum())
     mean = float(sums.sum() / total) if total else float("nan")
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -256,8 +322,11 @@ def _scorer(causal_lm):
         logits, _ = causal_lm.stateless_call(
             trainable, non_trainable, {"token_ids": token_ids, "padding_mask": padding_mask}
         )
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        nll = -jnp.take_along_axis(log_probs, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        # -log softmax(logits)[label] = logsumexp(logits) - logits[label]: no
+        # second vocabulary-sized array of log-probabilities (262k wide on Gemma 3).
+        logits = logits.astype(jnp.float32)
+        picked = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        nll = jax.nn.logsumexp(logits, axis=-1) - picked
         return (nll * weights).sum(axis=-1), weights.sum(axis=-1)
 
     _SCORERS[causal_lm] = score

@@ -40,8 +40,8 @@ def test_loss_goes_down_on_a_small_fixed_dataset(tiny_lm, make_config):
     assert after < before - 0.3, (before, after)  # ~0.65 nats on this setup
 
 
-def test_the_train_step_compiles_once(tiny_lm, make_config):
-    """No new trace after the first step: 2 more epochs (and a padded last batch) add none.
+def test_the_train_step_compiles_once_per_batch_length(tiny_lm, make_config):
+    """One trace per distinct (rounded) batch length; more epochs, and a padded last batch, add none.
 
     Traces, not XLA compilations, are counted: the tests' persistent
     compilation cache would hide a recompilation, never a retrace.
@@ -54,19 +54,39 @@ def test_the_train_step_compiles_once(tiny_lm, make_config):
 
     jax.monitoring.register_event_duration_secs_listener(count_train_step_traces)
     model.enable_lora(tiny_lm, 4, seed=0)
-    config = make_config(batch_size=4, shuffle=True)
+    config = make_config(batch_size=4, sequence_length=192, epochs=2)
     rows = tiny_rows(tiny_lm, config, 10)  # 10 rows: the last batch is padded to 4
+    lengths = {train.batch_arrays(rows, b, 4)[1].shape[1] for b in train.epoch_batches(rows, config, 0)}
     train.compile_for_training(tiny_lm, config)
-    train.fit(tiny_lm, rows, make_config(batch_size=4, max_steps=1), verbose=0)
+    train.fit(tiny_lm, rows, make_config(batch_size=4, sequence_length=192, epochs=1), verbose=0)
     first = len(compiles)
-    train.fit(tiny_lm, rows, make_config(batch_size=4, epochs=2), verbose=0)
-    assert first == 1
+    train.fit(tiny_lm, rows, config, verbose=0)
+    assert first == len(lengths)
     assert len(compiles) == first, f"{len(compiles) - first} extra traces"
 
 
+def test_epoch_batches_hold_every_row_once_and_cut_only_padding(tiny_lm, make_config):
+    config = make_config(batch_size=4, sequence_length=192)
+    rows = tiny_rows(tiny_lm, config, 16)
+    lengths = rows.padding_mask.sum(1)
+    batches = train.epoch_batches(rows, config, epoch=0)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(16))
+    assert all(np.array_equal(a, b) for a, b in zip(batches, train.epoch_batches(rows, config, epoch=0)))
+    assert not all(np.array_equal(a, b) for a, b in zip(batches, train.epoch_batches(rows, config, epoch=1)))
+    # Sorted by length: no batch's rows straddle another batch's lengths.
+    spans = sorted((lengths[b].min(), lengths[b].max()) for b in batches)
+    assert all(high <= next_low for (_, high), (next_low, _) in zip(spans, spans[1:]))
+    trimmed = [train.batch_arrays(rows, b, 4) for b in batches]
+    assert min(t[1].shape[1] for t in trimmed) < 192  # something was cut...
+    assert sum(t[2].sum() for t in trimmed) == rows.weights.sum()  # ...and no weighted token
+    recipe = make_config(batch_size=4, sequence_length=192, bucket_by_length=False, shuffle=False)
+    assert [b.tolist() for b in train.epoch_batches(rows, recipe, 0)] == [list(range(i, i + 4)) for i in (0, 4, 8, 12)]
+
+
 def test_token_loss_is_the_mean_over_weighted_tokens(tiny_lm, make_config):
-    config = make_config()
+    config = make_config(sequence_length=192)
     rows = tiny_rows(tiny_lm, config, 5)
+    assert rows.padding_mask.sum(1).min() < 128  # the scorer trims some batches
     result = train.token_loss(tiny_lm, rows, batch_size=2)  # 5 rows: a padded last batch
     logits = np.asarray(tiny_lm(rows.x), dtype=np.float64)
     log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
