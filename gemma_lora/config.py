@@ -37,6 +37,7 @@ GEMMA_LAYER_NAMES = (
 PRECISIONS = ("auto", "float32", "bfloat16", "mixed_bfloat16")
 SAMPLERS = ("greedy", "top_k")
 BUILTIN_DATA = ("dolly-sample", "dolly")
+DISTRIBUTIONS = ("auto", "none", "data", "model")
 
 
 def _help(text, **kwargs):
@@ -144,6 +145,18 @@ class TrainConfig:
     stop_strings: list[str] = _help(
         "Generation is cut at the first of these (default: the start of a new templated block).",
         default_factory=lambda: ["\nInstruction:"],
+    )
+    # Devices
+    distribution: str = _help(
+        "auto | none | data | model: how to use several devices (keras.distribution). auto: one "
+        "device → none; data parallel if the weights fit one device, else model parallel "
+        "(see README). batch_size is the global batch, split over the data-parallel replicas.",
+        default="auto",
+    )
+    model_parallel: int | None = _help(
+        "Devices on the model axis for distribution=model (must divide the device count); "
+        "None = all devices.",
+        default=None,
     )
     # Runtime and output
     memory_fraction: float = _help(
@@ -339,6 +352,19 @@ def validate(config):
     need(c.sampler in SAMPLERS, f"sampler={c.sampler!r} must be one of {', '.join(SAMPLERS)}.")
     need(c.top_k > 0, f"top_k={c.top_k} must be > 0.")
     need(all(s for s in c.stop_strings), "stop_strings must not contain an empty string.")
+    need(
+        c.distribution in DISTRIBUTIONS,
+        f"distribution={c.distribution!r} must be one of {', '.join(DISTRIBUTIONS)}.",
+    )
+    need(
+        c.model_parallel is None or c.model_parallel >= 1,
+        f"model_parallel={c.model_parallel} must be >= 1 (devices on the model axis) or None.",
+    )
+    need(
+        c.model_parallel is None or c.distribution == "model",
+        f"model_parallel={c.model_parallel} applies to distribution='model' only (got "
+        f"distribution={c.distribution!r}); set distribution='model' or drop model_parallel.",
+    )
     need(
         0.0 < c.memory_fraction <= 1.0,
         f"memory_fraction={c.memory_fraction} must be in (0, 1], e.g. 0.9.",

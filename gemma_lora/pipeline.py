@@ -51,6 +51,18 @@ def run_training(config, echo=print, resume=False):
         seed=config.seed,
         compilation_cache_dir=config.compilation_cache,
     )
+    import keras
+
+    # The run sets Keras' global distribution (before the model is built, see
+    # _prepare); put back whatever the caller had once the run ends.
+    previous = keras.distribution.distribution()
+    try:
+        return _run_training(config, echo, resume)
+    finally:
+        keras.distribution.set_distribution(previous)
+
+
+def _run_training(config, echo, resume):
     # Imported after the runtime is configured: these import Keras.
     from gemma_lora import checkpoints, train
     from gemma_lora.adapters import save_adapter
@@ -181,13 +193,15 @@ def _resumable(run_dir):
 
 def _prepare(config, echo):
     """Check data, preset and model; return what training needs."""
-    from gemma_lora import data, model
+    from gemma_lora import data, distribute, model
 
     echo("config: " + json.dumps(config.to_dict()))
     examples = data.load_examples(config)  # Read data before the slow model load.
     splits = data.split(examples, config)
     preset_dir = model.resolve_preset(config.preset, config.preset_version)
     precision = config.resolved_precision(model.platform())
+    # Variables take their device layout when created, so before the load.
+    distribute.apply(config, preset_dir, precision, echo)
     causal_lm = model.load_causal_lm(preset_dir, precision, config.sequence_length)
     model.enable_lora(
         causal_lm, config.lora_rank, config.lora_alpha, config.lora_targets, seed=config.seed

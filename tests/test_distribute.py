@@ -1,0 +1,221 @@
+"""Several devices: the auto rule, clear errors, a layout for every Gemma, and real sharded training.
+
+The training tests run tests/distributed_worker.py in a subprocess with 4
+virtual CPU devices (XLA_FLAGS must be set before JAX starts, and this process
+already started JAX with one device).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import types
+
+import keras
+import pytest
+
+from conftest import REPO
+from gemma_lora import distribute
+from gemma_lora.errors import ConfigError
+
+DEVICES = 4
+
+
+def gpus(n):
+    return [types.SimpleNamespace(platform="gpu")] * n
+
+
+def mesh(batch, model):
+    # Device names only: a LayoutMap needs no real devices until variables are placed.
+    return keras.distribution.DeviceMesh((batch, model), ("batch", "model"), [f"cpu:{i}" for i in range(batch * model)])
+
+
+# --- config and the auto rule ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"distribution": "pipeline"}, "distribution='pipeline' must be one of auto, none, data, model"),
+    ({"distribution": "data", "model_parallel": 2}, "applies to distribution='model' only"),
+    ({"distribution": "model", "model_parallel": 0}, "model_parallel=0 must be >= 1"),
+])
+def test_bad_distribution_settings_are_config_errors(make_config, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config(**overrides)
+
+
+def test_parameter_count_is_read_from_the_weights_file(tiny_preset, tiny_lm):
+    from gemma_lora.model import parameter_summary
+
+    assert distribute.parameter_count(tiny_preset) == parameter_summary(tiny_lm)["base_parameters"]
+
+
+def test_auto_picks_by_device_count_and_memory(make_config, tiny_preset):
+    config = make_config(batch_size=8)
+    weights = distribute.parameter_count(tiny_preset) * 4  # float32
+
+    def plan(devices, memory, precision="float32"):
+        p = distribute.choose_plan(config, tiny_preset, precision, gpus(devices), memory)
+        return p.kind, p.mesh
+
+    assert plan(1, weights / 100) == ("none", (1, 1))  # one device: nothing to distribute
+    fits = weights / distribute.FITS_SHARE
+    assert plan(4, fits) == ("data", (4, 1))
+    assert plan(4, None) == ("data", (4, 1))  # memory unknown (CPU): assumed to fit
+    # Just too big for one device: the smallest model axis on which a share fits.
+    assert plan(4, fits * 0.99) == ("model", (2, 2))
+    assert plan(4, fits / 3) == ("model", (1, 4))
+    assert plan(4, fits / 100) == ("model", (1, 4))  # never fits: all devices on the model axis
+    assert plan(4, fits * 0.99, "bfloat16") == ("data", (4, 1))  # half the bytes per weight
+    # A batch of 8 does not split over 16 replicas: the batch axis shrinks to 8.
+    assert plan(16, fits) == ("model", (8, 2))
+
+
+def test_none_and_explicit_choices(make_config):
+    def plan(**overrides):
+        p = distribute.choose_plan(make_config(**overrides), devices=gpus(DEVICES))
+        return p.kind, p.mesh
+
+    assert plan(distribution="none") == ("none", (1, 1))
+    assert plan(distribution="data") == ("data", (4, 1))
+    assert plan(distribution="model") == ("model", (1, 4))
+    assert plan(distribution="model", model_parallel=2) == ("model", (2, 2))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"distribution": "model", "model_parallel": 8},
+     r"model_parallel=8 needs a device count it divides, but 4 device\(s\) are visible.*run where more devices"),
+    ({"distribution": "model", "model_parallel": 3}, r"model_parallel=3 .* Use a model_parallel that divides 4"),
+    ({"distribution": "data", "batch_size": 6}, r"batch_size=6 does not split over the 4 .*multiple of 4 \(e.g. 8\)"),
+    ({"distribution": "model", "model_parallel": 2, "batch_size": 3}, r"batch_size=3 .* 2 data-parallel replicas"),
+])
+def test_impossible_layouts_name_cause_and_fix(make_config, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        distribute.choose_plan(make_config(**overrides), devices=gpus(DEVICES))
+
+
+def test_pipeline_refuses_more_parallelism_than_devices_and_leaves_nothing(make_config, tmp_path):
+    from gemma_lora.pipeline import run_training
+
+    run_dir = tmp_path / "run"
+    config = make_config(distribution="model", model_parallel=2, output_dir=str(run_dir))
+    with pytest.raises(ConfigError, match="model_parallel=2 needs a device count"):
+        run_training(config, echo=lambda line: None)
+    assert not run_dir.exists()
+    assert keras.distribution.distribution() is None  # the caller's (no) distribution is back
+
+
+# --- the layout map ----------------------------------------------------------------------
+
+# gemma_2b_en's shapes as listed in keras-hub #1613 (its single KV head broke KerasHub's map).
+GEMMA_2B = {"vocabulary_size": 256000, "num_query_heads": 8, "num_key_value_heads": 1,
+            "hidden_dim": 2048, "intermediate_dim": 32768, "head_dim": 256}
+GEMMA_2B_SHAPES = {
+    "token_embedding/embeddings": (256000, 2048),
+    "decoder_block_0/attention/query/kernel": (8, 2048, 256),
+    "decoder_block_0/attention/key/kernel": (1, 2048, 256),
+    "decoder_block_0/attention/value/kernel": (1, 2048, 256),
+    "decoder_block_0/attention/attention_output/kernel": (8, 256, 2048),
+    "decoder_block_0/ffw_gating/kernel": (2048, 16384),
+    "decoder_block_0/ffw_gating_2/kernel": (2048, 16384),
+    "decoder_block_0/ffw_linear/kernel": (16384, 2048),
+}
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (1, 8), (2, 4), (4, 2)])
+def test_gemma_2b_layout_divides_every_sharded_dimension(shape):
+    layout_map = distribute.gemma_layout_map(mesh(*shape), GEMMA_2B)
+    sizes = dict(zip(("batch", "model"), shape))
+    for path, dims in GEMMA_2B_SHAPES.items():
+        axes = layout_map[path].axes
+        assert len(axes) == len(dims), path
+        for axis, dim in zip(axes, dims):
+            assert axis is None or dim % sizes[axis] == 0, (path, axes, dims)
+    query = layout_map["decoder_block_17/attention/query/kernel"].axes
+    key = layout_map["decoder_block_17/attention/key/kernel"].axes
+    assert query[0] == "model"  # 8 query heads split over the model axis ...
+    assert key[0] is None  # ... the one KV head cannot be (keras-hub #1613)
+
+
+def test_layout_shards_kv_heads_when_they_divide():
+    gemma_7b = dict(GEMMA_2B, num_query_heads=16, num_key_value_heads=16, hidden_dim=3072)
+    assert distribute.gemma_layout_map(mesh(1, 4), gemma_7b)["decoder_block_0/attention/value/kernel"].axes[0] == "model"
+
+
+@pytest.mark.parametrize("layer", ["attention/query", "attention/value", "attention/attention_output", "ffw_linear"])
+def test_lora_factors_follow_their_kernel(layer):
+    layout_map = distribute.gemma_layout_map(mesh(2, 2), GEMMA_2B)
+    kernel = layout_map[f"decoder_block_5/{layer}/kernel"].axes
+    assert layout_map[f"decoder_block_5/{layer}/lora_kernel_a"].axes == (*kernel[:-1], None)
+    assert layout_map[f"decoder_block_5/{layer}/lora_kernel_b"].axes == (None, kernel[-1])
+
+
+# --- real training on 4 virtual devices --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """Losses and variable shardings after a few steps: one device, data parallel, 2x2 model parallel."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    worker = os.path.join(REPO, "tests", "distributed_worker.py")
+    done = subprocess.run([sys.executable, worker, "none", "data", "model:2"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def test_worker_saw_the_devices_and_trained(trained):
+    from distributed_worker import STEPS
+
+    single = trained["none"]
+    assert single["devices"] == DEVICES and single["plan"]["kind"] == "none"
+    assert trained["data"]["plan"] == {"kind": "data", "mesh": [DEVICES, 1]}
+    assert trained["model:2"]["plan"] == {"kind": "model", "mesh": [2, 2]}
+    assert all(run["iterations"] == STEPS for run in trained.values())
+
+
+@pytest.mark.parametrize("setup", ["data", "model:2"])
+def test_distributed_loss_matches_one_device(trained, setup):
+    single, other = trained["none"], trained[setup]
+    tolerance = 1e-5 * abs(single["after"])  # float32 sums in another order
+    # The steps moved the loss by far more than the tolerance, so a layout that
+    # trained differently (a lost gradient reduction, a skipped shard) would show.
+    assert abs(single["before"] - single["after"]) > 100 * tolerance
+    assert other["after"] == pytest.approx(single["after"], abs=tolerance)
+
+
+def test_data_parallel_replicates_every_variable(trained):
+    for path, v in trained["data"]["variables"].items():
+        assert v["devices"] == DEVICES and v["shard_shapes"] == [v["shape"]], path
+
+
+def test_model_parallel_shards_as_planned(trained, tiny_preset):
+    layout_map = distribute.gemma_layout_map(mesh(2, 2), distribute.backbone_config(tiny_preset))
+    sizes = {"batch": 2, "model": 2}
+    variables = trained["model:2"]["variables"]
+    for path, v in variables.items():
+        axes = _planned_axes(path, v["shape"], layout_map, variables)
+        assert v["devices"] == DEVICES, path
+        assert v["spec"] + [None] * (len(axes) - len(v["spec"])) == axes, path
+        expected = [dim // sizes[a] if a else dim for dim, a in zip(v["shape"], axes)]
+        assert v["shard_shapes"] == [expected], path
+    query = variables["decoder_block_0/attention/query/kernel"]
+    assert query["shard_shapes"][0][0] == query["shape"][0] // 2  # heads split over the model axis
+    key = variables["decoder_block_0/attention/key/kernel"]
+    assert key["shard_shapes"][0][0] == key["shape"][0] == 1  # the single KV head whole
+    lora = variables["decoder_block_0/attention/query/lora_kernel_a"]
+    assert lora["spec"] == query["spec"][:2] + [None]
+    assert any(path.endswith("lora_kernel_a_momentum") for path in variables)
+
+
+def _planned_axes(path, shape, layout_map, variables):
+    # AdamW's slots ("adam_w_2/decoder_block_0_attention_query_lora_kernel_a_momentum")
+    # are created with their variable's layout; anything unmatched is replicated.
+    prefix, _, name = path.partition("/")
+    if prefix.startswith("adam_w") and name.endswith(("_momentum", "_velocity")):
+        slot_of = name.rsplit("_", 1)[0]
+        path = next(p for p in variables if p.replace("/", "_") == slot_of)
+    planned = layout_map[path]
+    return list(planned.axes) if planned is not None else [None] * len(shape)
