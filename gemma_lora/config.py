@@ -158,6 +158,12 @@ class TrainConfig:
         "None = all devices.",
         default=None,
     )
+    answer_splits: list[str] = _help(
+        "Held-out splits (validation, test) whose rows are answered greedily before and after "
+        "training, to report the share of answers the model ends with <eos> within "
+        "max_new_tokens. [] = skip (it costs minutes on CPU for a real model).",
+        default_factory=lambda: ["test"],
+    )
     # Runtime and output
     memory_fraction: float = _help(
         "XLA_PYTHON_CLIENT_MEM_FRACTION: share of GPU memory JAX may take.", default=1.0
@@ -331,6 +337,11 @@ def validate(config):
         c.limit <= 0 or c.validation_rows < c.limit,
         f"validation_rows={c.validation_rows} leaves no training rows out of limit={c.limit}; "
         "lower validation_rows or raise limit.",
+    )
+    unknown_splits = [name for name in c.answer_splits if name not in ("validation", "test")]
+    need(
+        not unknown_splits,
+        f"answer_splits has unknown split(s) {unknown_splits}; choose from validation, test (or none).",
     )
     need(c.sequence_length >= 8, f"sequence_length={c.sequence_length} must be >= 8.")
     need(c.batch_size > 0, f"batch_size={c.batch_size} must be > 0.")

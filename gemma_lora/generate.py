@@ -76,7 +76,9 @@ def _generate_batch(causal_lm, tokenizer, instructions, config):
         [bos, *map(int, ids)]
         for ids in tokenizer([prompt_text(Example(i, ""), config) for i in instructions])
     ]
-    length = max(map(len, prompts)) + config.max_new_tokens
+    # Prompt room rounded up to a multiple of 64: generate compiles once per
+    # input shape, and the prompts of a batch vary in length.
+    length = -(-max(map(len, prompts)) // 64) * 64 + config.max_new_tokens
     token_ids = np.full((len(prompts), length), pad, dtype=np.int32)
     padding_mask = np.zeros((len(prompts), length), dtype=bool)
     for row, ids in enumerate(prompts):
@@ -109,6 +111,35 @@ def _generate_batch(causal_lm, tokenizer, instructions, config):
         # An answer cut at a stop string did not end with <eos> at its own end.
         samples.append(Sample(instruction, text, ended and stop is None, stop, len(new) + int(ended)))
     return samples
+
+
+def answer_endings(causal_lm, examples, config, batch_size=16):
+    """Greedy-answer held-out rows and count how the answers end.
+
+    The share that the model itself ends with `<eos>` within
+    `max_new_tokens` is the measure that matters: a user's answer should stop
+    on its own, and stop strings only tidy up one that does not.
+
+    Returns:
+        dict with `rows`, `eos_share` (ended by <eos>), `ended_share` (by
+        <eos> or a stop string) and `samples` (the `Sample`s, in row order).
+    """
+    import dataclasses
+
+    greedy = dataclasses.replace(config, sampler="greedy")
+    # Prompts of like length share a batch: less padding, fewer shapes.
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].instruction))
+    answers = generate(causal_lm, [examples[i].instruction for i in order], greedy, batch_size)
+    samples = [None] * len(examples)
+    for i, sample in zip(order, answers):
+        samples[i] = sample
+    n = len(samples)
+    return {
+        "rows": n,
+        "eos_share": sum(s.ended_with_eos for s in samples) / n if n else float("nan"),
+        "ended_share": sum(s.ended for s in samples) / n if n else float("nan"),
+        "samples": samples,
+    }
 
 
 def cut_at_stop_strings(text, stop_strings):

@@ -4,8 +4,8 @@
     result = run_training(TrainConfig(preset="tiny", sequence_length=128, max_steps=5))
 
 The run directory receives config.json, before.json (losses and samples before
-training), checkpoints/, metrics.csv, samples.json/.md, adapter.lora.h5 +
-adapter.json and summary.json.
+training), checkpoints/, metrics.csv, samples.json/.md, answers.json (greedy
+held-out answers before/after), adapter.lora.h5 + adapter.json and summary.json.
 """
 
 import hashlib
@@ -30,6 +30,8 @@ class RunResult:
     train: dict  # steps, seconds, tokens/s
     samples: list = field(default_factory=list)
     adapter: Path | None = None
+    # "before"/"after" -> split -> {rows, eos_share, ended_share} of greedy held-out answers
+    answers: dict = field(default_factory=dict)
 
 
 def run_training(config, echo=print, resume=False):
@@ -66,14 +68,14 @@ def _run_training(config, echo, resume):
     # Imported after the runtime is configured: these import Keras.
     from gemma_lora import checkpoints, train
     from gemma_lora.adapters import save_adapter
-    from gemma_lora.generate import Sample, generate
+    from gemma_lora.generate import Sample, answer_endings, generate
 
     if resume:
         run_dir, checkpoint = _resumable(Path(config.output_dir))
     else:
         run_dir, checkpoint = _new_run_dir(config), None
     try:
-        causal_lm, parameters, rows, data_stats, precision = _prepare(config, echo)
+        causal_lm, parameters, splits, rows, data_stats, precision = _prepare(config, echo)
     except BaseException:
         if not resume and not any(run_dir.iterdir()):
             run_dir.rmdir()  # Bad input leaves nothing behind.
@@ -82,16 +84,29 @@ def _run_training(config, echo, resume):
     train.compile_for_training(causal_lm, config)
     scored = {name: r for name, r in rows.items() if name != "train" and len(r)}
     instructions = list(RECIPE_PROMPTS) + list(config.prompts)
+    answered = {name: getattr(splits, name) for name in config.answer_splits if getattr(splits, name)}
+
+    def answer_all():
+        return {name: answer_endings(causal_lm, examples, config) for name, examples in answered.items()}
+
     if resume:
         saved = json.loads((run_dir / BEFORE_FILE).read_text())
         before, samples_before = saved["token_loss"], [Sample(**s) for s in saved["samples"]]
+        answers_before = {
+            name: dict(a, samples=[Sample(**s) for s in a["samples"]]) for name, a in saved["answers"].items()
+        }
         start, global_step = checkpoints.restore_checkpoint(causal_lm, checkpoint)
         echo(f"resuming from {checkpoint.name}: step {global_step}, epoch {start.epoch + 1}")
     else:
         save_config(config, run_dir / "config.json")
         before = {name: train.token_loss(causal_lm, r)["token_loss"] for name, r in scored.items()}
         samples_before = generate(causal_lm, instructions, config)
-        record = {"token_loss": before, "samples": [s.to_dict() for s in samples_before]}
+        answers_before = answer_all()
+        record = {
+            "token_loss": before,
+            "samples": [s.to_dict() for s in samples_before],
+            "answers": _answers_record(answers_before, with_samples=True),
+        }
         write_text_atomic(run_dir / BEFORE_FILE, json.dumps(record, indent=2) + "\n")
         start, global_step = train.Position(), 0
     _echo_samples(echo, "before", samples_before)
@@ -136,6 +151,11 @@ def _run_training(config, echo, resume):
         f"({train_stats['real_tokens_per_second']:,} real tokens/s)"
     )
 
+    answers_after = answer_all()
+    for name in answers_after:
+        echo(f"{name} answers ending with <eos> within {config.max_new_tokens} tokens (greedy): "
+             f"{_share(answers_before[name])} before → {_share(answers_after[name])} after")
+    write_answers(run_dir, answered, answers_before, answers_after)
     samples_after = generate(causal_lm, instructions, config)
     _echo_samples(echo, "after", samples_after)
     write_samples(run_dir, samples_before, samples_after)
@@ -159,12 +179,15 @@ def _run_training(config, echo, resume):
         "data": {k: v for k, v in data_stats.items() if k != "lines"},
         "token_loss_before": before,
         "token_loss_after": after,
+        "answers_before": _answers_record(answers_before),
+        "answers_after": _answers_record(answers_after),
         "train": train_stats,
     }
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return RunResult(
         run_dir, parameters, summary["data"], before, after, train_stats,
         samples=list(zip(samples_before, samples_after)), adapter=adapter,
+        answers={"before": summary["answers_before"], "after": summary["answers_after"]},
     )
 
 
@@ -220,7 +243,7 @@ def _prepare(config, echo):
     data_stats = describe_data(rows, config)
     for line in data_stats["lines"]:
         echo(line)
-    return causal_lm, parameters, rows, data_stats, precision
+    return causal_lm, parameters, splits, rows, data_stats, precision
 
 
 def default_run_dir(config):
@@ -249,6 +272,35 @@ def describe_data(rows, config):
         "fingerprint": fingerprint,
         "lines": lines,
     }
+
+
+def _answers_record(answers, with_samples=False):
+    return {
+        name: {
+            "rows": a["rows"],
+            "eos_share": a["eos_share"],
+            "ended_share": a["ended_share"],
+            **({"samples": [s.to_dict() for s in a["samples"]]} if with_samples else {}),
+        }
+        for name, a in answers.items()
+    }
+
+
+def _share(answers):
+    n = answers["rows"]
+    return f"{round(answers['eos_share'] * n)}/{n} ({answers['eos_share']:.0%})"
+
+
+def write_answers(run_dir, examples, before, after):
+    """answers.json: each held-out row's reference and greedy answers before/after."""
+    record = {
+        name: [
+            {"instruction": e.instruction, "reference": e.response, "before": b.to_dict(), "after": a.to_dict()}
+            for e, b, a in zip(rows, before[name]["samples"], after[name]["samples"])
+        ]
+        for name, rows in examples.items()
+    }
+    write_text_atomic(run_dir / "answers.json", json.dumps(record, indent=2) + "\n")
 
 
 def write_samples(run_dir, before, after):

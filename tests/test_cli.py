@@ -38,6 +38,11 @@ def test_train_end_to_end_through_the_console_script(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["train"]["steps"] == 2 and summary["data"]["rows"] == {"train": 8, "validation": 4, "test": 4}
     assert "validation_token_loss" in (run_dir / "metrics.csv").read_text()
+    answers = json.loads((run_dir / "answers.json").read_text())["test"]
+    assert len(answers) == 4 and all(a["reference"] and "ended_with_eos" in a["after"] for a in answers)
+    ended = sum(a["after"]["ended_with_eos"] for a in answers) / 4
+    assert summary["answers_after"] == {"test": {"rows": 4, "eos_share": ended, "ended_share": summary["answers_after"]["test"]["ended_share"]}}
+    assert "test answers ending with <eos> within 4 tokens (greedy)" in out
     meta = json.loads((run_dir / "adapter.json").read_text())
     assert meta["rank"] == 4 and meta["alpha"] == 4 and meta["base_preset"] == "tiny"
 

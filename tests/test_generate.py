@@ -36,3 +36,18 @@ def test_samples_follow_weight_changes_without_recompiling(tiny_lm, make_config)
     after = generate(tiny_lm, ["Name a colour."], config)[0].text
     assert tiny_lm.generate_function is compiled
     assert after != before
+
+
+def test_answer_endings_keeps_row_order_and_counts_its_samples(tiny_lm, make_config):
+    from gemma_lora.data import Example
+    from gemma_lora.generate import answer_endings
+
+    config = make_config(max_new_tokens=6, sampler="top_k")  # answers are greedy regardless
+    examples = [Example("A much longer instruction about colours and shapes?", "r"), Example("Hi?", "r"), Example("Name one.", "r")]
+    result = answer_endings(tiny_lm, examples, config, batch_size=2)
+    assert [s.instruction for s in result["samples"]] == [e.instruction for e in examples]
+    assert result["rows"] == 3
+    assert result["eos_share"] == sum(s.ended_with_eos for s in result["samples"]) / 3
+    assert result["ended_share"] == sum(s.ended for s in result["samples"]) / 3
+    greedy = generate(tiny_lm, [e.instruction for e in examples], make_config(max_new_tokens=6))
+    assert [s.text for s in result["samples"]] == [s.text for s in greedy]
