@@ -164,6 +164,11 @@ class TrainConfig:
         "max_new_tokens. [] = skip (it costs minutes on CPU for a real model).",
         default_factory=lambda: ["test"],
     )
+    answer_before: bool = _help(
+        "Also answer the answer_splits rows before training (the base model's share; skip it "
+        "when that is already known, e.g. across a sweep).",
+        default=True,
+    )
     # Runtime and output
     memory_fraction: float = _help(
         "XLA_PYTHON_CLIENT_MEM_FRACTION: share of GPU memory JAX may take.", default=1.0

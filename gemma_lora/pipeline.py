@@ -86,7 +86,9 @@ def _run_training(config, echo, resume):
     instructions = list(RECIPE_PROMPTS) + list(config.prompts)
     answered = {name: getattr(splits, name) for name in config.answer_splits if getattr(splits, name)}
 
-    def answer_all():
+    def answer_all(when):
+        if when == "before" and not config.answer_before:
+            return {}
         return {name: answer_endings(causal_lm, examples, config) for name, examples in answered.items()}
 
     if resume:
@@ -101,7 +103,7 @@ def _run_training(config, echo, resume):
         save_config(config, run_dir / "config.json")
         before = {name: train.token_loss(causal_lm, r)["token_loss"] for name, r in scored.items()}
         samples_before = generate(causal_lm, instructions, config)
-        answers_before = answer_all()
+        answers_before = answer_all("before")
         record = {
             "token_loss": before,
             "samples": [s.to_dict() for s in samples_before],
@@ -151,10 +153,11 @@ def _run_training(config, echo, resume):
         f"({train_stats['real_tokens_per_second']:,} real tokens/s)"
     )
 
-    answers_after = answer_all()
+    answers_after = answer_all("after")
     for name in answers_after:
+        was = f"{_share(answers_before[name])} before → " if name in answers_before else ""
         echo(f"{name} answers ending with <eos> within {config.max_new_tokens} tokens (greedy): "
-             f"{_share(answers_before[name])} before → {_share(answers_after[name])} after")
+             f"{was}{_share(answers_after[name])} after")
     write_answers(run_dir, answered, answers_before, answers_after)
     samples_after = generate(causal_lm, instructions, config)
     _echo_samples(echo, "after", samples_after)
@@ -253,13 +256,15 @@ def default_run_dir(config):
 
 def describe_data(rows, config):
     """Counts per split, truncation, padding share and a fingerprint of the train tokens."""
+    from gemma_lora.train import positions_per_epoch
+
     train_rows = rows["train"]
     fingerprint = hashlib.sha256(train_rows.token_ids.tobytes() + train_rows.weights.tobytes()).hexdigest()[:16]
-    positions = train_rows.token_ids.size
+    positions = positions_per_epoch(train_rows, config)
     lines = [
         "data: " + ", ".join(f"{name} {len(r)} rows" for name, r in rows.items())
         + f" (from {config.data}{', with context' if config.include_context else ', no-context rows'})",
-        f"train tokens: {train_rows.real_tokens:,} real of {positions:,} positions "
+        f"train tokens: {train_rows.real_tokens:,} real of {positions:,} positions an epoch "
         f"({train_rows.real_tokens / positions:.1%}), {train_rows.loss_tokens:,} carry loss; "
         f"{train_rows.truncated} rows longer than sequence_length={config.sequence_length} were cut"
         + (" (<eos> appended, as KerasHub)" if config.eos_after_truncation else " (no <eos> after cut text)"),
@@ -295,8 +300,8 @@ def write_answers(run_dir, examples, before, after):
     """answers.json: each held-out row's reference and greedy answers before/after."""
     record = {
         name: [
-            {"instruction": e.instruction, "reference": e.response, "before": b.to_dict(), "after": a.to_dict()}
-            for e, b, a in zip(rows, before[name]["samples"], after[name]["samples"])
+            {"instruction": e.instruction, "reference": e.response, "before": b and b.to_dict(), "after": a.to_dict()}
+            for e, b, a in zip(rows, before.get(name, {}).get("samples", [None] * len(rows)), after[name]["samples"])
         ]
         for name, rows in examples.items()
     }
@@ -305,7 +310,7 @@ def write_answers(run_dir, examples, before, after):
 
 def write_samples(run_dir, before, after):
     records = [
-        {"instruction": b.instruction, "before": b.to_dict(), "after": a.to_dict()}
+        {"instruction": b.instruction, "before": b and b.to_dict(), "after": a.to_dict()}
         for b, a in zip(before, after)
     ]
     write_text_atomic(run_dir / "samples.json", json.dumps(records, indent=2) + "\n")

