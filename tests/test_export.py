@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gemma_lora import adapters, model
-from gemma_lora.errors import ExportError, OutputError
+from gemma_lora.errors import ExportError
 from gemma_lora.export import export_transformers
 
 TOKEN_IDS = np.array([[2, 300, 301, 302, 4, 5, 6, 7]], "int32")
