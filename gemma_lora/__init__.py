@@ -15,6 +15,7 @@ from gemma_lora.errors import (
     ConfigError,
     CredentialsError,
     DataError,
+    ExportError,
     GemmaLoraError,
     OutputError,
     PresetError,
@@ -41,6 +42,9 @@ _LAZY = {
     "save_adapter": "gemma_lora.adapters",
     "load_adapter": "gemma_lora.adapters",
     "merge_adapter": "gemma_lora.adapters",
+    "merged_model": "gemma_lora.adapters",
+    "quantize_base": "gemma_lora.quantize",
+    "export_transformers": "gemma_lora.export",
 }
 
 __all__ = [
@@ -48,6 +52,7 @@ __all__ = [
     "ConfigError",
     "CredentialsError",
     "DataError",
+    "ExportError",
     "GemmaLoraError",
     "OutputError",
     "PresetError",

@@ -23,6 +23,7 @@ import numpy as np
 from gemma_lora.errors import AdapterError
 from gemma_lora.io import atomic_path, write_text_atomic
 from gemma_lora.model import enable_lora, layers_with_weights, lora_layers
+from gemma_lora.quantize import float_embeddings, float_kernel, quantization_mode
 
 ADAPTER_FILE = "adapter.lora.h5"
 METADATA_FILE = "adapter.json"
@@ -61,6 +62,9 @@ def save_adapter(causal_lm, directory, config, extra=None):
         "base_preset_version": config.preset_version,
         "backbone_class": type(causal_lm.backbone).__name__,
         "backbone_shape": backbone_shape(causal_lm.backbone),
+        # The stored form of the frozen base it was trained on: an adapter fits
+        # the base it saw, so loading quantizes the same way (or refuses).
+        "quantize": quantization_mode(causal_lm),
         "rank": config.lora_rank,
         "alpha": alpha,
         "targets": list(config.lora_targets),
@@ -141,6 +145,13 @@ def load_adapter(causal_lm, path, preset=None):
     else:
         targets, alpha = tuple(meta["targets"]), float(meta["alpha"])
         _check_base(causal_lm, meta, path)
+        want, have = meta.get("quantize"), quantization_mode(causal_lm)
+        if want != have:
+            raise AdapterError(
+                f"{path} was trained on a base stored as {want or 'float (not quantized)'}, but this model's base is "
+                f"{have or 'float (not quantized)'}: the logits would differ. Load the base with "
+                f"quantize={want!r} (CLI: --quantize {want or 'none'})."
+            )
         if preset is not None and meta.get("base_preset") not in (None, preset):
             warnings.warn(
                 f"{path} was trained on {meta['base_preset']!r}; loading it onto {preset!r}, which has "
@@ -203,7 +214,7 @@ def merge_adapter(causal_lm, preset_dir, output_dir, precision="float32"):
     """Fold W + (alpha/rank)·A·B into a plain model and save it as a KerasHub preset.
 
     Args:
-        causal_lm: the model with the adapter applied.
+        causal_lm: the model with the adapter applied (its base may be quantized).
         preset_dir: the base preset directory (a fresh copy without LoRA is loaded from it).
         output_dir: the new preset directory (must not exist).
         precision: dtype of the merged model's weights.
@@ -211,20 +222,16 @@ def merge_adapter(causal_lm, preset_dir, output_dir, precision="float32"):
     Returns:
         The output directory; `keras_hub.models.CausalLM.from_preset(output_dir)`
         loads it with no LoRA.
+
+    Raises:
+        OutputError: `output_dir` exists or cannot be written.
     """
     from gemma_lora.errors import OutputError
-    from gemma_lora.model import load_causal_lm
 
     output_dir = Path(output_dir)
     if output_dir.exists():
         raise OutputError(f"{output_dir} already exists. Give a new directory for the merged model.")
-    layers = layers_with_weights(causal_lm.backbone)
-    # `layer.kernel` of a LoRA EinsumDense is the merged W + (alpha/rank)·A·B.
-    merged = {i: np.asarray(layer.kernel) for i, layer in enumerate(layers) if getattr(layer, "lora_enabled", False)}
-    plain = load_causal_lm(preset_dir, precision)
-    plain_layers = layers_with_weights(plain.backbone)
-    for index, kernel in merged.items():
-        plain_layers[index].kernel.assign(kernel)
+    plain = merged_model(causal_lm, preset_dir, precision)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
     try:
@@ -235,6 +242,30 @@ def merge_adapter(causal_lm, preset_dir, output_dir, precision="float32"):
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output_dir
+
+
+def merged_model(causal_lm, preset_dir, precision="float32"):
+    """A fresh model from `preset_dir` holding `causal_lm`'s weights with LoRA folded in.
+
+    A quantized base is dequantized: every quantized layer gets its
+    dequantized weights (plus the LoRA update where it has one), so the
+    merged model computes what the trained model did, in `precision`
+    (float32 by default) instead of int8/int4. Layers that were never
+    quantized (norms) keep the preset's values, which quantization left as is.
+    """
+    from gemma_lora.model import load_causal_lm
+
+    quantized = quantization_mode(causal_lm) is not None
+    source = layers_with_weights(causal_lm.backbone)
+    plain = load_causal_lm(preset_dir, precision)
+    target = layers_with_weights(plain.backbone)
+    for index, layer in enumerate(source):
+        if getattr(layer, "lora_enabled", False) or (quantized and getattr(layer, "quantization_mode", None)):
+            if hasattr(layer, "equation"):  # EinsumDense; `kernel` of a float LoRA layer is W + update.
+                target[index].kernel.assign(float_kernel(layer))
+            else:
+                target[index].embeddings.assign(float_embeddings(layer))
+    return plain
 
 
 def backbone_shape(backbone):

@@ -1,8 +1,9 @@
-"""The `gemma-lora` command: train, generate, info.
+"""The `gemma-lora` command: train, generate, merge, export, convert-gguf, info.
 
     gemma-lora train --preset tiny --sequence-length 128 --max-steps 20
     gemma-lora train --recipe                       # the classic KerasHub recipe
     gemma-lora generate --preset tiny --prompt "Name three colours."
+    gemma-lora export runs/tiny-20261122-120000/adapter.lora.h5 hf_model/
     gemma-lora info runs/tiny-20261122-120000
 
 Every `TrainConfig` field is a flag (`--lora-rank 8`); `--config FILE` reads a
@@ -22,7 +23,7 @@ from gemma_lora.errors import GemmaLoraError
 
 # Fields that make sense for `generate` (the rest only affect training).
 GENERATE_FIELDS = (
-    "preset", "preset_version", "precision", "template", "max_new_tokens", "sampler",
+    "preset", "preset_version", "precision", "quantize", "template", "max_new_tokens", "sampler",
     "top_k", "stop_strings", "seed", "memory_fraction", "compilation_cache",
 )
 
@@ -73,6 +74,15 @@ def build_parser():
     merge.add_argument("output_dir", help="New directory for the merged preset.")
     add_field_flags(merge, ("preset", "preset_version", "precision"))
     merge.set_defaults(handler=run_merge)
+
+    export = commands.add_parser(
+        "export", help="Write a Hugging Face transformers folder from an adapter (merged first) or a merged preset.",
+        description="Export to a transformers folder (safetensors, config, tokenizer) with KerasHub's exporter. "
+                    "An adapter is merged into its base first (a quantized base is dequantized to float).")
+    export.add_argument("source", help="A .lora.h5 adapter (its adapter.json names the base), or a merged preset directory.")
+    export.add_argument("output_dir", help="New directory for the transformers model.")
+    add_field_flags(export, ("preset", "preset_version", "precision"))
+    export.set_defaults(handler=run_export)
 
     convert = commands.add_parser("convert-gguf", help="Convert a Gemma 3 GGUF file into a KerasHub preset directory.")
     convert.add_argument("gguf_file", help="A .gguf file (llama.cpp format), e.g. gemma-3-270m-q4_k_m.gguf.")
@@ -150,6 +160,11 @@ def run_train(args):
 
 def run_generate(args):
     config = config_from_args(args, GENERATE_FIELDS)
+    quantize = config.quantize
+    if args.adapter and not hasattr(args, "quantize"):
+        from gemma_lora.adapters import read_adapter
+
+        quantize = (read_adapter(args.adapter)[2] or {}).get("quantize")  # the base it was trained on
     from gemma_lora import runtime
 
     runtime.configure_runtime(config.memory_fraction, config.seed, config.compilation_cache)
@@ -157,7 +172,7 @@ def run_generate(args):
     from gemma_lora.generate import generate
 
     preset_dir = model.resolve_preset(config.preset, config.preset_version)
-    causal_lm = model.load_causal_lm(preset_dir, config.resolved_precision(model.platform()))
+    causal_lm = model.load_causal_lm(preset_dir, config.resolved_precision(model.platform()), quantize=quantize)
     if args.adapter:
         from gemma_lora.adapters import load_adapter
 
@@ -166,7 +181,8 @@ def run_generate(args):
         print(f"### {sample.instruction}\n{sample.text.strip()}\n")
 
 
-def run_merge(args):
+def _merged(args):
+    """Load the adapter's base (quantized as it was trained), apply the adapter, merge in memory."""
     from gemma_lora.adapters import read_adapter
 
     _, _, meta = read_adapter(args.adapter)
@@ -175,24 +191,61 @@ def run_merge(args):
         "preset": getattr(args, "preset", meta.get("base_preset")),
         "preset_version": getattr(args, "preset_version", meta.get("base_preset_version")),
         "precision": getattr(args, "precision", "float32"),
+        "quantize": meta.get("quantize"),
     }
     if overrides["preset"] is None:
         from gemma_lora.errors import ConfigError
 
         raise ConfigError(f"{args.adapter} has no adapter.json naming its base: pass --preset.")
-    config = resolve_config(overrides={k: v for k, v in overrides.items()})
+    config = resolve_config(overrides=overrides)
     from gemma_lora import runtime
 
     runtime.configure_runtime(config.memory_fraction)
     from gemma_lora import model
-    from gemma_lora.adapters import load_adapter, merge_adapter
+    from gemma_lora.adapters import load_adapter
 
     preset_dir = model.resolve_preset(config.preset, config.preset_version)
     precision = config.resolved_precision(model.platform()) if config.precision == "auto" else config.precision
-    causal_lm = model.load_causal_lm(preset_dir, precision)
+    causal_lm = model.load_causal_lm(preset_dir, precision, quantize=config.quantize)
     load_adapter(causal_lm, args.adapter, preset=config.preset)
+    stored = f"{precision} weights" + (f", dequantized from {config.quantize}" if config.quantize else "")
+    return causal_lm, preset_dir, config, precision, f"{stored}, no LoRA"
+
+
+def run_merge(args):
+    causal_lm, preset_dir, config, precision, described = _merged(args)
+    from gemma_lora.adapters import merge_adapter
+
     out = merge_adapter(causal_lm, preset_dir, args.output_dir, precision)
-    print(f"merged {args.adapter} into {config.preset}: {out} ({precision} weights, no LoRA)")
+    print(f"merged {args.adapter} into {config.preset}: {out} ({described})")
+
+
+def run_export(args):
+    if args.source.endswith(".lora.h5"):
+        args.adapter = args.source
+        causal_lm, preset_dir, config, precision, described = _merged(args)
+        from gemma_lora.adapters import merged_model
+
+        plain = merged_model(causal_lm, preset_dir, precision)
+        what = f"{args.adapter} merged into {config.preset} ({described})"
+    else:
+        if hasattr(args, "preset"):
+            from gemma_lora.errors import ConfigError
+
+            raise ConfigError(f"--preset names an adapter's base; {args.source} is exported as it is. Drop --preset.")
+        config = config_from_args(args, ("preset_version", "precision"))
+        from gemma_lora import runtime
+
+        runtime.configure_runtime(config.memory_fraction)
+        from gemma_lora import model
+
+        precision = "float32" if config.precision == "auto" else config.precision
+        plain = model.load_causal_lm(model.resolve_preset(args.source, config.preset_version), precision)
+        what = f"{args.source} ({precision} weights)"
+    from gemma_lora.export import export_transformers
+
+    out = export_transformers(plain, args.output_dir)
+    print(f"exported {what} to {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
 def run_convert(args):

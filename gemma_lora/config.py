@@ -35,6 +35,7 @@ GEMMA_LAYER_NAMES = (
     "ffw_linear",
 )
 PRECISIONS = ("auto", "float32", "bfloat16", "mixed_bfloat16")
+QUANTIZE_MODES = ("int8", "int4")
 SAMPLERS = ("greedy", "top_k")
 BUILTIN_DATA = ("dolly-sample", "dolly")
 DISTRIBUTIONS = ("auto", "none", "data", "model")
@@ -62,6 +63,11 @@ class TrainConfig:
     precision: str = _help(
         "float32 | bfloat16 | mixed_bfloat16 | auto (float32 on CPU, mixed_bfloat16 on GPU/TPU).",
         default="auto",
+    )
+    quantize: str | None = _help(
+        "int8 | int4 | None: store the frozen base weights quantized, QLoRA-style (weight-only; "
+        "LoRA factors stay float32). Saves base memory; see docs/quantization.md.",
+        default=None,
     )
     # LoRA
     lora_rank: int = _help("LoRA rank.", default=4)
@@ -309,6 +315,10 @@ def validate(config):
         f"preset_version={c.preset_version} must be a positive Kaggle version number or None.",
     )
     need(c.precision in PRECISIONS, f"precision={c.precision!r} must be one of {', '.join(PRECISIONS)}.")
+    need(
+        c.quantize is None or c.quantize in QUANTIZE_MODES,
+        f"quantize={c.quantize!r} must be one of {', '.join(QUANTIZE_MODES)} or None (no quantization).",
+    )
     need(c.lora_rank > 0, f"lora_rank={c.lora_rank} must be > 0 (try 4, 8 or 16).")
     need(
         c.lora_alpha is None or (math.isfinite(c.lora_alpha) and c.lora_alpha > 0),

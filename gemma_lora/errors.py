@@ -40,3 +40,7 @@ class TrainingError(GemmaLoraError):
 
 class AdapterError(GemmaLoraError):
     """An adapter file is unreadable or does not fit the model it is loaded into."""
+
+
+class ExportError(GemmaLoraError):
+    """A model cannot be exported as asked (LoRA still attached, quantized, unsupported architecture)."""

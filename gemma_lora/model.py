@@ -229,13 +229,15 @@ def build_tiny_causal_lm(seed=1234):
     return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=preprocessor)
 
 
-def load_causal_lm(preset_dir, precision="float32", sequence_length=None):
+def load_causal_lm(preset_dir, precision="float32", sequence_length=None, quantize=None):
     """Load a KerasHub CausalLM from a local preset directory.
 
     Args:
         preset_dir: directory from `resolve_preset`.
         precision: Keras dtype policy name ("float32", "bfloat16", "mixed_bfloat16").
         sequence_length: int or None; set on the preprocessor (generation length cap).
+        quantize: None, "int8" or "int4": store the (frozen) base weights
+            quantized, before any LoRA is enabled (see quantize.py).
     """
     try:
         causal_lm = keras_hub.models.CausalLM.from_preset(str(preset_dir), dtype=precision)
@@ -243,6 +245,10 @@ def load_causal_lm(preset_dir, precision="float32", sequence_length=None):
         raise PresetError(f"Cannot load the preset in {preset_dir}: {e}") from None
     if sequence_length and causal_lm.preprocessor is not None:
         causal_lm.preprocessor.sequence_length = sequence_length
+    if quantize is not None:
+        from gemma_lora.quantize import quantize_base
+
+        quantize_base(causal_lm, quantize)
     return causal_lm
 
 

@@ -179,6 +179,7 @@ def _run_training(config, echo, resume):
     summary = {
         "parameters": parameters,
         "precision": precision,
+        "quantize": config.quantize,
         "data": {k: v for k, v in data_stats.items() if k != "lines"},
         "token_loss_before": before,
         "token_loss_after": after,
@@ -229,12 +230,20 @@ def _prepare(config, echo):
     # Variables take their device layout when created, so before the load.
     distribute.apply(config, preset_dir, precision, echo)
     causal_lm = model.load_causal_lm(preset_dir, precision, config.sequence_length)
+    # Counted before quantizing: int4 packs two weights per stored number.
+    base_parameters = model.parameter_summary(causal_lm)["base_parameters"]
+    stored = precision
+    if config.quantize:
+        from gemma_lora.quantize import base_weight_bytes, quantize_base
+
+        quantize_base(causal_lm, config.quantize)
+        stored = f"{precision}, base weights {config.quantize}: {base_weight_bytes(causal_lm) / 2**20:,.1f} MiB"
     model.enable_lora(
         causal_lm, config.lora_rank, config.lora_alpha, config.lora_targets, seed=config.seed
     )
-    parameters = model.parameter_summary(causal_lm)
+    parameters = {**model.parameter_summary(causal_lm), "base_parameters": base_parameters}
     echo(
-        f"model: {config.preset} ({precision}) — {parameters['base_parameters']:,} base parameters, "
+        f"model: {config.preset} ({stored}) — {parameters['base_parameters']:,} base parameters, "
         f"{parameters['trainable_parameters']:,} trainable (LoRA rank {config.lora_rank} on "
         f"{', '.join(config.lora_targets)})"
     )

@@ -1,0 +1,89 @@
+"""Export to a Hugging Face transformers folder: logits match, LoRA/quantized/unsupported refused, CLI."""
+
+import json
+
+import keras_hub
+import numpy as np
+import pytest
+
+from gemma_lora import adapters, model
+from gemma_lora.errors import ExportError
+from gemma_lora.export import export_transformers
+
+TOKEN_IDS = np.array([[2, 300, 301, 302, 4, 5, 6, 7]], "int32")
+TARGETS = ("query", "value", "ffw_linear")
+
+
+def logits(causal_lm):
+    return np.asarray(causal_lm({"token_ids": TOKEN_IDS, "padding_mask": np.ones_like(TOKEN_IDS, bool)}))
+
+
+def with_adapter(causal_lm, seed=0):
+    """LoRA with non-zero B factors, a stand-in for training."""
+    layers = model.enable_lora(causal_lm, 4, 8.0, TARGETS, seed=seed)
+    rng = np.random.default_rng(seed)
+    for layer in layers:
+        layer.lora_kernel_b.assign(rng.normal(0, 0.1, layer.lora_kernel_b.shape).astype("float32"))
+    return causal_lm
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_preset, tmp_path_factory):
+    """(LoRA model's logits, base logits, exported folder) for one merged tiny model."""
+    source = with_adapter(model.load_causal_lm(tiny_preset, "float32"))
+    out = export_transformers(adapters.merged_model(source, tiny_preset), tmp_path_factory.mktemp("export") / "hf")
+    return logits(source), logits(model.load_causal_lm(tiny_preset, "float32")), out
+
+
+def test_transformers_gives_the_keras_models_logits(exported):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    want, base, out = exported
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    with torch.no_grad():
+        got = hf(torch.tensor(TOKEN_IDS, dtype=torch.long)).logits.numpy()
+    tolerance = 1e-4 * np.abs(want).max()
+    np.testing.assert_allclose(got, want, atol=tolerance)
+    assert np.abs(got - base).max() > 100 * tolerance  # the adapter's update is in the export
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert tokenizer("Hello").input_ids[0] == 2  # <bos>, as KerasHub's preprocessor adds
+
+
+def test_keras_hubs_transformers_importer_reads_the_folder_back(exported):
+    """Without torch: KerasHub's importer (separate code from its exporter) gives the same logits."""
+    want, _, out = exported
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["GemmaForCausalLM"]
+    assert {"model.safetensors", "tokenizer.model", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    reloaded = keras_hub.models.CausalLM.from_preset(str(out))
+    np.testing.assert_allclose(logits(reloaded), want, atol=1e-5 * np.abs(want).max())
+
+
+def test_refuses_lora_quantized_and_unsupported_models(tmp_path, tiny_preset):
+    with pytest.raises(ExportError, match="still has LoRA enabled on 6 layers.*Merge first"):
+        export_transformers(with_adapter(model.load_causal_lm(tiny_preset, "float32")), tmp_path / "a")
+    with pytest.raises(ExportError, match="stored as int8.*merged"):
+        export_transformers(model.load_causal_lm(tiny_preset, "float32", quantize="int8"), tmp_path / "b")
+    backbone = keras_hub.models.GPTNeoXBackbone(
+        vocabulary_size=16, num_layers=1, num_heads=2, hidden_dim=8, intermediate_dim=16, max_sequence_length=8
+    )
+    other = keras_hub.models.GPTNeoXCausalLM(backbone=backbone, preprocessor=None)
+    with pytest.raises(ExportError, match="cannot export a GPTNeoXBackbone.*GemmaBackbone"):
+        export_transformers(other, tmp_path / "c")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_cli_exports_an_adapter_and_a_merged_preset(tmp_path, tiny_preset, make_config, capsys):
+    from gemma_lora.cli import main
+
+    source = with_adapter(model.load_causal_lm(tiny_preset, "float32"))
+    adapters.save_adapter(source, tmp_path, make_config(lora_alpha=8.0, lora_targets=list(TARGETS)))
+    adapter = tmp_path / adapters.ADAPTER_FILE
+    assert main(["export", str(adapter), str(tmp_path / "hf")]) == 0
+    assert "merged into tiny (float32 weights, no LoRA)" in capsys.readouterr().out
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    assert main(["export", str(adapter), str(tmp_path / "hf")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    merged = adapters.merge_adapter(source, tiny_preset, tmp_path / "merged")
+    assert main(["export", str(merged), str(tmp_path / "hf2")]) == 0
+    reloaded = keras_hub.models.CausalLM.from_preset(str(tmp_path / "hf2"))
+    np.testing.assert_allclose(logits(reloaded), logits(source), atol=1e-5 * np.abs(logits(source)).max())
