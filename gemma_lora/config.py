@@ -72,6 +72,11 @@ class TrainConfig:
         "Layers that get LoRA, by name: " + ", ".join(GEMMA_LAYER_NAMES) + ".",
         default_factory=lambda: ["query", "value"],
     )
+    full_finetune: bool = _help(
+        "Train every weight instead of LoRA factors (the lora_* fields are then unused); the run "
+        "saves the whole fine-tuned model as a KerasHub preset in <output_dir>/model, not an adapter.",
+        default=False,
+    )
     # Data
     data: str = _help(
         "'dolly-sample' (shipped first 1,501 Dolly records, offline), 'dolly' (full "
