@@ -198,8 +198,8 @@ def _resumable(run_dir):
     """Check a run directory can be resumed; return it and its newest checkpoint."""
     from gemma_lora.checkpoints import latest_checkpoint
 
-    for done in ("adapter.json", "summary.json"):
-        if (run_dir / done).is_file():
+    for done in ("adapter.json", MODEL_DIR):  # The last outputs of a LoRA run and of a full fine-tune.
+        if (run_dir / done).exists():
             raise TrainingError(f"The run in {run_dir} already finished (it has {done}); nothing to resume.")
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None or not (run_dir / BEFORE_FILE).is_file():
