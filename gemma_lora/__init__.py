@@ -38,7 +38,7 @@ _LAZY = {
     "compile_for_training": "gemma_lora.train",
     "fit": "gemma_lora.train",
     "token_loss": "gemma_lora.train",
-    "generate": "gemma_lora.generate",
+    "generate": "gemma_lora.sampling",
     "save_adapter": "gemma_lora.adapters",
     "load_adapter": "gemma_lora.adapters",
     "merge_adapter": "gemma_lora.adapters",

@@ -232,13 +232,27 @@ def merge_adapter(causal_lm, preset_dir, output_dir, precision="float32"):
     if output_dir.exists():
         raise OutputError(f"{output_dir} already exists. Give a new directory for the merged model.")
     plain = merged_model(causal_lm, preset_dir, precision)
+    return save_preset(plain, output_dir)
+
+
+def save_preset(causal_lm, output_dir):
+    """Save a whole model as a KerasHub preset directory, atomically (staged, then renamed).
+
+    Raises:
+        OutputError: `output_dir` exists or cannot be written (nothing partial is left).
+    """
+    from gemma_lora.errors import OutputError
+
+    output_dir = Path(output_dir)
+    if output_dir.exists():
+        raise OutputError(f"{output_dir} already exists. Give a new directory for the model.")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
     try:
-        plain.save_to_preset(str(staging))
+        causal_lm.save_to_preset(str(staging))
         os.replace(staging, output_dir)
     except OSError as e:
-        raise OutputError(f"Cannot write the merged model to {output_dir}: {e.strerror}.") from None
+        raise OutputError(f"Cannot write the model to {output_dir}: {e.strerror}.") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output_dir

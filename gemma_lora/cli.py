@@ -1,9 +1,11 @@
-"""The `gemma-lora` command: train, generate, merge, export, convert-gguf, info.
+"""The `gemma-lora` command: train, generate, merge, export, sweep, compare, convert-gguf, info.
 
     gemma-lora train --preset tiny --sequence-length 128 --max-steps 20
     gemma-lora train --recipe                       # the classic KerasHub recipe
     gemma-lora generate --preset tiny --prompt "Name three colours."
     gemma-lora export runs/tiny-20261122-120000/adapter.lora.h5 hf_model/
+    gemma-lora sweep --ranks 4 8 16 --max-steps 20  # LoRA ranks side by side (demo preset)
+    gemma-lora compare --max-steps 20               # full fine-tune vs LoRA (demo preset)
     gemma-lora info runs/tiny-20261122-120000
 
 Every `TrainConfig` field is a flag (`--lora-rank 8`); `--config FILE` reads a
@@ -26,6 +28,11 @@ GENERATE_FIELDS = (
     "preset", "preset_version", "precision", "quantize", "template", "max_new_tokens", "sampler",
     "top_k", "stop_strings", "seed", "memory_fraction", "compilation_cache",
 )
+# The sweep sets rank, alpha and the method per variant; every other field is shared.
+SWEEP_FIELDS = tuple(name for name in FIELDS if name not in ("lora_rank", "lora_alpha", "full_finetune"))
+COMPARE_FIELDS = tuple(name for name in FIELDS if name != "full_finetune")
+# Sweeps and comparisons default to the real small Gemma, which a CPU can run.
+SERIES_PRESET = "demo"
 
 
 def main(argv=None):
@@ -89,6 +96,30 @@ def build_parser():
     convert.add_argument("output_dir", help="New directory for the preset (usable as --preset DIR).")
     convert.set_defaults(handler=run_convert)
 
+    sweep = commands.add_parser(
+        "sweep", help="Train one LoRA adapter per rank on the same data; table, plot and samples side by side.",
+        description="LoRA rank sweep: one pipeline run per rank (same data, order and seed) into "
+                    "OUTPUT_DIR/rank-N, then results.csv/.json/.md, plot.png and samples.md in OUTPUT_DIR. "
+                    "Running it again resumes: finished ranks are skipped. Preset default: demo.")
+    sweep.add_argument("--config", help="TOML, YAML or JSON file of config fields (flags override it).")
+    sweep.add_argument("--ranks", nargs="+", type=int, default=[4, 8, 16], metavar="RANK",
+                       help="LoRA ranks to train, in ascending order (default: 4 8 16).")
+    alpha = sweep.add_mutually_exclusive_group()
+    alpha.add_argument("--alpha", type=float, help="Hold alpha fixed at this value for every rank.")
+    alpha.add_argument("--alpha-per-rank", type=float,
+                       help="Hold alpha/rank fixed: alpha = this x rank (default: alpha = rank, i.e. 1).")
+    add_field_flags(sweep, SWEEP_FIELDS)
+    sweep.set_defaults(handler=run_sweep)
+
+    compare = commands.add_parser(
+        "compare", help="Full fine-tune vs LoRA at one rank: same data and steps; table and bar plot.",
+        description="Runs LoRA at --lora-rank and a full fine-tune (every weight trainable) through the same "
+                    "pipeline into OUTPUT_DIR/lora-rN and OUTPUT_DIR/full. Preset default: demo; on a CPU only "
+                    "tiny, demo or a local preset directory. Checkpoints default to off (a full model's are large).")
+    compare.add_argument("--config", help="TOML, YAML or JSON file of config fields (flags override it).")
+    add_field_flags(compare, COMPARE_FIELDS)
+    compare.set_defaults(handler=run_compare)
+
     info = commands.add_parser("info", help="Show what a run directory, adapter or preset holds.")
     info.add_argument("target", help="A run directory, a .lora.h5 adapter, a preset directory, or a preset name.")
     info.set_defaults(handler=run_info)
@@ -130,10 +161,11 @@ def _parser_for(base, optional):
     return parse
 
 
-def config_from_args(args, names):
+def config_from_args(args, names, defaults=None):
+    """The config from `defaults` < the --config file < flags."""
     overrides = {name: getattr(args, name) for name in names if hasattr(args, name)}
     file_values = load_config_file(args.config) if getattr(args, "config", None) else {}
-    return resolve_config(file_values, overrides)
+    return resolve_config({**(defaults or {}), **file_values}, overrides)
 
 
 def run_train(args):
@@ -158,6 +190,20 @@ def run_train(args):
     print(f"done: {result.run_dir}")
 
 
+def run_sweep(args):
+    config = config_from_args(args, SWEEP_FIELDS, {"preset": SERIES_PRESET})
+    from gemma_lora.sweep import rank_sweep
+
+    rank_sweep(config, args.ranks, alpha=args.alpha, alpha_per_rank=args.alpha_per_rank)
+
+
+def run_compare(args):
+    config = config_from_args(args, COMPARE_FIELDS, {"preset": SERIES_PRESET, "checkpoint_every": None})
+    from gemma_lora.sweep import compare_full_vs_lora
+
+    compare_full_vs_lora(config)
+
+
 def run_generate(args):
     config = config_from_args(args, GENERATE_FIELDS)
     quantize = config.quantize
@@ -169,7 +215,7 @@ def run_generate(args):
 
     runtime.configure_runtime(config.memory_fraction, config.seed, config.compilation_cache)
     from gemma_lora import model
-    from gemma_lora.generate import generate
+    from gemma_lora.sampling import generate
 
     preset_dir = model.resolve_preset(config.preset, config.preset_version)
     causal_lm = model.load_causal_lm(preset_dir, config.resolved_precision(model.platform()), quantize=quantize)

@@ -79,6 +79,11 @@ class TrainConfig:
         "Layers that get LoRA, by name: " + ", ".join(GEMMA_LAYER_NAMES) + ".",
         default_factory=lambda: ["query", "value"],
     )
+    full_finetune: bool = _help(
+        "Train every weight instead of LoRA factors (the lora_* fields are then unused); the run "
+        "saves the whole fine-tuned model as a KerasHub preset in <output_dir>/model, not an adapter.",
+        default=False,
+    )
     # Data
     data: str = _help(
         "'dolly-sample' (shipped first 1,501 Dolly records, offline), 'dolly' (full "
@@ -318,6 +323,11 @@ def validate(config):
     need(
         c.quantize is None or c.quantize in QUANTIZE_MODES,
         f"quantize={c.quantize!r} must be one of {', '.join(QUANTIZE_MODES)} or None (no quantization).",
+    )
+    need(
+        not (c.full_finetune and c.quantize),
+        "full_finetune trains every weight, which a quantized base cannot hold; drop --quantize "
+        "or --full-finetune.",
     )
     need(c.lora_rank > 0, f"lora_rank={c.lora_rank} must be > 0 (try 4, 8 or 16).")
     need(

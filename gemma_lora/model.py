@@ -42,6 +42,54 @@ CREDENTIALS_HELP = (
 )
 
 
+def use_notebook_credentials():
+    """Find Kaggle credentials for a download and say where they come from, never what they are.
+
+    kagglehub itself reads the environment, ~/.kaggle/kaggle.json and Colab
+    secrets; Kaggle notebook secrets (Add-ons > Secrets) it does not, so
+    KAGGLE_USERNAME and KAGGLE_KEY (or KAGGLE_API_TOKEN) found there are copied
+    into this process's environment.
+
+    Returns:
+        "environment", "Kaggle secrets", "Colab secrets", "kaggle.json", or
+        None when there are none (fine for tiny, demo and cached presets).
+
+    Raises:
+        CredentialsError: kaggle.json exists but is malformed.
+    """
+    from kagglehub import config, env
+
+    def in_environment():
+        return bool(os.environ.get("KAGGLE_API_TOKEN")) or all(
+            os.environ.get(name) for name in ("KAGGLE_USERNAME", "KAGGLE_KEY")
+        )
+
+    if in_environment():
+        return "environment"
+    try:
+        from kaggle_secrets import UserSecretsClient  # Only importable in a Kaggle notebook.
+    except ImportError:
+        UserSecretsClient = None
+    if UserSecretsClient is not None:
+        client = UserSecretsClient()
+        for name in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
+            try:
+                value = client.get_secret(name)
+            except Exception:  # A secret that is not defined (or not attached) raises.
+                continue
+            if value:
+                os.environ[name] = value
+        if in_environment():
+            return "Kaggle secrets"
+    if env.is_in_colab_notebook() and config.get_colab_credentials() is not None:
+        return "Colab secrets"
+    try:
+        found = config.get_kaggle_credentials()
+    except ValueError as e:  # A malformed kaggle.json; the message names the file, not the key.
+        raise CredentialsError(f"{e}. {CREDENTIALS_HELP}") from None
+    return "kaggle.json" if found is not None else None
+
+
 def cache_dir():
     """Where the package keeps presets it builds (GEMMA_LORA_CACHE overrides)."""
     return Path(os.environ.get("GEMMA_LORA_CACHE", Path.home() / ".cache" / "gemma_lora"))

@@ -6,10 +6,13 @@
 The run directory receives config.json, before.json (losses and samples before
 training), checkpoints/, metrics.csv, samples.json/.md, answers.json (greedy
 held-out answers before/after), adapter.lora.h5 + adapter.json and summary.json.
+A full fine-tune (`full_finetune=True`) writes the whole model as a KerasHub
+preset in model/ instead of the adapter.
 """
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +35,8 @@ class RunResult:
     adapter: Path | None = None
     # "before"/"after" -> split -> {rows, eos_share, ended_share} of greedy held-out answers
     answers: dict = field(default_factory=dict)
+    after_sem: dict = field(default_factory=dict)  # split -> standard error of `after` over rows
+    model_dir: Path | None = None  # the saved preset of a full fine-tune
 
 
 def run_training(config, echo=print, resume=False):
@@ -67,8 +72,8 @@ def run_training(config, echo=print, resume=False):
 def _run_training(config, echo, resume):
     # Imported after the runtime is configured: these import Keras.
     from gemma_lora import checkpoints, train
-    from gemma_lora.adapters import save_adapter
-    from gemma_lora.generate import Sample, answer_endings, generate
+    from gemma_lora.adapters import save_adapter, save_preset
+    from gemma_lora.sampling import Sample, answer_endings, generate
 
     if resume:
         run_dir, checkpoint = _resumable(Path(config.output_dir))
@@ -144,7 +149,9 @@ def _run_training(config, echo, resume):
         "seconds": round(timer.seconds, 2),
         "real_tokens_per_second": round(real_tokens_seen / timer.seconds, 1),
     }
-    after = {name: train.token_loss(causal_lm, r)["token_loss"] for name, r in scored.items()}
+    scores = {name: train.token_loss(causal_lm, r) for name, r in scored.items()}
+    after = {name: s["token_loss"] for name, s in scores.items()}
+    after_sem = {name: standard_error(s["row_losses"]) for name, s in scores.items()}
     for name in scored:
         echo(f"{name} token loss (response tokens{'' if config.response_only_loss else ' and prompt'}): "
              f"{before[name]:.4f} before → {after[name]:.4f} after ({len(rows[name])} rows)")
@@ -163,19 +170,25 @@ def _run_training(config, echo, resume):
     _echo_samples(echo, "after", samples_after)
     write_samples(run_dir, samples_before, samples_after)
 
-    adapter = save_adapter(
-        causal_lm,
-        run_dir,
-        config,
-        extra={
-            "data": config.data,
-            "data_fingerprint": data_stats["fingerprint"],
-            "split": {k: len(v) for k, v in rows.items()},
-            "validation_token_loss": after.get("validation"),
-            "test_token_loss": after.get("test"),
-        },
-    )
-    echo(f"adapter: {adapter}")
+    if config.full_finetune:
+        # Every weight changed, so there is no adapter: the run keeps the whole model.
+        adapter, model_dir = None, save_preset(causal_lm, run_dir / MODEL_DIR)
+        echo(f"fine-tuned model (a KerasHub preset, usable as --preset): {model_dir}")
+    else:
+        model_dir = None
+        adapter = save_adapter(
+            causal_lm,
+            run_dir,
+            config,
+            extra={
+                "data": config.data,
+                "data_fingerprint": data_stats["fingerprint"],
+                "split": {k: len(v) for k, v in rows.items()},
+                "validation_token_loss": after.get("validation"),
+                "test_token_loss": after.get("test"),
+            },
+        )
+        echo(f"adapter: {adapter}")
     summary = {
         "parameters": parameters,
         "precision": precision,
@@ -185,6 +198,7 @@ def _run_training(config, echo, resume):
         "token_loss_after": after,
         "answers_before": _answers_record(answers_before),
         "answers_after": _answers_record(answers_after),
+        "token_loss_after_sem": after_sem,
         "train": train_stats,
     }
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -192,10 +206,27 @@ def _run_training(config, echo, resume):
         run_dir, parameters, summary["data"], before, after, train_stats,
         samples=list(zip(samples_before, samples_after)), adapter=adapter,
         answers={"before": summary["answers_before"], "after": summary["answers_after"]},
+        after_sem=after_sem, model_dir=model_dir,
     )
 
 
 BEFORE_FILE = "before.json"
+MODEL_DIR = "model"
+
+
+def standard_error(row_losses):
+    """Standard error of the mean of per-row losses (rows without loss tokens skipped); None below 2 rows.
+
+    An error bar for a split's loss: how much it would move with other rows
+    drawn from the same data.
+    """
+    import numpy as np
+
+    values = np.asarray(row_losses, dtype=float)
+    values = values[np.isfinite(values)]
+    if len(values) < 2:
+        return None
+    return float(values.std(ddof=1) / math.sqrt(len(values)))
 
 
 def _new_run_dir(config):
@@ -207,8 +238,9 @@ def _resumable(run_dir):
     """Check a run directory can be resumed; return it and its newest checkpoint."""
     from gemma_lora.checkpoints import latest_checkpoint
 
-    if (run_dir / "adapter.json").is_file():
-        raise TrainingError(f"The run in {run_dir} already finished (it has adapter.json); nothing to resume.")
+    for done in ("adapter.json", MODEL_DIR):  # The last outputs of a LoRA run and of a full fine-tune.
+        if (run_dir / done).exists():
+            raise TrainingError(f"The run in {run_dir} already finished (it has {done}); nothing to resume.")
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None or not (run_dir / BEFORE_FILE).is_file():
         raise TrainingError(
@@ -238,14 +270,18 @@ def _prepare(config, echo):
 
         quantize_base(causal_lm, config.quantize)
         stored = f"{precision}, base weights {config.quantize}: {base_weight_bytes(causal_lm) / 2**20:,.1f} MiB"
-    model.enable_lora(
-        causal_lm, config.lora_rank, config.lora_alpha, config.lora_targets, seed=config.seed
-    )
+    if config.full_finetune:
+        causal_lm.backbone.trainable = True  # Every weight, embeddings and norms included.
+        method = "full fine-tune: every weight"
+    else:
+        model.enable_lora(
+            causal_lm, config.lora_rank, config.lora_alpha, config.lora_targets, seed=config.seed
+        )
+        method = f"LoRA rank {config.lora_rank} on {', '.join(config.lora_targets)}"
     parameters = {**model.parameter_summary(causal_lm), "base_parameters": base_parameters}
     echo(
         f"model: {config.preset} ({stored}) — {parameters['base_parameters']:,} base parameters, "
-        f"{parameters['trainable_parameters']:,} trainable (LoRA rank {config.lora_rank} on "
-        f"{', '.join(config.lora_targets)})"
+        f"{parameters['trainable_parameters']:,} trainable ({method})"
     )
     tokenizer = causal_lm.preprocessor.tokenizer
     rows = {

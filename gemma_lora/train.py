@@ -325,9 +325,14 @@ def _scorer(causal_lm):
     if causal_lm in _SCORERS:
         return _SCORERS[causal_lm]
 
+    # A weak reference: a value of a WeakKeyDictionary that refers to its key
+    # keeps the key alive, and with it every model ever scored (a rank sweep's
+    # memory would grow with each rank).
+    model = weakref.ref(causal_lm)
+
     @jax.jit
     def score(trainable, non_trainable, token_ids, padding_mask, labels, weights):
-        logits, _ = causal_lm.stateless_call(
+        logits, _ = model().stateless_call(
             trainable, non_trainable, {"token_ids": token_ids, "padding_mask": padding_mask}
         )
         # -log softmax(logits)[label] = logsumexp(logits) - logits[label]: no

@@ -101,3 +101,35 @@ def write_jsonl(path, lines):
         for line in lines:
             f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
     return path
+
+
+# The tiny settings the notebooks use (their SMOKE dict), so the rank-sweep
+# notebook test resumes this sweep instead of training it again.
+TINY_SWEEP = dict(preset="tiny", sequence_length=64, limit=24, validation_rows=4, test_rows=4,
+                  max_new_tokens=8, max_steps=2)
+TINY_SWEEP_RANKS = (2, 4)
+
+
+def live_models():
+    """How many GemmaCausalLM objects are alive (after a full garbage collection)."""
+    import gc
+
+    import keras_hub
+
+    gc.collect()
+    return sum(isinstance(o, keras_hub.models.GemmaCausalLM) for o in gc.get_objects())
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory, tiny_preset):
+    """A finished rank sweep on tiny: dict with dir, rows, config, printed lines, models alive before/after."""
+    from gemma_lora.config import resolve_config
+    from gemma_lora.sweep import rank_sweep
+
+    directory = tmp_path_factory.mktemp("sweep") / "sweep"
+    config = resolve_config(overrides=TINY_SWEEP)
+    lines = []
+    before = live_models()
+    rows = rank_sweep(config, TINY_SWEEP_RANKS, output_dir=directory, echo=lines.append)
+    return {"dir": directory, "rows": rows, "config": config, "lines": lines,
+            "models_before": before, "models_after": live_models()}

@@ -294,7 +294,7 @@ def test_demo_preset_without_its_package_says_how_to_install(tmp_path, monkeypat
 
 def test_package_generate_works_on_a_converted_gemma3(round_trip, make_config):
     """The package's generate (token arrays, preprocessor detached) runs on Gemma 3."""
-    from gemma_lora.generate import generate
+    from gemma_lora.sampling import generate
 
     _, _, causal_lm, _ = round_trip
     samples = generate(causal_lm, ["Name a colour."], make_config(max_new_tokens=3))

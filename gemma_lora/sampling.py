@@ -1,4 +1,4 @@
-"""Prompts in, text out: greedy or top-k, stopping at <eos> and at stop strings.
+"""Prompts in, text out (the package's `generate`): greedy or top-k, stopping at <eos> and at stop strings.
 
 Prompts are tokenized here and handed to KerasHub's compiled `generate` as
 token arrays, so the output tokens show whether the model itself ended its

@@ -1,6 +1,6 @@
-"""Generation: one sample per prompt, length limit, stop strings, deterministic greedy."""
+"""Sampling: one sample per prompt, length limit, stop strings, deterministic greedy, held-out answer endings."""
 
-from gemma_lora.generate import cut_at_stop_strings, generate
+from gemma_lora.sampling import cut_at_stop_strings, generate
 
 
 def test_cut_at_the_earliest_stop_string():
@@ -40,7 +40,7 @@ def test_samples_follow_weight_changes_without_recompiling(tiny_lm, make_config)
 
 def test_answer_endings_keeps_row_order_and_counts_its_samples(tiny_lm, make_config):
     from gemma_lora.data import Example
-    from gemma_lora.generate import answer_endings
+    from gemma_lora.sampling import answer_endings
 
     config = make_config(max_new_tokens=6, sampler="top_k")  # answers are greedy regardless
     examples = [Example("A much longer instruction about colours and shapes?", "r"), Example("Hi?", "r"), Example("Name one.", "r")]
@@ -51,3 +51,10 @@ def test_answer_endings_keeps_row_order_and_counts_its_samples(tiny_lm, make_con
     assert result["ended_share"] == sum(s.ended for s in result["samples"]) / 3
     greedy = generate(tiny_lm, [e.instruction for e in examples], make_config(max_new_tokens=6))
     assert [s.text for s in result["samples"]] == [s.text for s in greedy]
+
+
+def test_the_package_generate_stays_the_function_after_the_pipeline_loads():
+    import gemma_lora
+    import gemma_lora.pipeline  # noqa: F401  (imports the sampling module)
+
+    assert callable(gemma_lora.generate) and gemma_lora.generate is generate
