@@ -180,6 +180,12 @@ def run_series(variants, series_dir, kind, echo=print):
 
     _require_matplotlib()
     series_dir = Path(series_dir)
+    # Every variant starts from the same base model, so its held-out answers
+    # before training are the same: the first variant measures them, the rest
+    # skip minutes of generation.
+    variants = variants[:1] + [
+        dataclasses.replace(v, config=_derive(v.config, answer_before=False)) for v in variants[1:]
+    ]
     _check_series_dir(series_dir, variants)
     echo(f"series directory: {series_dir} (run the same command again to resume)")
     for number, variant in enumerate(variants, 1):
@@ -430,7 +436,8 @@ def _check_series_dir(series_dir, variants):
     if not series_dir.exists():
         prepare_output_dir(series_dir)
         return
-    ours = {v.name for v in variants} | {"results.csv", "results.json", "results.md", "plot.png", "samples.md"}
+    ours = {v.name for v in variants} | {"results.csv", "results.json", "results.md", "plot.png", "samples.md",
+                                         "quality.md", "quality.png"}  # the last two: scripts/quality.py
     # Variants of an earlier run with other ranks may stay; anything else means the wrong directory.
     strangers = [p.name for p in series_dir.iterdir()
                  if p.name not in ours and not (p.is_dir() and (p / "config.json").is_file())]
@@ -453,12 +460,16 @@ def _check_series_dir(series_dir, variants):
 
 
 def _changed_settings(saved, config):
-    """{field: (saved value, wanted value)} for every difference but the output directory."""
+    """{field: (saved value, wanted value)} for every difference that changes the results.
+
+    Not the output directory, nor answer_before: only the first variant of a
+    series answers before training, and which one is first depends on the ranks.
+    """
     want = json.loads(json.dumps(config.to_dict()))  # Tuples become lists, as in the saved file.
     return {
         k: (saved.get(k), want.get(k))
         for k in sorted(set(saved) | set(want))
-        if k != "output_dir" and saved.get(k) != want.get(k)
+        if k not in ("output_dir", "answer_before") and saved.get(k) != want.get(k)
     }
 
 

@@ -1,6 +1,8 @@
 """The rank sweep and the full-fine-tune comparison on the tiny preset: outputs, resume, failures, bad input."""
 
+import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -190,3 +192,26 @@ def test_full_fine_tune_vs_lora_on_tiny(tmp_path, capsys):
     assert summary["token_loss_after"]["validation"] != summary["token_loss_before"]["validation"]
     assert (directory / "plot.png").read_bytes()[:4] == b"\x89PNG"
     assert "| full | done | 135,488 |" in result.stdout
+
+
+def test_quality_script_adds_the_base_row_and_a_full_fine_tune_to_a_sweep(tiny_sweep, tmp_path):
+    """scripts/quality.py reuses finished ranks, trains only the full fine-tune, and scores vs the base."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality", os.path.join(REPO, "scripts", "quality.py"))
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    directory = copy_of(tiny_sweep, tmp_path)
+    lines = []
+    config = dataclasses.replace(tiny_sweep["config"], output_dir=str(directory))
+    table = quality.run(config, TINY_SWEEP_RANKS, full=True, echo=lines.append)
+    assert [r["variant"] for r in table] == ["base (no training)", "rank-2", "rank-4", "full"]
+    assert any("finished earlier" in line for line in lines if "rank 2" in line)
+    before = json.loads((directory / "rank-2" / "before.json").read_text())["token_loss"]["test"]
+    assert table[0]["test_loss"] == before
+    for row in table[1:]:
+        assert row["test_change"] == pytest.approx(row["test_loss"] / before - 1)
+    assert table[-1]["trainable_parameters"] > table[-2]["trainable_parameters"]
+    text = (directory / "quality.md").read_text()
+    assert text.count("\n| ") == 5 and "| base (no training) | 0 |" in text  # header + 4 rows
+    assert (directory / "quality.png").read_bytes()[:4] == b"\x89PNG"
