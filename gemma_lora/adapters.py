@@ -11,9 +11,6 @@ metadata first.
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -21,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from gemma_lora.errors import AdapterError
-from gemma_lora.io import atomic_path, write_text_atomic
+from gemma_lora.io import atomic_dir, atomic_path, write_text_atomic
 from gemma_lora.model import enable_lora, layers_with_weights, lora_layers
 from gemma_lora.quantize import float_embeddings, float_kernel, quantization_mode
 
@@ -246,15 +243,8 @@ def save_preset(causal_lm, output_dir):
     output_dir = Path(output_dir)
     if output_dir.exists():
         raise OutputError(f"{output_dir} already exists. Give a new directory for the model.")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
-    try:
+    with atomic_dir(output_dir) as staging:
         causal_lm.save_to_preset(str(staging))
-        os.replace(staging, output_dir)
-    except OSError as e:
-        raise OutputError(f"Cannot write the model to {output_dir}: {e.strerror}.") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return output_dir
 
 

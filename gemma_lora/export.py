@@ -12,12 +12,10 @@ kernel would be written as its int8 numbers. Only a plain float model (what
 """
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from gemma_lora.errors import ExportError, OutputError
+from gemma_lora.io import atomic_dir
 from gemma_lora.model import lora_layers
 from gemma_lora.quantize import quantization_mode
 
@@ -64,16 +62,9 @@ def export_transformers(causal_lm, output_dir):
     output_dir = Path(output_dir)
     if output_dir.exists():
         raise OutputError(f"{output_dir} already exists. Give a new directory for the exported model.")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
-    try:
+    with atomic_dir(output_dir) as staging:
         causal_lm.export_to_transformers(str(staging))
         _name_architecture(staging / "config.json")
-        os.replace(staging, output_dir)
-    except OSError as e:
-        raise OutputError(f"Cannot write the exported model to {output_dir}: {e.strerror}.") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return output_dir
 
 

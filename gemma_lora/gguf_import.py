@@ -20,15 +20,13 @@ Weights are dequantized to float32 with `gguf.quants.dequantize`, so the
 preset is exact for the quantized values but about 4 bytes per parameter.
 """
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from gemma_lora import runtime
 from gemma_lora.errors import OutputError, PresetError
+from gemma_lora.io import atomic_dir
 
 runtime.ensure_runtime()
 
@@ -73,13 +71,8 @@ def convert_gguf(gguf_path, output_dir):
         )
     reader = read_gguf(gguf_path)
     causal_lm = build_causal_lm(reader, gguf_path)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}-"))
-    try:
+    with atomic_dir(output_dir) as staging:  # No reader ever sees half a preset.
         causal_lm.save_to_preset(str(staging))
-        os.replace(staging, output_dir)  # Atomic: no reader ever sees half a preset.
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return output_dir
 
 

@@ -6,6 +6,7 @@ Every output goes to a temporary name in the destination directory, then
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -37,6 +38,33 @@ def atomic_path(path, suffix=""):
     except BaseException:
         _remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path):
+    """Yield a new staging directory beside `path`; rename it to `path` on success.
+
+    For outputs that are whole directories (presets, exports). `path` must
+    not exist, or be an empty directory; callers check that first, with their
+    own message. On any exception the staging directory is removed and
+    nothing appears at `path`.
+
+    Raises:
+        OutputError: the directory cannot be written (permissions, full disk).
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    except OSError as e:
+        raise OutputError(f"Cannot write {path}: {e.strerror}. Choose a writable output directory.") from None
+    try:
+        yield staging
+        os.replace(staging, path)
+    except OSError as e:
+        raise OutputError(f"Cannot write {path}: {e.strerror}. Free disk space or choose another directory.") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_text_atomic(path, text):
