@@ -36,6 +36,7 @@ GEMMA_LAYER_NAMES = (
 )
 PRECISIONS = ("auto", "float32", "bfloat16", "mixed_bfloat16")
 QUANTIZE_MODES = ("int8", "int4")
+ENGINES = ("auto", "keras", "fast")
 SAMPLERS = ("greedy", "top_k")
 BUILTIN_DATA = ("dolly-sample", "dolly")
 DISTRIBUTIONS = ("auto", "none", "data", "model")
@@ -129,6 +130,14 @@ class TrainConfig:
         "Batch rows of similar length and cut each batch to its longest row (rounded up to 64 "
         "tokens) instead of padding every row to sequence_length; the recipe pads.",
         default=True,
+    )
+    engine: str = _help(
+        "auto | keras | fast: what runs the training steps. keras: KerasHub's model through "
+        "keras.Model.fit. fast: gemma_lora.fast's JAX step on packed rows (several examples per "
+        "row, none attending to another), LoRA factors float32 over a bfloat16 or float32 base; "
+        "Gemma 1 presets, one device, LoRA only. auto: fast on GPU/TPU where it can run, else keras "
+        "(docs/perf.md).",
+        default="auto",
     )
     # Optimisation
     batch_size: int = _help("Rows per step.", default=4)
@@ -227,6 +236,7 @@ RECIPE_PROFILE = {
     "eos_after_truncation": True,
     "shuffle": False,
     "bucket_by_length": False,
+    "engine": "keras",
     "batch_size": 1,
     "epochs": 1,
     "learning_rate": 5e-5,
@@ -320,6 +330,10 @@ def validate(config):
         f"preset_version={c.preset_version} must be a positive Kaggle version number or None.",
     )
     need(c.precision in PRECISIONS, f"precision={c.precision!r} must be one of {', '.join(PRECISIONS)}.")
+    need(
+        c.engine in ENGINES,
+        f"engine={c.engine!r} must be one of {', '.join(ENGINES)}.",
+    )
     need(
         c.quantize is None or c.quantize in QUANTIZE_MODES,
         f"quantize={c.quantize!r} must be one of {', '.join(QUANTIZE_MODES)} or None (no quantization).",

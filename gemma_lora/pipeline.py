@@ -71,7 +71,7 @@ def run_training(config, echo=print, resume=False):
 
 def _run_training(config, echo, resume):
     # Imported after the runtime is configured: these import Keras.
-    from gemma_lora import checkpoints, train
+    from gemma_lora import checkpoints, fast_train, model, train
     from gemma_lora.adapters import save_adapter, save_preset
     from gemma_lora.sampling import Sample, answer_endings, generate
 
@@ -87,6 +87,8 @@ def _run_training(config, echo, resume):
         raise
     echo(f"run directory: {run_dir}")
     train.compile_for_training(causal_lm, config)
+    engine = fast_train.resolve_engine(causal_lm, config, model.platform())
+    echo(f"engine: {engine}" + (" (packed rows, gemma_lora.fast)" if engine == "fast" else " (keras.Model.fit)"))
     scored = {name: r for name, r in rows.items() if name != "train" and len(r)}
     instructions = list(RECIPE_PROMPTS) + list(config.prompts)
     answered = {name: getattr(splits, name) for name in config.answer_splits if getattr(splits, name)}
@@ -120,10 +122,18 @@ def _run_training(config, echo, resume):
 
     callbacks = train.callbacks_for_run(run_dir, {"validation": rows["validation"]}, config)
     checkpointer = checkpoints.Checkpointer(
-        run_dir, config.checkpoint_every, train.steps_per_epoch(rows["train"], config), global_step
+        run_dir, config.checkpoint_every, train.steps_per_epoch(rows["train"], config, engine), global_step
     )
     with train.Timer() as timer:
-        train.fit(causal_lm, rows["train"], config, callbacks=[checkpointer, *callbacks], start=start)
+        train.fit(
+            causal_lm,
+            rows["train"],
+            config,
+            callbacks=[checkpointer, *callbacks],
+            start=start,
+            engine=engine,
+            precision=precision,
+        )
     if checkpointer.bad_step is not None:
         kept = (
             f"The last good checkpoint, {checkpointer.last_saved or checkpoints.latest_checkpoint(run_dir)}, is kept: "
@@ -141,7 +151,9 @@ def _run_training(config, echo, resume):
     # Rows seen times the mean real tokens per row; the time includes compilation
     # and the per-epoch validation scoring.
     steps = checkpointer.global_step - global_step
-    rows_seen = min(steps * config.batch_size, len(rows["train"]) * config.epochs)
+    # A fast-engine step holds several packed examples per row.
+    rows_per_step = len(rows["train"]) / train.steps_per_epoch(rows["train"], config, engine)
+    rows_seen = min(steps * rows_per_step, len(rows["train"]) * config.epochs)
     real_tokens_seen = rows_seen * rows["train"].real_tokens / len(rows["train"])
     train_stats = {
         "steps": checkpointer.global_step,
@@ -192,6 +204,7 @@ def _run_training(config, echo, resume):
     summary = {
         "parameters": parameters,
         "precision": precision,
+        "engine": engine,
         "quantize": config.quantize,
         "data": {k: v for k, v in data_stats.items() if k != "lines"},
         "token_loss_before": before,

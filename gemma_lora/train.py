@@ -76,7 +76,7 @@ def epoch_order(n_rows, config, epoch):
     return np.random.default_rng([config.seed, epoch]).permutation(n_rows)
 
 
-def fit(causal_lm, rows, config, callbacks=(), verbose="auto", start=None):
+def fit(causal_lm, rows, config, callbacks=(), verbose="auto", start=None, engine="keras", precision="float32"):
     """Train on `rows` (a `data.TokenizedRows`) from `start` and return a History.
 
     One `keras.Model.fit` call per epoch, on that epoch's batches (see
@@ -87,7 +87,14 @@ def fit(causal_lm, rows, config, callbacks=(), verbose="auto", start=None):
 
     Args:
         start: a `Position` to resume from (default: the beginning).
+        engine: "keras", or "fast" to train with `gemma_lora.fast_train` on
+            packed rows (see `fast_train.resolve_engine`).
+        precision: the run's dtype policy; the fast engine's dtype follows it.
     """
+    if engine == "fast":
+        from gemma_lora import fast_train
+
+        return fast_train.fit(causal_lm, rows, config, precision, callbacks, verbose, start)
     start = start or Position()
     callbacks = list(callbacks)
     if config.max_steps:
@@ -118,7 +125,11 @@ def fit(causal_lm, rows, config, callbacks=(), verbose="auto", start=None):
     return history
 
 
-def steps_per_epoch(rows, config):
+def steps_per_epoch(rows, config, engine="keras"):
+    if engine == "fast":
+        from gemma_lora import fast_train
+
+        return fast_train.steps_per_epoch(rows, config)
     return math.ceil(len(rows) / config.batch_size)
 
 
