@@ -1,8 +1,11 @@
 """Config: profile/file/flag precedence, file formats, one error listing every problem."""
 
 import json
+from pathlib import Path
 
 import pytest
+
+from conftest import REPO
 
 from gemma_lora.config import RECIPE_PROFILE, TrainConfig, load_config_file, resolve_config, validate
 from gemma_lora.errors import ConfigError
@@ -97,3 +100,9 @@ def test_auto_precision_per_platform():
     assert config.resolved_precision("cpu") == "float32"
     assert config.resolved_precision("gpu") == "mixed_bfloat16"
     assert resolve_config(overrides={"precision": "bfloat16"}).resolved_precision("cpu") == "bfloat16"
+
+
+def test_the_shipped_demo_config_loads_and_validates():
+    config = resolve_config(load_config_file(Path(REPO) / "configs" / "demo.toml"))
+    validate(config)
+    assert config.preset == "demo" and config.lora_rank == 8 and len(config.lora_targets) == 7
