@@ -21,8 +21,6 @@ KerasHub's backbones take no per-example attention masks, so packed rows
 cannot go through it (see `gemma_lora.fast`).
 """
 
-import math
-
 import numpy as np
 
 from gemma_lora import fast, packing, runtime
@@ -183,49 +181,42 @@ class Engine:
 
 def fit(causal_lm, rows, config, precision, callbacks=(), verbose="auto", start=None):
     """Train like `train.fit`, with the fast engine; returns a `train.History`."""
-    from gemma_lora.train import History, Position
+    from gemma_lora.train import History, Position, epochs_from, with_step_limit
 
     start = start or Position()
     engine = Engine(causal_lm, config, precision)
-    callbacks = list(callbacks)
+    # StopAfterSteps (for max_steps) ends the run by setting stop_training, as under Keras' fit.
+    callbacks = with_step_limit(callbacks, rows, config, start, engine="fast")
     for callback in callbacks:
         callback.set_model(causal_lm)
     # Checkpointer.save syncs Keras' JAX state first; route that to the fast state.
     causal_lm.jax_state_sync = engine.sync_to_keras
-    per_epoch = steps_per_epoch(rows, config)
-    left = math.inf
-    if config.max_steps:
-        left = config.max_steps - (start.epoch * per_epoch + start.step)
     history = History()
     causal_lm.stop_training = False
     try:
         for callback in callbacks:
             callback.on_train_begin()
-        for epoch in range(start.epoch, config.epochs):
-            skip = start.step if epoch == start.epoch else 0
+        for epoch, skip in epochs_from(start, config, callbacks):
             batches = epoch_batches(rows, config, epoch)[skip:]
             for callback in callbacks:
-                if hasattr(callback, "begin_epoch"):
-                    callback.begin_epoch(epoch, skip)
                 callback.on_epoch_begin(epoch)
             nll = weight = 0.0
             for index, batch in enumerate(batches):
-                if left <= 0 or causal_lm.stop_training:
-                    break
                 step_nll, step_weight = engine.train_step(batch)
-                nll, weight, left = nll + step_nll, weight + step_weight, left - 1
-                loss = step_nll / max(step_weight, 1.0)
-                logs = {"loss": loss, "token_loss": nll / max(weight, 1.0)}
+                nll, weight = nll + step_nll, weight + step_weight
+                logs = {"loss": step_nll / max(step_weight, 1.0), "token_loss": nll / max(weight, 1.0)}
                 if verbose and (index + 1) % max(1, len(batches) // 20) == 0:
                     print(f"epoch {epoch + 1} step {index + 1}/{len(batches)}: token_loss {logs['token_loss']:.4f}")
                 for callback in callbacks:
                     callback.on_train_batch_end(index, logs)
+                if causal_lm.stop_training:
+                    break
             engine.sync_to_keras()
             logs = {"loss": nll / max(weight, 1.0), "token_loss": nll / max(weight, 1.0)}
             for callback in callbacks:
                 callback.on_epoch_end(epoch, logs)
-            history.extend(_KerasLikeHistory(logs))
-            if causal_lm.stop_training or left <= 0:
+            history.append(logs)
+            if causal_lm.stop_training:
                 break
         for callback in callbacks:
             callback.on_train_end()
@@ -233,8 +224,3 @@ def fit(causal_lm, rows, config, precision, callbacks=(), verbose="auto", start=
         del causal_lm.jax_state_sync  # back to Keras' own method
         engine.sync_to_keras()
     return history
-
-
-class _KerasLikeHistory:
-    def __init__(self, logs):
-        self.history = {k: [v] for k, v in logs.items()}

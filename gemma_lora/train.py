@@ -64,6 +64,11 @@ class History:
         for name, values in keras_history.history.items():
             self.history.setdefault(name, []).extend(values)
 
+    def append(self, logs):
+        """Add one epoch's logs (the fast engine's, which has no keras History)."""
+        for name, value in logs.items():
+            self.history.setdefault(name, []).append(value)
+
 
 def epoch_order(n_rows, config, epoch):
     """Row order of an epoch: file order, or a permutation drawn from (seed, epoch).
@@ -96,19 +101,12 @@ def fit(causal_lm, rows, config, callbacks=(), verbose="auto", start=None, engin
 
         return fast_train.fit(causal_lm, rows, config, precision, callbacks, verbose, start)
     start = start or Position()
-    callbacks = list(callbacks)
-    if config.max_steps:
-        done = start.epoch * steps_per_epoch(rows, config) + start.step
-        callbacks.insert(0, StopAfterSteps(config.max_steps - done))
+    callbacks = with_step_limit(callbacks, rows, config, start)
     history = History()
-    for epoch in range(start.epoch, config.epochs):
-        skip = start.step if epoch == start.epoch else 0
+    for epoch, skip in epochs_from(start, config, callbacks):
         # The epoch's batches are a pure function of (seed, epoch), so a
         # resumed run rebuilds them and drops the ones already taken.
         batches = epoch_batches(rows, config, epoch)[skip:]
-        for callback in callbacks:
-            if hasattr(callback, "begin_epoch"):
-                callback.begin_epoch(epoch, skip)
         history.extend(
             keras.Model.fit(
                 causal_lm,
@@ -123,6 +121,25 @@ def fit(causal_lm, rows, config, callbacks=(), verbose="auto", start=None, engin
         if causal_lm.stop_training:
             break
     return history
+
+
+def with_step_limit(callbacks, rows, config, start, engine="keras"):
+    """The run's callbacks, led by a StopAfterSteps for the steps `max_steps` leaves after `start`."""
+    callbacks = list(callbacks)
+    if config.max_steps:
+        done = start.epoch * steps_per_epoch(rows, config, engine) + start.step
+        callbacks.insert(0, StopAfterSteps(config.max_steps - done))
+    return callbacks
+
+
+def epochs_from(start, config, callbacks):
+    """Yield (epoch, steps already taken in it) from `start`, telling callbacks where each begins."""
+    for epoch in range(start.epoch, config.epochs):
+        skip = start.step if epoch == start.epoch else 0
+        for callback in callbacks:
+            if hasattr(callback, "begin_epoch"):
+                callback.begin_epoch(epoch, skip)
+        yield epoch, skip
 
 
 def steps_per_epoch(rows, config, engine="keras"):
