@@ -135,7 +135,7 @@ class TrainConfig:
         "auto | keras | fast: what runs the training steps. keras: KerasHub's model through "
         "keras.Model.fit. fast: gemma_lora.fast's JAX step on packed rows (several examples per "
         "row, none attending to another), LoRA factors float32 over a bfloat16 or float32 base; "
-        "Gemma 1 presets, one device, LoRA only. auto: fast on GPU/TPU where it can run, else keras "
+        "Gemma 1 and Gemma 3 text presets, one device, LoRA only. auto: fast on GPU/TPU where it can run, else keras "
         "(docs/perf.md).",
         default="auto",
     )

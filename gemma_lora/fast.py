@@ -1,11 +1,15 @@
-"""A functional Gemma (1) forward pass and LoRA train step in pure JAX.
+"""A functional Gemma (1 and 3, text) forward pass and LoRA train step in pure JAX.
 
-KerasHub's `GemmaCausalLM` trains through Keras: it merges every LoRA factor
-into its kernel each step, materialises float32 logits for the whole batch and
+KerasHub's causal LMs train through Keras: they merge every LoRA factor into
+its kernel each step, materialise float32 logits for the whole batch and
 cannot take per-example attention masks, so packed rows are impossible. This
 module reads the same weights into plain arrays and runs the same math as
 KerasHub's `GemmaBackbone` (gemma_backbone.py, gemma_decoder_block.py,
-gemma_attention.py, rms_normalization.py in keras-hub 0.32) as one jitted step:
+gemma_attention.py, rms_normalization.py in keras-hub 0.32) and text-only
+`Gemma3Backbone` (gemma3_backbone.py, gemma3_decoder_block.py,
+gemma3_attention.py: adds query/key norms, norms after attention and after
+the FFN, and sliding-window layers with their own RoPE wavelength) as one
+jitted step:
 
     config, frozen, lora = extract_params(causal_lm, rank=4)
     step = make_train_step(config, AdamW(learning_rate=5e-5, weight_decay=0.01))
@@ -74,8 +78,19 @@ class FastConfig:
     num_key_value_heads: int
     hidden_dim: int
     head_dim: int
-    ffw_dim: int  # KerasHub's `intermediate_dim // 2`: each GeGLU half.
+    ffw_dim: int  # each GeGLU half: KerasHub's intermediate_dim // 2 (Gemma 1), intermediate_dim (Gemma 3)
     layer_norm_epsilon: float = 1e-6
+    # Attention scale 1/sqrt(head_dim) (True) or 1/sqrt(hidden_dim / heads).
+    query_head_dim_normalize: bool = True
+    # Gemma 3: RMSNorm on each head's query and key before RoPE, and on the
+    # attention and FFN outputs before each residual add.
+    query_key_norm: bool = False
+    post_attention_norm: bool = False
+    post_ffw_norm: bool = False
+    # Per layer (sliding_window, rope_wavelength, rope_scaling_factor), where
+    # sliding_window 0 means global attention. Empty: every layer global with
+    # wavelength 10,000 and no scaling (Gemma 1).
+    layer_attention: tuple = ()
     lora_targets: tuple = ("query", "value")
     lora_rank: int = 4
     lora_alpha: float = 4.0
@@ -96,6 +111,15 @@ class FastConfig:
     @property
     def lora_scale(self):
         return self.lora_alpha / self.lora_rank
+
+    @property
+    def attention_scale(self):
+        width = self.head_dim if self.query_head_dim_normalize else self.hidden_dim // self.num_query_heads
+        return 1.0 / math.sqrt(width)
+
+    def attention_of(self, index):
+        """(sliding_window, rope_wavelength, rope_scaling_factor) of layer `index`."""
+        return self.layer_attention[index] if self.layer_attention else (0, 10_000.0, 1.0)
 
     def validate(self):
         """Raise ConfigError listing every invalid setting at once."""
@@ -123,6 +147,17 @@ class FastConfig:
             )
         if self.loss_chunk < 1:
             problems.append(f"loss_chunk must be >= 1. Received: {self.loss_chunk}")
+        if self.layer_attention and len(self.layer_attention) != self.num_layers:
+            problems.append(
+                f"layer_attention needs one entry per layer ({self.num_layers}). "
+                f"Received: {len(self.layer_attention)}"
+            )
+        if self.scan_layers and len(set(self.layer_attention)) > 1:
+            # One scanned body cannot switch between local and global layers.
+            problems.append(
+                "scan_layers needs every layer to attend alike; this model mixes "
+                "sliding-window and global layers. Use scan_layers=False"
+            )
         if problems:
             raise ConfigError("; ".join(problems))
         return self
@@ -150,21 +185,99 @@ def _base_kernel(layer):
     return next(w for w in layer.weights if w.name == "kernel")
 
 
-def _check_supported(backbone):
+def architecture(backbone):
+    """The `FastConfig` fields that describe `backbone`'s architecture.
+
+    Raises:
+        ConfigError: the backbone uses something the fast path does not
+            implement (Gemma 2's soft caps, dropout, a vision encoder,
+            bidirectional or embedding-model attention), naming each.
+    """
+    kind = type(backbone).__name__
+    if kind not in ("GemmaBackbone", "Gemma3Backbone"):
+        raise ConfigError(
+            f"The fast path implements Gemma 1 and Gemma 3 (text) only; this is a {kind}. "
+            "Train it with the Keras path instead."
+        )
     unsupported = {
-        "use_post_ffw_norm": backbone.use_post_ffw_norm,
-        "use_post_attention_norm": backbone.use_post_attention_norm,
         "attention_logit_soft_cap": backbone.attention_logit_soft_cap,
         "final_logit_soft_cap": backbone.final_logit_soft_cap,
-        "use_sliding_window_attention": backbone.use_sliding_window_attention,
         "dropout": backbone.dropout,
     }
+    if kind == "GemmaBackbone":
+        # Post norms and sliding windows on a GemmaBackbone mean Gemma 2,
+        # whose soft caps cuDNN attention cannot take.
+        unsupported.update(
+            use_post_ffw_norm=backbone.use_post_ffw_norm,
+            use_post_attention_norm=backbone.use_post_attention_norm,
+            use_sliding_window_attention=backbone.use_sliding_window_attention,
+        )
+    else:
+        unsupported.update(
+            vision_encoder=backbone.vision_encoder,
+            use_bidirectional_attention=backbone.use_bidirectional_attention,
+            is_embedding_model=backbone.is_embedding_model,
+        )
     used = {k: v for k, v in unsupported.items() if v}
     if used:
         raise ConfigError(
-            f"The fast path implements Gemma 1 only; this backbone sets {used}. "
-            "Train it with the Keras path instead."
+            f"The fast path implements Gemma 1 and Gemma 3 (text) only; this {kind} sets "
+            f"{sorted(used)}. Train it with the Keras path instead."
         )
+    blocks = backbone.transformer_layers
+    fields = dict(
+        vocabulary_size=backbone.vocabulary_size,
+        num_layers=backbone.num_layers,
+        num_query_heads=backbone.num_query_heads,
+        num_key_value_heads=backbone.num_key_value_heads,
+        hidden_dim=backbone.hidden_dim,
+        head_dim=backbone.head_dim,
+        # Each GeGLU half: intermediate_dim // 2 in Gemma 1, intermediate_dim in Gemma 3.
+        ffw_dim=int(_base_kernel(blocks[0].gating_ffw).shape[-1]),
+        layer_norm_epsilon=float(backbone.layer_norm_epsilon),
+        query_head_dim_normalize=bool(backbone.query_head_dim_normalize),
+    )
+    if kind == "Gemma3Backbone":
+        fields.update(
+            # Gemma3DecoderBlock always scales queries by 1/sqrt(head_dim).
+            query_head_dim_normalize=True,
+            query_key_norm=bool(backbone.use_query_key_norm),
+            post_attention_norm=bool(backbone.use_post_attention_norm),
+            post_ffw_norm=bool(backbone.use_post_ffw_norm),
+            layer_attention=tuple(
+                (
+                    int(b.attention.sliding_window_size) if b.attention.use_sliding_window_attention else 0,
+                    float(b.attention.rope_wavelength),
+                    float(b.attention.rope_scaling_factor),
+                )
+                for b in blocks
+            ),
+        )
+    return fields
+
+
+# The norm weights of a layer beyond pre_attention_norm and pre_ffw_norm, by
+# the config flag that adds them: (name in `frozen`, how to reach the Keras layer).
+_EXTRA_NORMS = {
+    "query_key_norm": (
+        ("query_norm", lambda block: block.attention.query_norm),
+        ("key_norm", lambda block: block.attention.key_norm),
+    ),
+    "post_attention_norm": (("post_attention_norm", lambda block: block.post_attention_norm),),
+    "post_ffw_norm": (("post_ffw_norm", lambda block: block.post_ffw_norm),),
+}
+
+
+def _norms(config):
+    """(name, accessor) of every norm of a layer under `config`."""
+    names = [
+        ("pre_attention_norm", lambda block: block.pre_attention_norm),
+        ("pre_ffw_norm", lambda block: block.pre_ffw_norm),
+    ]
+    for flag, extra in _EXTRA_NORMS.items():
+        if getattr(config, flag):
+            names.extend(extra)
+    return names
 
 
 def extract_params(
@@ -176,10 +289,11 @@ def extract_params(
     seed=0,
     **options,
 ):
-    """Read a KerasHub `GemmaCausalLM` into (config, frozen, lora) pytrees.
+    """Read a KerasHub Gemma causal LM into (config, frozen, lora) pytrees.
 
     Args:
-        causal_lm: a `keras_hub.models.GemmaCausalLM` (Gemma 1 architecture).
+        causal_lm: a `keras_hub.models.GemmaCausalLM` (Gemma 1) or a text-only
+            `Gemma3CausalLM`; see `architecture` for what is refused.
         lora_targets: tuple of str, default ("query", "value"); names from
             `EQUATIONS`.
         rank: int or None. LoRA rank. None takes the rank of LoRA already
@@ -209,7 +323,7 @@ def extract_params(
     import keras
 
     backbone = causal_lm.backbone
-    _check_supported(backbone)
+    fields = architecture(backbone)
     blocks = backbone.transformer_layers
     lora_targets = tuple(lora_targets)
     enabled = [
@@ -228,14 +342,7 @@ def extract_params(
     rank = 4 if rank is None else rank
     alpha = rank if alpha is None else alpha
     config = FastConfig(
-        vocabulary_size=backbone.vocabulary_size,
-        num_layers=backbone.num_layers,
-        num_query_heads=backbone.num_query_heads,
-        num_key_value_heads=backbone.num_key_value_heads,
-        hidden_dim=backbone.hidden_dim,
-        head_dim=backbone.head_dim,
-        ffw_dim=backbone.intermediate_dim // 2,
-        layer_norm_epsilon=backbone.layer_norm_epsilon,
+        **fields,
         lora_targets=lora_targets,
         lora_rank=int(rank),
         lora_alpha=float(alpha),
@@ -247,8 +354,7 @@ def extract_params(
     layers, lora = [], []
     for block in blocks:
         layer_params = {
-            "pre_attention_norm": jnp.asarray(block.pre_attention_norm.scale.value, dtype),
-            "pre_ffw_norm": jnp.asarray(block.pre_ffw_norm.scale.value, dtype),
+            name: jnp.asarray(norm_of(block).scale.value, dtype) for name, norm_of in _norms(config)
         }
         for name in EQUATIONS:
             layer_params[name] = jnp.asarray(_base_kernel(_layer_of(block, name)).value, dtype)
@@ -361,8 +467,8 @@ def init_params(config, key):
             name: normal(shape, 1.0 / math.sqrt(fan_in.get(name, d)))
             for name, shape in shapes.items()
         }
-        layer["pre_attention_norm"] = normal((d,), 0.1)
-        layer["pre_ffw_norm"] = normal((d,), 0.1)
+        for name, _ in _norms(config):
+            layer[name] = normal((h,) if name in ("query_norm", "key_norm") else (d,), 0.1)
         layers.append(layer)
         factors = {}
         for target in config.lora_targets:
@@ -402,13 +508,15 @@ def _rms_norm(x, scale, epsilon):
     return y.astype(x.dtype)
 
 
-@jax.checkpoint
-def _rope(x, positions):
-    # KerasHub's RotaryEmbedding (max_wavelength 10,000, rotate-half form).
-    # KerasHub then interleaves the two halves of q and of k; the same
-    # permutation on both leaves every q.k product unchanged, so we skip it.
+@functools.partial(jax.checkpoint, static_argnums=(2, 3))
+def _rope(x, positions, wavelength, scaling_factor):
+    # KerasHub's RotaryEmbedding (rotate-half form, "linear" scaling divides
+    # the frequencies). For Gemma 1 KerasHub then interleaves the two halves
+    # of q and of k; the same permutation on both leaves every q.k product
+    # unchanged, so we skip it.
     half = x.shape[-1] // 2
-    inv_freq = 10_000.0 ** (-np.arange(0, 2 * half, 2, dtype=np.float32) / (2 * half))
+    inv_freq = wavelength ** (-np.arange(0, 2 * half, 2, dtype=np.float32) / (2 * half))
+    inv_freq = (inv_freq / scaling_factor).astype(np.float32)
     angle = positions.astype(jnp.float32)[..., None] * inv_freq  # (b, t, half)
     angle = jnp.concatenate([angle, angle], axis=-1)[:, :, None, :]
     x32 = x.astype(jnp.float32)
@@ -433,10 +541,13 @@ def _attention_impl(config):
     return "cudnn" if jax.default_backend() == "gpu" else "xla"
 
 
-def _attention(config, q, k, v, segment_ids):
+def _attention(config, q, k, v, segment_ids, window):
     # Packed examples must not see each other: a query attends to keys of its
     # own segment only. Padding (segment 0) attends to padding, so no row of
-    # the mask is empty (an empty row gives NaN in some kernels).
+    # the mask is empty (an empty row gives NaN in some kernels). A sliding
+    # window (Gemma 3's local layers) keeps keys less than `window` tokens
+    # back, as KerasHub's mask does; within a segment that distance is the
+    # same in the packed row and in the example alone.
     same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
     causal = config.mask_form != "dense"
     if not causal:
@@ -447,32 +558,46 @@ def _attention(config, q, k, v, segment_ids):
         k,
         v,
         mask=None if config.mask_form == "none" else same,
-        scale=1.0 / math.sqrt(config.head_dim),
+        scale=config.attention_scale,
         is_causal=causal,
+        local_window_size=(window - 1, 0) if window else None,
         implementation=_attention_impl(config),
     )
 
 
-def _decoder_layer(config, x, layer, lora, segment_ids, positions):
+def _decoder_layer(config, x, layer, lora, segment_ids, positions, index):
     s = config.lora_scale
+    window, wavelength, scaling = config.attention_of(index)
+    eps = config.layer_norm_epsilon
 
     def project(name, inputs):
         return _project(inputs, layer[name], lora.get(name), EQUATIONS[name], s)
 
-    h = _rms_norm(x, layer["pre_attention_norm"], config.layer_norm_epsilon)
-    q = _rope(project("query", h), positions)
-    k = _rope(project("key", h), positions)
-    v = project("value", h)
-    x = x + project("attention_output", _attention(config, q, k, v, segment_ids))
+    def query_or_key(name):
+        y = project(name, h)
+        if config.query_key_norm:
+            y = _rms_norm(y, layer[f"{name}_norm"], eps)
+        return _rope(y, positions, wavelength, scaling)
+
+    h = _rms_norm(x, layer["pre_attention_norm"], eps)
+    q, k, v = query_or_key("query"), query_or_key("key"), project("value", h)
+    attended = project("attention_output", _attention(config, q, k, v, segment_ids, window))
+    if config.post_attention_norm:
+        attended = _rms_norm(attended, layer["post_attention_norm"], eps)
+    x = x + attended
 
     def feed_forward(x):
-        h = _rms_norm(x, layer["pre_ffw_norm"], config.layer_norm_epsilon)
+        h = _rms_norm(x, layer["pre_ffw_norm"], eps)
         up = project("ffw_gating_2", h)
         if config.remat == "gate":
             # Keep h and up; the gate projection is recomputed when needed.
             gated = jax.checkpoint(lambda h, up: _geglu(project("ffw_gating", h), up))
-            return project("ffw_linear", gated(h, up))
-        return project("ffw_linear", _geglu(project("ffw_gating", h), up))
+            y = project("ffw_linear", gated(h, up))
+        else:
+            y = project("ffw_linear", _geglu(project("ffw_gating", h), up))
+        if config.post_ffw_norm:
+            y = _rms_norm(y, layer["post_ffw_norm"], eps)
+        return y
 
     if config.remat == "ffn":
         feed_forward = jax.checkpoint(feed_forward)
@@ -493,17 +618,18 @@ def hidden_states(config, frozen, lora, token_ids, segment_ids, positions):
     # KerasHub casts sqrt(hidden_dim) to the activation dtype before scaling.
     x = x * jnp.asarray(math.sqrt(config.hidden_dim), jnp.float32).astype(dtype)
 
-    def body(x, layer_and_lora):
+    def body(x, layer_and_lora, index):
         layer, layer_lora = layer_and_lora
-        return _decoder_layer(config, x, layer, layer_lora, segment_ids, positions), None
+        return _decoder_layer(config, x, layer, layer_lora, segment_ids, positions, index), None
 
     if config.remat == "layer":
-        body = jax.checkpoint(body)
+        body = jax.checkpoint(body, static_argnums=(2,))
     if config.scan_layers:
-        x, _ = jax.lax.scan(body, x, (frozen["layers"], lora))
+        # Every layer attends alike under scan_layers (validate): layer 0 speaks for all.
+        x, _ = jax.lax.scan(lambda x, xs: body(x, xs, 0), x, (frozen["layers"], lora))
     else:
-        for layer_and_lora in zip(frozen["layers"], lora):
-            x, _ = body(x, layer_and_lora)
+        for index, layer_and_lora in enumerate(zip(frozen["layers"], lora)):
+            x, _ = body(x, layer_and_lora, index)
     return _rms_norm(x, frozen["final_norm"], config.layer_norm_epsilon)
 
 

@@ -36,14 +36,10 @@ import jax.numpy as jnp  # noqa: E402
 def unsupported_reasons(causal_lm, config, devices=None):
     """Why the fast engine cannot train this model with this config ([] = it can)."""
     reasons = []
-    backbone = causal_lm.backbone
-    if type(backbone).__name__ != "GemmaBackbone" or getattr(backbone, "use_post_ffw_norm", False):
-        reasons.append(f"it implements Gemma 1 only, and this preset is a {type(backbone).__name__}")
-    else:
-        try:
-            fast._check_supported(backbone)
-        except ConfigError as error:
-            reasons.append(str(error))
+    try:
+        fast.architecture(causal_lm.backbone)
+    except ConfigError as error:
+        reasons.append(str(error))
     if config.quantize:
         reasons.append("it does not read quantized base weights (quantize)")
     if config.full_finetune:

@@ -1,10 +1,12 @@
-"""The fast JAX path computes what KerasHub's GemmaCausalLM computes.
+"""The fast JAX path computes what KerasHub's GemmaCausalLM and Gemma3CausalLM compute.
 
-A tiny GemmaBackbone (vocab 128, 2 layers, hidden 32) in float32 is the
-reference; the fast path runs in float32 for exact comparisons and in bfloat16
+A tiny GemmaBackbone (vocab 128, 2 layers, hidden 32) and a tiny text-only
+Gemma3Backbone (6 layers: sliding-window and global) in float32 are the
+references; the fast path runs in float32 for exact comparisons and in bfloat16
 where the check is only about behaviour.
 """
 
+import dataclasses
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -17,6 +19,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from gemma_lora import fast  # noqa: E402
+from gemma_lora.errors import ConfigError  # noqa: E402
 from gemma_lora.packing import pack, real_token_fraction  # noqa: E402
 
 VOCAB, SEQ = 128, 16
@@ -261,3 +264,93 @@ def test_adamw_matches_keras():
         )
     np.testing.assert_allclose(mine["w"]["lora_kernel_a"], variables["a"].numpy(), rtol=1e-6)
     np.testing.assert_allclose(mine["norm"]["scale"], variables["s"].numpy(), rtol=1e-6)
+
+
+# ------------------------------------------------------------------ Gemma 3
+
+
+def _tiny_gemma3_lm(seed=0):
+    """Six layers: five sliding-window layers (window 4 < SEQ) and one global
+    layer with RoPE wavelength 1e6 scaled by 8, as KerasHub lays out Gemma 3."""
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.Gemma3Backbone(
+        vocabulary_size=VOCAB,
+        image_size=16,
+        num_layers=6,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=32,
+        intermediate_dim=64,
+        head_dim=16,
+        use_post_ffw_norm=True,
+        use_post_attention_norm=True,
+        use_sliding_window_attention=True,
+        sliding_window_size=4,
+        global_rope_scaling_factor=8.0,
+        dtype="float32",
+    )
+    lm = keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=None)
+    backbone.enable_lora(4)
+    rng = np.random.default_rng(seed)
+    # Every norm scale (pre, post, query, key) and LoRA B non-zero.
+    for weight in backbone.weights:
+        if weight.name in ("scale", "lora_kernel_b"):
+            weight.assign(rng.normal(0, 0.3, weight.shape).astype("float32"))
+    return lm
+
+
+@pytest.fixture(scope="module")
+def gemma3_lm():
+    return _tiny_gemma3_lm()
+
+
+def test_gemma3_logits_match_kerashub_float32(gemma3_lm):
+    config, frozen, lora = fast.extract_params(gemma3_lm, dtype="float32")
+    assert [spec[0] for spec in config.layer_attention] == [4, 4, 4, 4, 4, 0]
+    assert config.query_key_norm and config.post_attention_norm and config.post_ffw_norm
+    batch = _unpacked_batch(np.random.default_rng(11), [SEQ, 11, 5])
+    real = batch["segment_ids"] > 0
+    ref = _keras_logits(gemma3_lm, batch["token_ids"], real.astype("int32"))
+
+    def relative_error(config):
+        got = np.asarray(
+            _logits(config, frozen, lora, batch["token_ids"], batch["segment_ids"], batch["positions"])
+        )
+        return np.abs(got - ref)[real].max() / np.abs(ref[real]).max()
+
+    assert relative_error(config) < 1e-5
+    # The window and the global layer's RoPE matter at this size: dropping
+    # either is caught.
+    all_global = ((0, 10_000.0, 1.0),) * 6
+    assert relative_error(dataclasses.replace(config, layer_attention=all_global)) > 1e-3
+    unscaled = config.layer_attention[:5] + ((0, 1_000_000.0, 1.0),)
+    assert relative_error(dataclasses.replace(config, layer_attention=unscaled)) > 1e-4
+
+
+def test_gemma3_packed_examples_match_each_alone(gemma3_lm):
+    config, frozen, lora = fast.extract_params(gemma3_lm, dtype="float32")
+    rng = np.random.default_rng(12)
+    first, second = rng.integers(1, VOCAB, 9), rng.integers(1, VOCAB, 6)
+    rows = pack([(first, np.ones(9)), (second, np.ones(6))], SEQ)
+    packed = np.asarray(
+        _logits(config, frozen, lora, rows["token_ids"], rows["segment_ids"], rows["positions"])
+    )[0]
+    for example, start in ((first, 0), (second, 9)):
+        alone = _keras_logits(gemma3_lm, example[None].astype("int32"), np.ones((1, len(example)), "int32"))[0]
+        np.testing.assert_allclose(packed[start : start + len(example)], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_gemma3_layers_that_differ_cannot_be_scanned(gemma3_lm):
+    with pytest.raises(ConfigError, match="scan_layers needs every layer to attend alike"):
+        fast.extract_params(gemma3_lm, dtype="float32", scan_layers=True)
+
+
+def test_gemma2_soft_caps_are_refused():
+    backbone = keras_hub.models.GemmaBackbone(
+        vocabulary_size=VOCAB, num_layers=1, num_query_heads=2, num_key_value_heads=1,
+        hidden_dim=16, intermediate_dim=32, head_dim=8, attention_logit_soft_cap=50.0,
+        final_logit_soft_cap=30.0, use_post_ffw_norm=True, use_post_attention_norm=True,
+    )
+    lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+    with pytest.raises(ConfigError, match=r"Gemma 1 and Gemma 3 \(text\) only.*attention_logit_soft_cap"):
+        fast.extract_params(lm)

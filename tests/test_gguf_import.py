@@ -299,3 +299,20 @@ def test_package_generate_works_on_a_converted_gemma3(round_trip, make_config):
     _, _, causal_lm, _ = round_trip
     samples = generate(causal_lm, ["Name a colour."], make_config(max_new_tokens=3))
     assert len(samples) == 1 and samples[0].new_tokens <= 3
+
+
+def test_fast_engine_trains_a_converted_gemma3(round_trip, make_config):
+    """engine=fast runs Gemma 3 (sliding-window layers, query/key norms) inside `train`."""
+    import json
+
+    from gemma_lora.pipeline import run_training
+
+    *_, tmp = round_trip
+    config = make_config(preset=str(tmp / "preset"), engine="fast", sequence_length=32, limit=40,
+                         validation_rows=6, test_rows=0, batch_size=2, epochs=2, learning_rate=5e-3,
+                         max_new_tokens=2, answer_splits=[], output_dir=str(tmp / "fast_run"))
+    result = run_training(config, echo=lambda *args: None)
+    summary = json.loads((tmp / "fast_run" / "summary.json").read_text())
+    assert summary["engine"] == "fast"
+    assert result.after["validation"] < result.before["validation"]
+
