@@ -1,7 +1,8 @@
 """Time the classic KerasHub LoRA recipe against the fast JAX path.
 
-    python scripts/benchmark.py --shape tiny                  # CPU smoke, < 1 min
+    python scripts/benchmark.py --shape tiny                  # CPU smoke, < 1 min (also tiny_gemma3)
     python scripts/benchmark.py --shape gemma_2b --data dolly # on a GPU
+    python scripts/benchmark.py --shape gemma3_1b             # Gemma 3 (also gemma3_270m)
 
 Every variant runs in its own subprocess, so each one's peak device memory
 (`memory_stats()["peak_bytes_in_use"]`, which cannot be reset) is its own, and
@@ -61,7 +62,73 @@ SHAPES = {
         intermediate_dim=32768,
         head_dim=256,
     ),
+    # A tiny Gemma 3 with both kinds of layers (6 sliding, 1 global), for CPU smoke.
+    "tiny_gemma3": dict(
+        arch="gemma3",
+        vocabulary_size=256,
+        num_layers=7,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=64,
+        intermediate_dim=128,
+        head_dim=32,
+        sliding_window_size=64,
+    ),
+    # Gemma 3 text models (KerasHub's Gemma3Backbone: query/key norms, post
+    # norms, five sliding-window layers to one global; intermediate_dim is
+    # the FFN width). 270M is the offline demo model; 1B the smallest preset.
+    "gemma3_270m": dict(
+        arch="gemma3",
+        vocabulary_size=262144,
+        num_layers=18,
+        num_query_heads=4,
+        num_key_value_heads=1,
+        hidden_dim=640,
+        intermediate_dim=2048,
+        head_dim=256,
+        sliding_window_size=512,
+    ),
+    "gemma3_1b": dict(
+        arch="gemma3",
+        vocabulary_size=262144,
+        num_layers=26,
+        num_query_heads=4,
+        num_key_value_heads=1,
+        hidden_dim=1152,
+        intermediate_dim=6912,
+        head_dim=256,
+        sliding_window_size=512,
+    ),
 }
+
+
+def keras_causal_lm(shape, dtype):
+    """A KerasHub causal LM of `shape` with random weights, no preprocessor."""
+    import keras_hub
+
+    dims = dict(SHAPES[shape])
+    if dims.pop("arch", "gemma") == "gemma3":
+        backbone = keras_hub.models.Gemma3Backbone(
+            **dims, image_size=None, use_post_ffw_norm=True, use_post_attention_norm=True,
+            use_sliding_window_attention=True, dtype=dtype,
+        )
+        return keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=None)
+    backbone = keras_hub.models.GemmaBackbone(**dims, dtype=dtype)
+    return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+
+
+def fast_dims(shape):
+    """`FastConfig`'s architecture fields for `shape`, as `fast.architecture` reads them."""
+    dims = dict(SHAPES[shape])
+    if dims.pop("arch", "gemma") != "gemma3":
+        dims["ffw_dim"] = dims.pop("intermediate_dim") // 2
+        return dims
+    window = dims.pop("sliding_window_size")
+    dims["ffw_dim"] = dims.pop("intermediate_dim")
+    # Gemma3Backbone's layout: layers 0-4 of every 6 slide (RoPE 1e4), the 6th is global (1e6).
+    layers = [(window, 10_000.0, 1.0) if i % 6 < 5 else (0, 1_000_000.0, 1.0) for i in range(dims["num_layers"])]
+    return dict(dims, query_key_norm=True, post_attention_norm=True, post_ffw_norm=True,
+                layer_attention=tuple(layers))
 
 # name -> (kind, batch, options). Options of "fast" variants are FastConfig
 # fields; "cache" shares a persistent compilation cache between variants.
@@ -90,7 +157,8 @@ VARIANTS = {
     "fast_b32_remat_layer": ("fast", 32, {"remat": "layer"}),
 }
 # The CPU smoke run times one variant of each kind; a GPU run times them all.
-DEFAULT_VARIANTS = {"tiny": "classic,fast", "gemma_2b": ",".join(VARIANTS)}
+DEFAULT_VARIANTS = {"tiny": "classic,fast", "gemma_2b": ",".join(VARIANTS),
+                    "tiny_gemma3": "classic,fast", "gemma3_270m": "classic,keras_bf16,fast", "gemma3_1b": "classic,keras_bf16,fast"}
 
 
 def _peak_gib():
@@ -113,13 +181,11 @@ def _random_rows(batch, seq, vocab, seed):
 def _run_keras(shape, batch, seq, steps, warmup, dtype):
     os.environ.setdefault("KERAS_BACKEND", "jax")
     import keras
-    import keras_hub
     import numpy as np
 
     keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.GemmaBackbone(**SHAPES[shape], dtype=dtype)
-    lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
-    backbone.enable_lora(4)
+    lm = keras_causal_lm(shape, dtype)
+    lm.backbone.enable_lora(4)
     optimizer = keras.optimizers.AdamW(learning_rate=5e-5, weight_decay=0.01)
     optimizer.exclude_from_weight_decay(var_names=["bias", "scale"])
     lm.compile(
@@ -166,8 +232,7 @@ def _run_fast(shape, batch, seq, steps, warmup, options):
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     from gemma_lora import fast
 
-    dims = dict(SHAPES[shape])
-    dims["ffw_dim"] = dims.pop("intermediate_dim") // 2
+    dims = fast_dims(shape)
     options.pop("xla_flags", None)  # read by XLA from the environment
     part = options.pop("part", None)
     config = fast.FastConfig(**dims, **options).validate()
@@ -358,7 +423,7 @@ def main():
     parser.add_argument("--batch-override", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps is None:
-        args.steps = 5 if args.shape == "tiny" else 20
+        args.steps = 5 if args.shape.startswith("tiny") else 20
     if args.child:
         return run_child(args)
 
