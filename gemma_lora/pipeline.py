@@ -88,7 +88,15 @@ def _run_training(config, echo, resume):
     echo(f"run directory: {run_dir}")
     train.compile_for_training(causal_lm, config)
     engine = fast_train.resolve_engine(causal_lm, config, model.platform())
-    echo(f"engine: {engine}" + (" (packed rows, gemma_lora.fast)" if engine == "fast" else " (keras.Model.fit)"))
+    if engine == "fast":
+        packed = fast_train.packed_stats(rows["train"], config)
+        data_stats["packed_real_token_fraction"] = packed["real_token_fraction"]
+        echo(
+            f"engine: fast (packed rows, gemma_lora.fast): {packed['steps_per_epoch']} steps an epoch of "
+            f"{config.batch_size} rows x {config.sequence_length}, {packed['real_token_fraction']:.1%} real tokens"
+        )
+    else:
+        echo("engine: keras (keras.Model.fit)")
     scored = {name: r for name, r in rows.items() if name != "train" and len(r)}
     instructions = list(RECIPE_PROMPTS) + list(config.prompts)
     answered = {name: getattr(splits, name) for name in config.answer_splits if getattr(splits, name)}
