@@ -38,6 +38,10 @@ SERIES_PRESET = "demo"
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not (args.verbose or args.debug):
+        from gemma_lora.runtime import quiet_startup
+
+        quiet_startup()
     try:
         return args.handler(args) or 0
     except GemmaLoraError as e:
@@ -60,7 +64,9 @@ def main(argv=None):
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="gemma-lora", description="LoRA fine-tuning of Gemma with KerasHub on JAX.")
-    parser.add_argument("--debug", action="store_true", help="Show tracebacks.")
+    parser.add_argument("--debug", action="store_true", help="Show tracebacks (and everything --verbose shows).")
+    parser.add_argument("--verbose", action="store_true",
+                        help="Show the start-up lines of TensorFlow, absl and XLA that are hidden by default.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="Fine-tune a preset and write a run directory.",

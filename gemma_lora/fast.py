@@ -565,7 +565,10 @@ def _attention(config, q, k, v, segment_ids, window):
     )
 
 
-def _decoder_layer(config, x, layer, lora, segment_ids, positions, index):
+def _decoder_layer(config, x, layer, lora, positions, index, attend):
+    """One Gemma block. `attend(q, k, v, window)` does the attention proper:
+    over the packed row for training (`_attention`), over a key/value cache
+    when decoding (`gemma_lora.decode`)."""
     s = config.lora_scale
     window, wavelength, scaling = config.attention_of(index)
     eps = config.layer_norm_epsilon
@@ -581,7 +584,7 @@ def _decoder_layer(config, x, layer, lora, segment_ids, positions, index):
 
     h = _rms_norm(x, layer["pre_attention_norm"], eps)
     q, k, v = query_or_key("query"), query_or_key("key"), project("value", h)
-    attended = project("attention_output", _attention(config, q, k, v, segment_ids, window))
+    attended = project("attention_output", attend(q, k, v, window))
     if config.post_attention_norm:
         attended = _rms_norm(attended, layer["post_attention_norm"], eps)
     x = x + attended
@@ -611,16 +614,24 @@ def _geglu(gate, up):
     return (gate32 * up.astype(jnp.float32)).astype(gate.dtype)
 
 
+def embed(config, frozen, token_ids):
+    """Token embeddings scaled by sqrt(hidden_dim), in config.dtype."""
+    dtype = jnp.dtype(config.dtype)
+    x = jnp.take(frozen["embedding"], token_ids, axis=0).astype(dtype)
+    # KerasHub casts sqrt(hidden_dim) to the activation dtype before scaling.
+    return x * jnp.asarray(math.sqrt(config.hidden_dim), jnp.float32).astype(dtype)
+
+
 def hidden_states(config, frozen, lora, token_ids, segment_ids, positions):
     """Final-normalised hidden states, (batch, seq, hidden) in config.dtype."""
-    dtype = jnp.dtype(config.dtype)
-    x = jnp.take(frozen["embedding"], token_ids, axis=0)
-    # KerasHub casts sqrt(hidden_dim) to the activation dtype before scaling.
-    x = x * jnp.asarray(math.sqrt(config.hidden_dim), jnp.float32).astype(dtype)
+    x = embed(config, frozen, token_ids)
+
+    def attend(q, k, v, window):
+        return _attention(config, q, k, v, segment_ids, window)
 
     def body(x, layer_and_lora, index):
         layer, layer_lora = layer_and_lora
-        return _decoder_layer(config, x, layer, layer_lora, segment_ids, positions, index), None
+        return _decoder_layer(config, x, layer, layer_lora, positions, index, attend), None
 
     if config.remat == "layer":
         body = jax.checkpoint(body, static_argnums=(2,))

@@ -185,7 +185,7 @@ class Engine:
         return float(sums["nll_sum"]), float(sums["weight_sum"])
 
 
-def fit(causal_lm, rows, config, precision, callbacks=(), verbose="auto", start=None):
+def fit(causal_lm, rows, config, precision, callbacks=(), start=None):
     """Train like `train.fit`, with the fast engine; returns a `train.History`."""
     from gemma_lora.train import History, Position, epochs_from, with_step_limit
 
@@ -211,8 +211,6 @@ def fit(causal_lm, rows, config, precision, callbacks=(), verbose="auto", start=
                 step_nll, step_weight = engine.train_step(batch)
                 nll, weight = nll + step_nll, weight + step_weight
                 logs = {"loss": step_nll / max(step_weight, 1.0), "token_loss": nll / max(weight, 1.0)}
-                if verbose and (index + 1) % max(1, len(batches) // 20) == 0:
-                    print(f"epoch {epoch + 1} step {index + 1}/{len(batches)}: token_loss {logs['token_loss']:.4f}")
                 for callback in callbacks:
                     callback.on_train_batch_end(index, logs)
                 if causal_lm.stop_training:

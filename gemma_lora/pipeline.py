@@ -10,6 +10,7 @@ A full fine-tune (`full_finetune=True`) writes the whole model as a KerasHub
 preset in model/ instead of the adapter.
 """
 
+import contextlib
 import hashlib
 import json
 import math
@@ -73,14 +74,16 @@ def _run_training(config, echo, resume):
     # Imported after the runtime is configured: these import Keras.
     from gemma_lora import checkpoints, fast_train, model, train
     from gemma_lora.adapters import save_adapter, save_preset
-    from gemma_lora.sampling import Sample, answer_endings, generate
+    from gemma_lora.sampling import Sample
 
+    phases = Phases()
     if resume:
         run_dir, checkpoint = _resumable(Path(config.output_dir))
     else:
         run_dir, checkpoint = _new_run_dir(config), None
     try:
-        causal_lm, parameters, splits, rows, data_stats, precision = _prepare(config, echo)
+        with phases("load"):
+            causal_lm, parameters, splits, rows, data_stats, precision = _prepare(config, echo)
     except BaseException:
         if not resume and not any(run_dir.iterdir()):
             run_dir.rmdir()  # Bad input leaves nothing behind.
@@ -101,10 +104,12 @@ def _run_training(config, echo, resume):
     instructions = list(RECIPE_PROMPTS) + list(config.prompts)
     answered = {name: getattr(splits, name) for name in config.answer_splits if getattr(splits, name)}
 
+    def score(when):
+        return {name: train.token_loss(causal_lm, r, label=f"{when}: scoring {name} rows") for name, r in scored.items()}
+
     def answer_all(when):
-        if when == "before" and not config.answer_before:
-            return {}
-        return {name: answer_endings(causal_lm, examples, config) for name, examples in answered.items()}
+        held_out = answered if when == "after" or config.answer_before else {}
+        return answer_and_sample(causal_lm, instructions, held_out, config, when)
 
     if resume:
         saved = json.loads((run_dir / BEFORE_FILE).read_text())
@@ -116,9 +121,9 @@ def _run_training(config, echo, resume):
         echo(f"resuming from {checkpoint.name}: step {global_step}, epoch {start.epoch + 1}")
     else:
         save_config(config, run_dir / "config.json")
-        before = {name: train.token_loss(causal_lm, r)["token_loss"] for name, r in scored.items()}
-        samples_before = generate(causal_lm, instructions, config)
-        answers_before = answer_all("before")
+        with phases("before"):
+            before = {name: s["token_loss"] for name, s in score("before").items()}
+            samples_before, answers_before = answer_all("before")
         record = {
             "token_loss": before,
             "samples": [s.to_dict() for s in samples_before],
@@ -132,7 +137,7 @@ def _run_training(config, echo, resume):
     checkpointer = checkpoints.Checkpointer(
         run_dir, config.checkpoint_every, train.steps_per_epoch(rows["train"], config, engine), global_step
     )
-    with train.Timer() as timer:
+    with phases("training"), train.Timer() as timer:
         train.fit(
             causal_lm,
             rows["train"],
@@ -169,7 +174,8 @@ def _run_training(config, echo, resume):
         "seconds": round(timer.seconds, 2),
         "real_tokens_per_second": round(real_tokens_seen / timer.seconds, 1),
     }
-    scores = {name: train.token_loss(causal_lm, r) for name, r in scored.items()}
+    phases.start("after")
+    scores = score("after")
     after = {name: s["token_loss"] for name, s in scores.items()}
     after_sem = {name: standard_error(s["row_losses"]) for name, s in scores.items()}
     for name in scored:
@@ -180,14 +186,14 @@ def _run_training(config, echo, resume):
         f"({train_stats['real_tokens_per_second']:,} real tokens/s)"
     )
 
-    answers_after = answer_all("after")
+    samples_after, answers_after = answer_all("after")
     for name in answers_after:
         was = f"{_share(answers_before[name])} before → " if name in answers_before else ""
         echo(f"{name} answers ending with <eos> within {config.max_new_tokens} tokens (greedy): "
              f"{was}{_share(answers_after[name])} after")
     write_answers(run_dir, answered, answers_before, answers_after)
-    samples_after = generate(causal_lm, instructions, config)
     _echo_samples(echo, "after", samples_after)
+    phases.stop()
     write_samples(run_dir, samples_before, samples_after)
 
     if config.full_finetune:
@@ -221,8 +227,10 @@ def _run_training(config, echo, resume):
         "answers_after": _answers_record(answers_after),
         "token_loss_after_sem": after_sem,
         "train": train_stats,
+        "phases_seconds": phases.seconds,
     }
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    echo("time: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in phases.seconds.items()))
     return RunResult(
         run_dir, parameters, summary["data"], before, after, train_stats,
         samples=list(zip(samples_before, samples_after)), adapter=adapter,
@@ -233,6 +241,61 @@ def _run_training(config, echo, resume):
 
 BEFORE_FILE = "before.json"
 MODEL_DIR = "model"
+
+
+class Phases:
+    """Wall-clock seconds of a run's phases (load, before, training, after), in order."""
+
+    def __init__(self):
+        self.seconds = {}
+        self._open = None
+
+    def start(self, name):
+        self.stop()
+        self._open = (name, time.perf_counter())
+
+    def stop(self):
+        if self._open:
+            name, began = self._open
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - began, 1)
+            self._open = None
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        self.start(name)
+        try:
+            yield
+        finally:
+            self.stop()
+
+
+def answer_and_sample(causal_lm, instructions, held_out, config, when):
+    """Samples for `instructions` and greedy answers to the `held_out` splits' rows.
+
+    With the greedy sampler both are one decoding pass (the rows share the
+    batch); with top-k the samples are drawn in a second pass.
+
+    Returns:
+        (samples, {split: `sampling.endings` of its answers}).
+    """
+    from gemma_lora.sampling import answer_endings, endings, generate
+
+    rows = sum(len(examples) for examples in held_out.values())
+    if config.sampler == "greedy":
+        label = f"{when}: answering {rows} held-out rows and {len(instructions)} samples"
+        everything = instructions + [e.instruction for examples in held_out.values() for e in examples]
+        out = generate(causal_lm, everything, config, label=label)
+        samples, out = out[: len(instructions)], out[len(instructions) :]
+        answers = {}
+        for name, examples in held_out.items():
+            answers[name], out = endings(out[: len(examples)]), out[len(examples) :]
+        return samples, answers
+    samples = generate(causal_lm, instructions, config, label=f"{when}: sampling {len(instructions)} prompts")
+    answers = {
+        name: answer_endings(causal_lm, examples, config, label=f"{when}: answering {len(examples)} {name} rows")
+        for name, examples in held_out.items()
+    }
+    return samples, answers
 
 
 def standard_error(row_losses):
@@ -282,6 +345,7 @@ def _prepare(config, echo):
     precision = config.resolved_precision(model.platform())
     # Variables take their device layout when created, so before the load.
     distribute.apply(config, preset_dir, precision, echo)
+    echo(f"loading {config.preset} from {preset_dir}")
     causal_lm = model.load_causal_lm(preset_dir, precision, config.sequence_length)
     # Counted before quantizing: int4 packs two weights per stored number.
     base_parameters = model.parameter_summary(causal_lm)["base_parameters"]

@@ -72,6 +72,31 @@ def configure_runtime(
         keras.utils.set_random_seed(seed)
 
 
+def quiet_startup():
+    """Keep TensorFlow, absl, oneDNN and CUDA start-up lines off stderr; call before Keras is imported.
+
+    keras-hub requires tensorflow-text on Linux, so TensorFlow is installed
+    beside it, and keras-hub imports it when it can: 2.6 s of a 5.3 s
+    `import keras_hub` here, and a dozen log lines (among them "failed call
+    to cuInit" on machines without a GPU). Nothing the package runs needs it
+    (KerasHub's tokenizers take their pure-Python path without it), so it is
+    made unimportable for this process, unless something imported it already.
+    SentencePiece's INFO lines go too. Library users who want TensorFlow in
+    the same process simply do not call this; the CLI calls it unless
+    `--verbose`.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    for name in ("tensorflow", "tensorflow_text"):
+        if name not in sys.modules:
+            sys.modules[name] = None  # `import tensorflow` now raises ImportError, which keras-hub expects
+    try:
+        import sentencepiece
+
+        sentencepiece.set_min_log_level(1)  # WARNING and up
+    except (ImportError, AttributeError):
+        pass
+
+
 def ensure_runtime():
     """Default to the JAX backend if nobody configured the runtime.
 

@@ -1,24 +1,32 @@
 """Prompts in, text out (the package's `generate`): greedy or top-k, stopping at <eos> and at stop strings.
 
-Prompts are tokenized here and handed to KerasHub's compiled `generate` as
-token arrays, so the output tokens show whether the model itself ended its
-answer with `<eos>` (a string output would hide that).
+Prompts are templated and tokenized here. Gemma 1 and Gemma 3 text models
+decode with `gemma_lora.decode` (a key/value cache, continuous batching,
+compiled once per shape; why not KerasHub's `generate` is said there); other
+models (quantized bases, architectures the fast path does not implement)
+go through KerasHub's compiled `generate` in fixed-size batches. Either way
+the output tokens show whether the model itself ended its answer with
+`<eos>` (a string output would hide that).
 """
 
+import dataclasses
 import weakref
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from gemma_lora import runtime
+from gemma_lora import decode, runtime
 from gemma_lora.data import Example, prompt_text
+from gemma_lora.progress import Progress
 
 runtime.ensure_runtime()
 
 import keras_hub  # noqa: E402
 
-
-_SAMPLERS = weakref.WeakKeyDictionary()  # model -> the sampler settings it was given
+# Rows decoded together. On 2 CPU cores a step of the 270M model costs about
+# the same for 1 row as for 16 (reading the weights dominates), more beyond.
+SLOTS = 16
+_SAMPLERS = weakref.WeakKeyDictionary()  # model -> the sampler settings its KerasHub generate was compiled with
 
 
 @dataclass
@@ -37,25 +45,78 @@ class Sample:
         return asdict(self)
 
 
+def generate(causal_lm, instructions, config, batch_size=SLOTS, label=None):
+    """Answer each instruction with the configured template, sampler and limits.
+
+    Args:
+        causal_lm: a KerasHub CausalLM with a preprocessor (for its tokenizer).
+        instructions: list of str.
+        config: a `TrainConfig` (template, sampler, top_k, seed,
+            max_new_tokens, stop_strings).
+        batch_size: rows decoded together.
+        label: str or None; with a label, progress (rows done / total) is shown.
+
+    Returns:
+        A list of `Sample`, one per instruction, in order.
+    """
+    tokenizer = causal_lm.preprocessor.tokenizer
+    eos = tokenizer.end_token_id
+    prompts = [
+        [tokenizer.start_token_id, *map(int, ids)]
+        for ids in _tokenize(tokenizer, [prompt_text(Example(i, ""), config) for i in instructions])
+    ]
+    progress = Progress(len(prompts), label, unit="row", enabled=bool(label and prompts))
+
+    def ended(row, tokens):
+        # A stop string in the text so far ends the row now instead of at max_new_tokens.
+        return config.stop_strings and cut_at_stop_strings(_detokenize(tokenizer, tokens), config.stop_strings)[1]
+
+    try:
+        outputs = decode.decode_tokens(
+            causal_lm, prompts, config.max_new_tokens, [eos], greedy=config.sampler == "greedy",
+            top_k=config.top_k, seed=config.seed, slots=batch_size, ended=ended,
+            progress=lambda done, tokens: progress.update(done - progress.n, tokens=tokens),
+        )
+    except decode.Unsupported:
+        outputs = _keras_hub_generate(causal_lm, prompts, config, batch_size, progress)
+    progress.close()
+    return [_sample(tokenizer, instruction, new, config) for instruction, new in zip(instructions, outputs)]
+
+
+def _sample(tokenizer, instruction, new, config):
+    eos = tokenizer.end_token_id
+    new = list(new[: config.max_new_tokens])
+    ended = eos in new
+    if ended:
+        new = new[: new.index(eos)]
+    text, stop = cut_at_stop_strings(_detokenize(tokenizer, new), config.stop_strings)
+    # An answer cut at a stop string did not end with <eos> at its own end.
+    return Sample(instruction, text, ended and stop is None, stop, len(new) + int(ended))
+
+
+def _tokenize(tokenizer, texts):
+    return [list(map(int, ids)) for ids in tokenizer(texts)] if texts else []
+
+
+def _detokenize(tokenizer, ids):
+    if not ids:
+        return ""
+    text = tokenizer.detokenize([ids])[0]
+    return text if isinstance(text, str) else text.decode("utf-8", "replace")
+
+
 def make_sampler(config):
     if config.sampler == "greedy":
         return keras_hub.samplers.GreedySampler()
     return keras_hub.samplers.TopKSampler(k=config.top_k, seed=config.seed)
 
 
-def generate(causal_lm, instructions, config, batch_size=8):
-    """Answer each instruction with the configured template, sampler and limits.
+def _keras_hub_generate(causal_lm, prompts, config, batch_size, progress):
+    """New tokens per prompt from KerasHub's `generate`, in batches of exactly `batch_size` rows.
 
-    Args:
-        causal_lm: a KerasHub CausalLM with a preprocessor (for its tokenizer).
-        instructions: list of str.
-        config: a `TrainConfig` (template, sampler, max_new_tokens, stop_strings).
-        batch_size: prompts generated together.
-
-    Returns:
-        A list of `Sample`, one per instruction.
+    The last batch is padded with copies of a prompt, and prompt room is
+    rounded up to a multiple of 64, so a second call compiles nothing new.
     """
-    tokenizer = causal_lm.preprocessor.tokenizer
     sampler_key = (config.sampler, config.top_k, config.seed)
     if _SAMPLERS.get(causal_lm) != sampler_key or causal_lm.generate_function is None:
         # A new sampler needs a new compiled generate function; the same one is
@@ -63,22 +124,23 @@ def generate(causal_lm, instructions, config, batch_size=8):
         causal_lm.sampler = make_sampler(config)
         causal_lm.generate_function = None
         _SAMPLERS[causal_lm] = sampler_key
-    samples = []
-    for start in range(0, len(instructions), batch_size):
-        batch = list(instructions[start : start + batch_size])
-        samples += _generate_batch(causal_lm, tokenizer, batch, config)
-    return samples
+    tokenizer = causal_lm.preprocessor.tokenizer
+    eos, pad = tokenizer.end_token_id, tokenizer.pad_token_id
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # like lengths share a batch
+    outputs = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = [prompts[i] for i in rows]
+        batch += [batch[-1]] * (batch_size - len(batch))
+        for i, new in zip(rows, keras_hub_batch(causal_lm, batch, config.max_new_tokens, eos, pad)):
+            outputs[i] = new
+        progress.update(len(rows))
+    return outputs
 
 
-def _generate_batch(causal_lm, tokenizer, instructions, config):
-    bos, eos, pad = tokenizer.start_token_id, tokenizer.end_token_id, tokenizer.pad_token_id
-    prompts = [
-        [bos, *map(int, ids)]
-        for ids in tokenizer([prompt_text(Example(i, ""), config) for i in instructions])
-    ]
-    # Prompt room rounded up to a multiple of 64: generate compiles once per
-    # input shape, and the prompts of a batch vary in length.
-    length = -(-max(map(len, prompts)) // 64) * 64 + config.max_new_tokens
+def keras_hub_batch(causal_lm, prompts, max_new_tokens, eos, pad=0):
+    """The new tokens KerasHub's compiled `generate` writes after each prompt (up to <eos>, kept)."""
+    length = -(-max(map(len, prompts)) // 64) * 64 + max_new_tokens
     token_ids = np.full((len(prompts), length), pad, dtype=np.int32)
     padding_mask = np.zeros((len(prompts), length), dtype=bool)
     for row, ids in enumerate(prompts):
@@ -99,21 +161,14 @@ def _generate_batch(causal_lm, tokenizer, instructions, config):
     finally:
         causal_lm.preprocessor = preprocessor
     out_ids = np.asarray(output["token_ids"])
-    samples = []
-    for row, (instruction, ids) in enumerate(zip(instructions, prompts)):
-        new = out_ids[row, len(ids) : len(ids) + config.max_new_tokens].tolist()
-        ended = eos in new
-        if ended:
-            new = new[: new.index(eos)]
-        text = tokenizer.detokenize([new])[0] if new else ""
-        text = text if isinstance(text, str) else text.decode("utf-8", "replace")
-        text, stop = cut_at_stop_strings(text, config.stop_strings)
-        # An answer cut at a stop string did not end with <eos> at its own end.
-        samples.append(Sample(instruction, text, ended and stop is None, stop, len(new) + int(ended)))
-    return samples
+    results = []
+    for row, ids in enumerate(prompts):
+        new = out_ids[row, len(ids) : len(ids) + max_new_tokens].tolist()
+        results.append(new[: new.index(eos) + 1] if eos in new else new)
+    return results
 
 
-def answer_endings(causal_lm, examples, config, batch_size=16):
+def answer_endings(causal_lm, examples, config, batch_size=SLOTS, label=None):
     """Greedy-answer held-out rows and count how the answers end.
 
     The share that the model itself ends with `<eos>` within
@@ -124,15 +179,13 @@ def answer_endings(causal_lm, examples, config, batch_size=16):
         dict with `rows`, `eos_share` (ended by <eos>), `ended_share` (by
         <eos> or a stop string) and `samples` (the `Sample`s, in row order).
     """
-    import dataclasses
-
     greedy = dataclasses.replace(config, sampler="greedy")
-    # Prompts of like length share a batch: less padding, fewer shapes.
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].instruction))
-    answers = generate(causal_lm, [examples[i].instruction for i in order], greedy, batch_size)
-    samples = [None] * len(examples)
-    for i, sample in zip(order, answers):
-        samples[i] = sample
+    samples = generate(causal_lm, [e.instruction for e in examples], greedy, batch_size, label=label)
+    return endings(samples)
+
+
+def endings(samples):
+    """{rows, eos_share, ended_share, samples} of a list of `Sample`s."""
     n = len(samples)
     return {
         "rows": n,

@@ -16,6 +16,7 @@ import numpy as np
 
 from gemma_lora import runtime
 from gemma_lora.errors import ConfigError
+from gemma_lora.progress import Progress
 
 runtime.ensure_runtime()
 
@@ -91,16 +92,32 @@ def fit(causal_lm, rows, config, callbacks=(), verbose="auto", start=None, engin
     `model.stop_training` end the whole run.
 
     Args:
+        verbose: truthy shows one progress bar over the steps the run will
+            take (`TrainingProgress`, both engines); 0 shows nothing.
         start: a `Position` to resume from (default: the beginning).
         engine: "keras", or "fast" to train with `gemma_lora.fast_train` on
             packed rows (see `fast_train.resolve_engine`).
         precision: the run's dtype policy; the fast engine's dtype follows it.
     """
-    if engine == "fast":
-        from gemma_lora import fast_train
-
-        return fast_train.fit(causal_lm, rows, config, precision, callbacks, verbose, start)
     start = start or Position()
+    callbacks = list(callbacks)
+    progress = None
+    if verbose:
+        done = start.epoch * steps_per_epoch(rows, config, engine) + start.step
+        progress = TrainingProgress(total_steps(rows, config, engine) - done)
+        callbacks.append(progress)
+    try:
+        if engine == "fast":
+            from gemma_lora import fast_train
+
+            return fast_train.fit(causal_lm, rows, config, precision, callbacks, start)
+        return _keras_fit(causal_lm, rows, config, callbacks, start)
+    finally:
+        if progress is not None:
+            progress.close()
+
+
+def _keras_fit(causal_lm, rows, config, callbacks, start):
     callbacks = with_step_limit(callbacks, rows, config, start)
     history = History()
     for epoch, skip in epochs_from(start, config, callbacks):
@@ -115,7 +132,7 @@ def fit(causal_lm, rows, config, callbacks=(), verbose="auto", start=None, engin
                 epochs=epoch + 1,
                 shuffle=False,
                 callbacks=callbacks,
-                verbose=verbose,
+                verbose=0,  # TrainingProgress shows progress over the whole run instead.
             )
         )
         if causal_lm.stop_training:
@@ -280,18 +297,54 @@ class StopAfterSteps(keras.callbacks.Callback):
 class SplitScorer(keras.callbacks.Callback):
     """After each epoch, add the true per-token loss of each split to the logs."""
 
-    def __init__(self, splits, batch_size):
+    def __init__(self, splits, batch_size, show_progress=True):
         super().__init__()
         self.splits = {name: rows for name, rows in splits.items() if rows is not None and len(rows)}
         self.batch_size = batch_size
+        self.show_progress = show_progress
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
         for name, rows in self.splits.items():
-            result = token_loss(self.model, rows, self.batch_size)
+            label = f"scoring {name} rows" if self.show_progress else None
+            result = token_loss(self.model, rows, self.batch_size, label=label)
             logs[f"{name}_token_loss"] = result["token_loss"]
             logs[f"{name}_perplexity"] = result["perplexity"]
+
+
+class TrainingProgress(keras.callbacks.Callback):
+    """One progress bar over the whole run, for either engine.
+
+    Its total is the number of steps the run will really take (`total_steps`
+    minus those done before a resume), whatever the epochs and `max_steps`;
+    it shows `token_loss`, the per-token mean the summary reports (Keras'
+    own `loss` divides by padding too). Pass `verbose=0` to `fit` so Keras'
+    per-epoch bar stays off.
+    """
+
+    def __init__(self, steps, label="training"):
+        super().__init__()
+        self.steps, self.label = steps, label
+        self.progress = None
+
+    def on_train_begin(self, logs=None):
+        if self.progress is None:  # Keras' engine calls fit once per epoch.
+            self.progress = Progress(self.steps, self.label, unit="step")
+
+    def on_train_batch_end(self, batch, logs=None):
+        token = (logs or {}).get("token_loss")
+        self.progress.update(**({"token_loss": float(token)} if token is not None else {}))
+
+    def close(self):
+        if self.progress is not None:
+            self.progress.close()
+
+
+def total_steps(rows, config, engine="keras"):
+    """Optimizer steps a whole run takes: every epoch's, or max_steps if fewer."""
+    steps = config.epochs * steps_per_epoch(rows, config, engine)
+    return min(steps, config.max_steps) if config.max_steps else steps
 
 
 def callbacks_for_run(run_dir, splits, config):
@@ -310,11 +363,12 @@ def callbacks_for_run(run_dir, splits, config):
     return callbacks
 
 
-def token_loss(causal_lm, rows, batch_size=8):
+def token_loss(causal_lm, rows, batch_size=8, label=None):
     """Mean cross-entropy over the tokens that carry loss, and per-row means.
 
     Rows are scored in length order, each batch trimmed to its longest row
-    (as in training), which skips most padding.
+    (as in training), which skips most padding. With a `label`, progress
+    (rows scored / total) is shown.
 
     Returns:
         dict with `token_loss` (sum of -log p over weighted tokens / their
@@ -327,12 +381,15 @@ def token_loss(causal_lm, rows, batch_size=8):
     non_trainable = [v.value for v in causal_lm.non_trainable_variables]
     order = np.argsort(rows.padding_mask.sum(axis=1), kind="stable")
     sums, counts = np.zeros(len(rows)), np.zeros(len(rows))
+    progress = Progress(len(rows), label, unit="row", enabled=bool(label))
     for start in range(0, len(rows), batch_size):
         index = order[start : start + batch_size]
         x, labels, weights = batch_arrays(rows, index, batch_size)
         s, c = score(trainable, non_trainable, x["token_ids"], x["padding_mask"], labels, weights)
         sums[index] = np.asarray(s)[: len(index)]
         counts[index] = np.asarray(c)[: len(index)]
+        progress.update(len(index))
+    progress.close()
     total = float(counts.sum())
     mean = float(sums.sum() / total) if total else float("nan")
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -133,3 +133,72 @@ def tiny_sweep(tmp_path_factory, tiny_preset):
     rows = rank_sweep(config, TINY_SWEEP_RANKS, output_dir=directory, echo=lines.append)
     return {"dir": directory, "rows": rows, "config": config, "lines": lines,
             "models_before": before, "models_after": live_models()}
+
+
+# Tiny Gemma 1 and Gemma 3 causal LMs built in memory (no tokenizer): the
+# fast path's and the decoder's tests compare them with KerasHub's own math.
+TINY_VOCAB = 128
+
+
+def build_tiny_gemma(seed=0, num_key_value_heads=1, num_query_heads=2):
+    """A 2-layer GemmaCausalLM (float32) with LoRA rank 4 on query/value, non-zero B factors and norm scales."""
+    import keras
+    import keras_hub
+    import numpy as np
+
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.GemmaBackbone(
+        vocabulary_size=TINY_VOCAB,
+        num_layers=2,
+        num_query_heads=num_query_heads,
+        num_key_value_heads=num_key_value_heads,
+        hidden_dim=32,
+        intermediate_dim=64,
+        head_dim=16,
+        dtype="float32",
+    )
+    lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+    backbone.enable_lora(4)
+    rng = np.random.default_rng(seed)
+    # Non-zero LoRA B factors and norm scales, so a wrong formula shows.
+    for block in backbone.transformer_layers:
+        for layer in (block.attention.query_dense, block.attention.value_dense):
+            b = layer.lora_kernel_b
+            b.assign(rng.normal(0, 0.2, b.shape).astype("float32"))
+        for norm in (block.pre_attention_norm, block.pre_ffw_norm):
+            norm.scale.assign(rng.normal(0, 0.2, norm.scale.shape).astype("float32"))
+    return lm
+
+
+def build_tiny_gemma3(seed=0):
+    """Six layers: five sliding-window layers (window 4) and one global layer
+    with RoPE wavelength 1e6 scaled by 8, as KerasHub lays out Gemma 3."""
+    import keras
+    import keras_hub
+    import numpy as np
+
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.Gemma3Backbone(
+        vocabulary_size=TINY_VOCAB,
+        image_size=16,
+        num_layers=6,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=32,
+        intermediate_dim=64,
+        head_dim=16,
+        use_post_ffw_norm=True,
+        use_post_attention_norm=True,
+        use_sliding_window_attention=True,
+        sliding_window_size=4,
+        global_rope_scaling_factor=8.0,
+        dtype="float32",
+    )
+    lm = keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=None)
+    backbone.enable_lora(4)
+    rng = np.random.default_rng(seed)
+    # Every norm scale (pre, post, query, key) and LoRA B non-zero.
+    for weight in backbone.weights:
+        if weight.name in ("scale", "lora_kernel_b"):
+            weight.assign(rng.normal(0, 0.3, weight.shape).astype("float32"))
+    return lm

@@ -21,42 +21,18 @@ import pytest  # noqa: E402
 from gemma_lora import fast  # noqa: E402
 from gemma_lora.errors import ConfigError  # noqa: E402
 from gemma_lora.packing import pack, real_token_fraction  # noqa: E402
+from conftest import TINY_VOCAB as VOCAB, build_tiny_gemma, build_tiny_gemma3  # noqa: E402
 
-VOCAB, SEQ = 128, 16
+SEQ = 16
 
 # Jitted once per config: eager dispatch of every op would dominate the run time.
 _logits = jax.jit(fast.logits, static_argnums=0)
 _loss_sums = jax.jit(fast.loss_sums, static_argnums=0)
 
 
-def _tiny_lm(seed=0):
-    keras.utils.set_random_seed(seed)
-    backbone = keras_hub.models.GemmaBackbone(
-        vocabulary_size=VOCAB,
-        num_layers=2,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        hidden_dim=32,
-        intermediate_dim=64,
-        head_dim=16,
-        dtype="float32",
-    )
-    lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
-    backbone.enable_lora(4)
-    rng = np.random.default_rng(seed)
-    # Non-zero LoRA B factors and norm scales, so a wrong formula shows.
-    for block in backbone.transformer_layers:
-        for layer in (block.attention.query_dense, block.attention.value_dense):
-            b = layer.lora_kernel_b
-            b.assign(rng.normal(0, 0.2, b.shape).astype("float32"))
-        for norm in (block.pre_attention_norm, block.pre_ffw_norm):
-            norm.scale.assign(rng.normal(0, 0.2, norm.scale.shape).astype("float32"))
-    return lm
-
-
 @pytest.fixture(scope="module")
 def lm():
-    return _tiny_lm()
+    return build_tiny_gemma()
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +184,7 @@ def test_packed_example_does_not_see_its_neighbour(lm, params):
 
 
 def test_training_lowers_loss_compiles_once_keeps_base_and_writes_back():
-    lm = _tiny_lm(seed=7)
+    lm = build_tiny_gemma(seed=7)
     config, frozen, lora = fast.extract_params(lm, dtype="float32", loss_chunk=16)
     frozen_before = jax.tree.map(np.array, frozen)
     lora_before = jax.tree.map(np.array, lora)
@@ -269,39 +245,9 @@ def test_adamw_matches_keras():
 # ------------------------------------------------------------------ Gemma 3
 
 
-def _tiny_gemma3_lm(seed=0):
-    """Six layers: five sliding-window layers (window 4 < SEQ) and one global
-    layer with RoPE wavelength 1e6 scaled by 8, as KerasHub lays out Gemma 3."""
-    keras.utils.set_random_seed(seed)
-    backbone = keras_hub.models.Gemma3Backbone(
-        vocabulary_size=VOCAB,
-        image_size=16,
-        num_layers=6,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        hidden_dim=32,
-        intermediate_dim=64,
-        head_dim=16,
-        use_post_ffw_norm=True,
-        use_post_attention_norm=True,
-        use_sliding_window_attention=True,
-        sliding_window_size=4,
-        global_rope_scaling_factor=8.0,
-        dtype="float32",
-    )
-    lm = keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=None)
-    backbone.enable_lora(4)
-    rng = np.random.default_rng(seed)
-    # Every norm scale (pre, post, query, key) and LoRA B non-zero.
-    for weight in backbone.weights:
-        if weight.name in ("scale", "lora_kernel_b"):
-            weight.assign(rng.normal(0, 0.3, weight.shape).astype("float32"))
-    return lm
-
-
 @pytest.fixture(scope="module")
 def gemma3_lm():
-    return _tiny_gemma3_lm()
+    return build_tiny_gemma3()
 
 
 def test_gemma3_logits_match_kerashub_float32(gemma3_lm):
