@@ -17,13 +17,18 @@ from pathlib import Path
 
 import numpy as np
 
+from gemma_lora.adapter_files import (  # noqa: F401  (re-exported: the adapter's file names and readers)
+    ADAPTER_FILE,
+    METADATA_FILE,
+    metadata_path,
+    read_adapter,
+    read_metadata,
+)
 from gemma_lora.errors import AdapterError
 from gemma_lora.io import atomic_dir, atomic_path, write_text_atomic
 from gemma_lora.model import enable_lora, layers_with_weights, lora_layers
 from gemma_lora.quantize import float_embeddings, float_kernel, quantization_mode
 
-ADAPTER_FILE = "adapter.lora.h5"
-METADATA_FILE = "adapter.json"
 DEFAULT_TARGETS = ("query", "value")
 # Backbone config entries that must match for an adapter to fit a model.
 SHAPE_KEYS = (
@@ -69,48 +74,13 @@ def save_adapter(causal_lm, directory, config, extra=None):
         "stock_loader_compatible": alpha == config.lora_rank and sorted(config.lora_targets) == sorted(DEFAULT_TARGETS),
         "template": config.template,
         "context_template": config.context_template if config.include_context else None,
+        "stop_strings": list(config.stop_strings),
         "versions": versions(),
         "sha256": file_sha256(h5_path),
         **(extra or {}),
     }
-    write_text_atomic(directory / METADATA_FILE, json.dumps(info, indent=2) + "\n")
+    write_text_atomic(metadata_path(h5_path), json.dumps(info, indent=2) + "\n")
     return h5_path
-
-
-def read_adapter(path):
-    """Check an adapter file and return (rank, {layer index: (A, B)}, metadata or None).
-
-    Raises:
-        AdapterError: wrong extension, missing, or not a readable LoRA h5.
-    """
-    import h5py
-
-    path = Path(path)
-    if not path.name.endswith(".lora.h5"):
-        raise AdapterError(
-            f"An adapter file must end in .lora.h5 (KerasHub's LoRA format). Received: {path}. "
-            "Pass the adapter.lora.h5 of a run directory."
-        )
-    if not path.is_file():
-        raise AdapterError(f"Adapter file not found: {path}.")
-    try:
-        with h5py.File(path, "r") as f:
-            rank = int(f["lora/vars/rank"][()])
-            factors = {
-                int(index): (np.asarray(group["vars/lora_kernel_a"]), np.asarray(group["vars/lora_kernel_b"]))
-                for index, group in f["lora"].items()
-                if index != "vars"
-            }
-    except (OSError, KeyError, ValueError) as e:
-        raise AdapterError(
-            f"{path} is not a readable LoRA adapter ({type(e).__name__}: the file is corrupt, "
-            "truncated or not written by save_lora_weights). Use an intact copy."
-        ) from None
-    meta_path = path.with_name(METADATA_FILE)
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
-    if meta is not None and meta.get("rank") != rank:
-        raise AdapterError(f"{meta_path} says rank {meta.get('rank')} but {path} holds rank {rank}: they do not belong together.")
-    return rank, factors, meta
 
 
 def load_adapter(causal_lm, path, preset=None):
@@ -134,7 +104,7 @@ def load_adapter(causal_lm, path, preset=None):
     rank, factors, meta = read_adapter(path)
     if meta is None:
         warnings.warn(
-            f"No {METADATA_FILE} beside {path}: loading it as a stock KerasHub adapter "
+            f"No {metadata_path(path).name} beside {path}: loading it as a stock KerasHub adapter "
             "(default targets query/value, alpha = rank), unchecked.",
             stacklevel=2,
         )

@@ -12,6 +12,7 @@ one interrupts at once.
 
 import re
 import signal
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -62,29 +63,37 @@ def restore_checkpoint(causal_lm, path):
     layout as when the checkpoint was written.
 
     Raises:
-        TrainingError: the checkpoint does not match this model.
+        TrainingError: the checkpoint is unreadable or does not match this model.
     """
-    with np.load(path) as saved:
-        weights = [saved[f"weight_{i}"] for i in range(len(causal_lm.trainable_variables))]
-        optimizer = causal_lm.optimizer
-        optimizer.build(causal_lm.trainable_variables)  # creates the slots to fill
-        names = [f"optimizer_{i}" for i in range(len(optimizer.variables))]
-        if any(name not in saved for name in names) or f"optimizer_{len(names)}" in saved:
+    try:
+        with np.load(path) as file:
+            saved = {name: file[name] for name in file.files}  # a truncated or damaged file fails here
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        older = [p for p in sorted(Path(path).parent.glob("step-*.npz")) if p != Path(path)]
+        fix = f"Delete it to resume from {older[-1].name}" if older else "Start the run again"
+        raise TrainingError(f"Checkpoint {path} is unreadable ({type(e).__name__}). {fix}.") from None
+    optimizer = causal_lm.optimizer
+    optimizer.build(causal_lm.trainable_variables)  # creates the slots to fill
+    names = [f"optimizer_{i}" for i in range(len(optimizer.variables))]
+    weight_names = [f"weight_{i}" for i in range(len(causal_lm.trainable_variables))]
+    if any(name not in saved for name in [*names, *weight_names, "epoch", "step", "global_step"]) or (
+        f"optimizer_{len(names)}" in saved
+    ):
+        raise TrainingError(
+            f"Checkpoint {path} holds other state than this run's (another LoRA layout, or a damaged "
+            "file). Resume with the run's own config.json (do not change LoRA settings)."
+        )
+    for variable, value in zip(causal_lm.trainable_variables, (saved[name] for name in weight_names)):
+        if tuple(variable.shape) != value.shape:
             raise TrainingError(
-                f"Checkpoint {path} holds optimizer state of another shape than this run's. "
-                "Resume with the run's own config.json (do not change LoRA settings)."
+                f"Checkpoint {path} does not fit this model ({variable.path}: {value.shape} vs "
+                f"{tuple(variable.shape)}). Resume with the run's own config.json."
             )
-        for variable, value in zip(causal_lm.trainable_variables, weights):
-            if tuple(variable.shape) != value.shape:
-                raise TrainingError(
-                    f"Checkpoint {path} does not fit this model ({variable.path}: {value.shape} vs "
-                    f"{tuple(variable.shape)}). Resume with the run's own config.json."
-                )
-            variable.assign(value)
-        for variable, name in zip(optimizer.variables, names):
-            variable.assign(saved[name])
-        position = Position(int(saved["epoch"]), int(saved["step"]))
-        return position, int(saved["global_step"])
+        variable.assign(value)
+    for variable, name in zip(optimizer.variables, names):
+        variable.assign(saved[name])
+    position = Position(int(saved["epoch"]), int(saved["step"]))
+    return position, int(saved["global_step"])
 
 
 class Checkpointer(keras.callbacks.Callback):
@@ -101,12 +110,21 @@ class Checkpointer(keras.callbacks.Callback):
         self.steps_per_epoch = steps_per_epoch
         self.global_step = start_global_step
         self.position = Position()
+        self.epoch_first_step = start_global_step + 1
         self.last_saved = None
         self.interrupted = False
         self.bad_step = None
 
     def begin_epoch(self, epoch, skip):
         self.position = Position(epoch, skip)
+        self.epoch_first_step = self.global_step + 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        # metrics.csv's per-epoch means cover these steps only: after a
+        # resume, the steps of this process, not the whole epoch.
+        if logs is not None:
+            logs["first_step"] = self.epoch_first_step
+            logs["last_step"] = self.global_step
 
     def on_train_batch_end(self, batch, logs=None):
         self.global_step += 1

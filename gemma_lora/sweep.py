@@ -37,14 +37,16 @@ import time
 from pathlib import Path
 
 from gemma_lora.config import resolve_config
-from gemma_lora.errors import ConfigError
-from gemma_lora.io import atomic_path, prepare_output_dir, write_text_atomic
+from gemma_lora.errors import ConfigError, TrainingError
+from gemma_lora.io import atomic_path, prepare_output_dir, read_json, write_text_atomic
 
 DEFAULT_RANKS = (4, 8, 16)
 # Small models a CPU can fully fine-tune (a 2B model's weights, gradients and
 # AdamW moments would need about 40 GB).
 CPU_FULL_FINETUNE_PRESETS = ("tiny", "demo", "gemma3_270m_gguf")
 FAILED_FILE = "failed.json"
+# What to do about a damaged file of a finished variant.
+RERUN = "Delete that variant's directory and run the same command again to redo it."
 MEASURED_FILE = "measured.json"
 # The results table: column name -> what it holds (results.md's legend).
 COLUMNS = {
@@ -257,10 +259,10 @@ def read_row(run_dir, variant):
     run_dir = Path(run_dir)
     if not _finished(run_dir):
         failed = run_dir / FAILED_FILE
-        reason = json.loads(failed.read_text())["reason"] if failed.is_file() else "not run"
+        reason = read_json(failed, TrainingError).get("reason", "unknown") if failed.is_file() else "not run"
         row.update(status="failed", reason=reason)
         return row
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = read_json(run_dir / "summary.json", TrainingError, RERUN)
     after = summary.get("token_loss_after", {})
     sem = summary.get("token_loss_after_sem", {})
     row.update(
@@ -279,7 +281,7 @@ def read_row(run_dir, variant):
     )
     measured = run_dir / MEASURED_FILE
     if measured.is_file():
-        row.update(json.loads(measured.read_text()))
+        row.update(read_json(measured, TrainingError, RERUN))
     return row
 
 
@@ -310,7 +312,7 @@ def load_results(series_dir):
     path = Path(series_dir) / "results.json"
     if not path.is_file():
         raise OutputError(f"No results.json in {series_dir}: run the sweep into it first.")
-    return json.loads(path.read_text())
+    return read_json(path, OutputError, "Run the sweep into that directory again to rewrite it.")
 
 
 def markdown_table(rows):
@@ -387,7 +389,7 @@ def samples_side_by_side(rows, series_dir):
     done = [r for r in rows if r["status"] == "done"]
     if not done:
         return "No variant finished; no samples.\n"
-    records = {r["variant"]: json.loads((Path(series_dir) / r["variant"] / "samples.json").read_text()) for r in done}
+    records = {r["variant"]: read_json(Path(series_dir) / r["variant"] / "samples.json", TrainingError, RERUN) for r in done}
     first = records[done[0]["variant"]]
     header = ["instruction", "before (base model)"] + [r["variant"] for r in done]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -421,7 +423,7 @@ def _resumable(run_dir, config):
     return (
         saved.is_file()
         and not (run_dir / FAILED_FILE).is_file()
-        and not _changed_settings(json.loads(saved.read_text()), config)
+        and not _changed_settings(read_json(saved, TrainingError, RERUN), config)
         and (run_dir / BEFORE_FILE).is_file()
         and latest_checkpoint(run_dir) is not None
     )
@@ -450,7 +452,7 @@ def _check_series_dir(series_dir, variants):
         saved = series_dir / variant.name / "config.json"
         if not (_finished(saved.parent) and saved.is_file()):
             continue
-        changed = _changed_settings(json.loads(saved.read_text()), variant.config)
+        changed = _changed_settings(read_json(saved, TrainingError, RERUN), variant.config)
         if changed:
             details = ", ".join(f"{k} {had!r} (now {want!r})" for k, (had, want) in list(changed.items())[:6])
             raise ConfigError(
@@ -527,7 +529,7 @@ def _eos_share(summary):
 def _samples_eos(samples_json):
     if not samples_json.is_file():
         return None
-    records = json.loads(samples_json.read_text())
+    records = read_json(samples_json, TrainingError, RERUN)
     return f"{sum(r['after']['ended_with_eos'] for r in records)}/{len(records)}"
 
 

@@ -347,20 +347,58 @@ def total_steps(rows, config, engine="keras"):
     return min(steps, config.max_steps) if config.max_steps else steps
 
 
-def callbacks_for_run(run_dir, splits, config):
+def callbacks_for_run(run_dir, splits, config, start_step=0):
     """The callbacks a CLI/pipeline run uses: split scores, CSV log, TensorBoard."""
     callbacks = [SplitScorer(splits, max(config.batch_size, 8))]
     # append: one fit call per epoch, and resumed runs, add to the same file.
     callbacks.append(keras.callbacks.CSVLogger(str(run_dir / "metrics.csv"), append=True))
     if config.tensorboard:
-        try:
-            callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard")))
-        except ImportError:
-            raise ConfigError(
-                "tensorboard=true needs the tensorboard package. pip install tensorboard, "
-                "or drop --tensorboard."
-            ) from None
+        callbacks.append(TensorBoardLog(run_dir / "tensorboard", start_step))
     return callbacks
+
+
+def require_tensorboard(config):
+    """Raise ConfigError before anything is written if TensorBoard logs are asked for and cannot be written."""
+    if not config.tensorboard:
+        return
+    try:
+        import tensorboardX  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            'tensorboard=true needs the tensorboardX package: pip install "gemma-lora[tensorboard]", '
+            "or drop --tensorboard."
+        ) from None
+
+
+class TensorBoardLog(keras.callbacks.Callback):
+    """Training curves for TensorBoard: token_loss every step, the epoch logs every epoch.
+
+    Written with tensorboardX, which needs no TensorFlow (Keras' own
+    TensorBoard callback does, and the CLI keeps TensorFlow out of the
+    process). Steps are the run's global steps, so a resumed run continues
+    the same curves.
+    """
+
+    def __init__(self, log_dir, start_step=0):
+        super().__init__()
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(str(log_dir))
+        self.step = start_step
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        if logs and "token_loss" in logs:
+            self.writer.add_scalar("train/token_loss", float(logs["token_loss"]), self.step)
+
+    def on_epoch_end(self, epoch, logs=None):
+        for name, value in (logs or {}).items():
+            if isinstance(value, (int, float, np.floating)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"epoch/{name}", float(value), self.step)
+        self.writer.flush()
+
+    def on_train_end(self, logs=None):
+        self.writer.flush()
 
 
 def token_loss(causal_lm, rows, batch_size=8, label=None):

@@ -60,7 +60,7 @@ def test_our_loader_reads_a_stock_adapter_and_warns_about_missing_metadata(tmp_p
     path = tmp_path / "stock.lora.h5"
     source.backbone.save_lora_weights(str(path))
     target = fresh(tiny_preset)
-    with pytest.warns(UserWarning, match="No adapter.json .* stock KerasHub adapter"):
+    with pytest.warns(UserWarning, match="No stock.json beside .* stock KerasHub adapter"):
         assert adapters.load_adapter(target, path) is None
     np.testing.assert_array_equal(logits(target), logits(source))
 
@@ -146,7 +146,9 @@ def test_cli_merge_and_info(tmp_path, tiny_preset, make_config, capsys):
     assert "no LoRA" in capsys.readouterr().out
     assert main(["info", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "rank 4, 4 LoRA layers" in out and json.loads(out[out.index("{"):])["base_preset"] == "tiny"
+    assert "rank 4, 4 LoRA layers" in out and "base model: tiny" in out
+    assert main(["info", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["base_preset"] == "tiny"
     assert main(["merge", str(tmp_path / "adapter.h5"), str(tmp_path / "m2")]) == 2
     assert "must end in .lora.h5" in capsys.readouterr().err
 

@@ -24,7 +24,12 @@ def test_train_end_to_end_through_the_console_script(tmp_path):
         capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    # Quiet by default: no TensorFlow, absl, oneDNN or CUDA start-up lines.
+    for noise in ("absl", "cuInit", "tensorflow", "TF_ENABLE_ONEDNN_OPTS", "cuda", "LOG(INFO)"):
+        assert noise not in result.stderr, result.stderr[-2000:]
     out = result.stdout
+    # One progress bar whose total is the steps the run takes (2 of an epoch's 2).
+    assert "training: 100%" in out and "2/2 [" in out and "token_loss=" in out
     assert "135,488 base parameters, 2,816 trainable" in out
     assert "[before] What should I do on a trip to Europe?" in out and "[after] Name a colour." in out
     assert "validation token loss" in out and "test token loss" in out
@@ -56,8 +61,10 @@ def test_recipe_flag_prints_the_recipe_settings(tmp_path, capsys):
     assert "(<eos> appended, as KerasHub)" in out
 
 
-def test_info_shows_a_run_and_a_preset(tmp_path, capsys):
+def test_info_shows_a_preset(tmp_path, capsys):
     assert main(["info", "tiny"]) == 0
+    assert "GemmaBackbone: num_layers 2" in capsys.readouterr().out
+    assert main(["info", "tiny", "--json"]) == 0
     assert '"num_layers": 2' in capsys.readouterr().out
 
 
@@ -69,7 +76,8 @@ def test_generate_with_an_adapter(tmp_path, capsys):
                  "--adapter", str(run_dir / "adapter.lora.h5")])
     assert code == 0 and "### Hi?" in capsys.readouterr().out
     assert main(["info", str(run_dir)]) == 0
-    assert "== adapter.json" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "base model: tiny" in out and "LoRA rank 4" in out and "validation token loss: " in out
 
 
 def bad_file(tmp_path, lines):

@@ -60,7 +60,7 @@ def reference(tmp_path_factory, make_config):
 def test_a_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, make_config, reference, monkeypatch):
     config = make_config(**RUN, output_dir=str(tmp_path / "run"))
     original = train.callbacks_for_run
-    monkeypatch.setattr(train, "callbacks_for_run", lambda *a: [*original(*a), CrashAt(11)])
+    monkeypatch.setattr(train, "callbacks_for_run", lambda *a, **k: [*original(*a, **k), CrashAt(11)])
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_training(config, echo=lambda *a: None)
     monkeypatch.setattr(train, "callbacks_for_run", original)
@@ -113,7 +113,7 @@ def test_nan_mid_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, make_con
                     variable.assign(np.full(variable.shape, np.nan, "float32"))
 
     original = train.callbacks_for_run
-    monkeypatch.setattr(train, "callbacks_for_run", lambda *a: [PoisonAt(), *original(*a)])
+    monkeypatch.setattr(train, "callbacks_for_run", lambda *a, **k: [PoisonAt(), *original(*a, **k)])
     config = make_config(**RUN, output_dir=str(tmp_path / "run"))
     with pytest.raises(TrainingError, match=r"NaN at step 5.*step-00000003.npz, is kept.*--resume"):
         run_training(config, echo=lambda *a: None)
