@@ -114,6 +114,13 @@ def epoch_batches(rows, config, epoch):
     return [{k: v[i : i + size] for k, v in packed.items()} for i in range(0, n + extra, size)]
 
 
+def batch_contents(batch):
+    """(examples, real tokens) in a packed batch: its distinct segments, its non-padding positions."""
+    segments = batch["segment_ids"]
+    examples = sum(len(np.unique(row[row > 0])) for row in segments)
+    return examples, int((segments > 0).sum())
+
+
 def steps_per_epoch(rows, config):
     return len(epoch_batches(rows, config, 0))
 

@@ -97,7 +97,9 @@ def _run_training(config, echo, resume):
         data_stats["packed_real_token_fraction"] = packed["real_token_fraction"]
         echo(
             f"engine: fast (packed rows, gemma_lora.fast): {packed['steps_per_epoch']} steps an epoch of "
-            f"{config.batch_size} rows x {config.sequence_length}, {packed['real_token_fraction']:.1%} real tokens"
+            f"{config.batch_size} rows x {config.sequence_length} (about "
+            f"{len(rows['train']) / packed['steps_per_epoch']:.1f} examples a step), "
+            f"{packed['real_token_fraction']:.1%} real tokens"
         )
     else:
         echo("engine: keras (keras.Model.fit)")
@@ -162,18 +164,15 @@ def _run_training(config, echo, resume):
             f"continue with `gemma-lora train --resume {run_dir}`"
         )
         raise KeyboardInterrupt
-    # Rows seen times the mean real tokens per row; the time includes compilation
-    # and the per-epoch validation scoring.
+    # The time includes compilation and the per-epoch validation scoring.
     steps = checkpointer.global_step - global_step
-    # A fast-engine step holds several packed examples per row.
-    rows_per_step = len(rows["train"]) / train.steps_per_epoch(rows["train"], config, engine)
-    rows_seen = min(steps * rows_per_step, len(rows["train"]) * config.epochs)
-    real_tokens_seen = rows_seen * rows["train"].real_tokens / len(rows["train"])
+    examples, real_tokens = train.examples_trained(rows["train"], config, engine, global_step + 1, checkpointer.global_step)
     train_stats = {
         "steps": checkpointer.global_step,
         "steps_this_session": steps,
+        "examples_this_session": examples,
         "seconds": round(timer.seconds, 2),
-        "real_tokens_per_second": round(real_tokens_seen / timer.seconds, 1),
+        "real_tokens_per_second": round(real_tokens / timer.seconds, 1),
     }
     phases.start("after")
     scores = score("after")
@@ -183,7 +182,7 @@ def _run_training(config, echo, resume):
         echo(f"{name} token loss (response tokens{'' if config.response_only_loss else ' and prompt'}): "
              f"{before[name]:.4f} before → {after[name]:.4f} after ({len(rows[name])} rows)")
     echo(
-        f"trained {steps} steps in {timer.seconds:.1f} s, compilation and per-epoch validation included "
+        f"trained {steps} steps ({examples} examples) in {timer.seconds:.1f} s, compilation and per-epoch validation included "
         f"({train_stats['real_tokens_per_second']:,} real tokens/s)"
     )
 

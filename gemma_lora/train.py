@@ -341,6 +341,30 @@ class TrainingProgress(keras.callbacks.Callback):
             self.progress.close()
 
 
+def examples_trained(rows, config, engine, first_step, last_step):
+    """(examples, real tokens) in global steps first_step..last_step (1-based, inclusive).
+
+    Exact for either engine: a Keras step holds `batch_size` rows (fewer at
+    an epoch's end), a fast-engine step several packed examples per row.
+    """
+    per_epoch = steps_per_epoch(rows, config, engine)
+    examples = tokens = 0
+    plans = {}
+    for step in range(first_step, last_step + 1):
+        epoch, index = divmod(step - 1, per_epoch)
+        if epoch not in plans:
+            if engine == "fast":
+                from gemma_lora import fast_train
+
+                plans[epoch] = [fast_train.batch_contents(b) for b in fast_train.epoch_batches(rows, config, epoch)]
+            else:
+                lengths = rows.padding_mask.sum(axis=1)
+                plans[epoch] = [(len(b), int(lengths[b].sum())) for b in epoch_batches(rows, config, epoch)]
+        n, t = plans[epoch][index]
+        examples, tokens = examples + n, tokens + t
+    return examples, tokens
+
+
 def total_steps(rows, config, engine="keras"):
     """Optimizer steps a whole run takes: every epoch's, or max_steps if fewer."""
     steps = config.epochs * steps_per_epoch(rows, config, engine)

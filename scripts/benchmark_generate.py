@@ -1,0 +1,100 @@
+"""Held-out answering: stock KerasHub `generate` against the package's decoder, same prompts.
+
+    python scripts/benchmark_generate.py                      # demo (Gemma 3 270M), 68 test rows, 128 new tokens
+    python scripts/benchmark_generate.py --preset tiny --rows 20 --max-new-tokens 16   # CPU smoke, seconds
+    python scripts/benchmark_generate.py --adapter runs/<run>/adapter.lora.h5         # a fine-tuned model
+
+Both answer the test split's instructions (the pipeline's template) greedily
+up to --max-new-tokens, stopping at <eos>. "stock" is KerasHub's compiled
+`generate` in batches of 16 rows of like length, prompt room rounded up to 64
+tokens (what the package did before `gemma_lora.decode`); "package" is
+`gemma_lora.decode.decode_tokens` with the slots `gemma_lora.sampling` uses,
+the pipeline's answering path. Each is called twice
+in the same process: "first call" includes compilation, "second call" does
+not, and "compile s" is their difference. Rows whose tokens differ between
+the two are counted (float32 greedy decoding should agree except at near-ties).
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gemma_lora import runtime  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="demo")
+    parser.add_argument("--adapter", help="Apply this adapter first (a fine-tuned model ends its answers).")
+    parser.add_argument("--rows", type=int, default=68, help="Test rows to answer (the shipped sample has 68).")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--variants", default="package,stock")
+    args = parser.parse_args()
+
+    runtime.quiet_startup()
+    runtime.configure_runtime()
+    from gemma_lora import data, decode, model
+    from gemma_lora.config import resolve_config
+    from gemma_lora.data import Example, prompt_text
+    from gemma_lora.sampling import SLOTS, keras_hub_batch
+
+    config = resolve_config(overrides=dict(preset=args.preset, sequence_length=256, test_rows=args.rows,
+                                           max_new_tokens=args.max_new_tokens, stop_strings=[]))
+    rows = data.split(data.load_examples(config), config).test[: args.rows]
+    causal_lm = model.load_causal_lm(model.resolve_preset(config.preset), "float32", config.sequence_length)
+    if args.adapter:
+        from gemma_lora.adapters import load_adapter
+
+        load_adapter(causal_lm, args.adapter)
+    tokenizer = causal_lm.preprocessor.tokenizer
+    eos, pad = tokenizer.end_token_id, tokenizer.pad_token_id
+    prompts = [[tokenizer.start_token_id, *map(int, ids)]
+               for ids in tokenizer([prompt_text(Example(e.instruction, ""), config) for e in rows])]
+
+    def package():
+        return decode.decode_tokens(causal_lm, prompts, args.max_new_tokens, [eos], slots=SLOTS)
+
+    def stock():
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        outputs = [None] * len(prompts)
+        for start in range(0, len(order), 16):
+            batch = order[start : start + 16]
+            for i, new in zip(batch, keras_hub_batch(causal_lm, [prompts[i] for i in batch], args.max_new_tokens, eos, pad)):
+                outputs[i] = new
+        return outputs
+
+    results, tokens = [], {}
+    for name in args.variants.split(","):
+        run = {"package": package, "stock": stock}[name]
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            out = run()
+            times.append(time.perf_counter() - start)
+        tokens[name] = out
+        new = sum(map(len, out))
+        results.append(dict(variant=name, rows=len(rows), new_tokens=new, first=times[0], second=times[1],
+                            compile=times[0] - times[1], tps=new / times[1]))
+        print(f"{name}: first call {times[0]:.1f} s, second {times[1]:.1f} s, {new} new tokens", flush=True)
+
+    if {"package", "stock"} <= set(tokens):
+        differ = sum(a != b for a, b in zip(tokens["package"], tokens["stock"]))
+        print(f"rows whose greedy tokens differ between the two: {differ} of {len(rows)}")
+    print(f"\npreset {args.preset}{' + ' + args.adapter if args.adapter else ''}, {len(rows)} rows, "
+          f"up to {args.max_new_tokens} new tokens, package slots {SLOTS}, decode chunk {decode.CHUNK_STEPS} steps\n")
+    print("| variant | rows | new tokens | first call s | second call s | compile s | new tokens/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['variant']} | {r['rows']} | {r['new_tokens']:,} | {r['first']:.1f} | {r['second']:.1f} | "
+              f"{r['compile']:.1f} | {r['tps']:.0f} |")
+    if len(results) == 2:
+        a, b = results
+        print(f"\n{a['variant']} / {b['variant']}: first call {b['first'] / a['first']:.2f}x faster, "
+              f"second call {b['second'] / a['second']:.2f}x faster")
+
+
+if __name__ == "__main__":
+    main()
