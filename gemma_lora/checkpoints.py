@@ -20,7 +20,7 @@ import numpy as np
 from gemma_lora import runtime
 from gemma_lora.errors import TrainingError
 from gemma_lora.io import atomic_path
-from gemma_lora.train import Position
+from gemma_lora.loop import Position
 
 runtime.ensure_runtime()
 

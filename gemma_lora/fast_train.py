@@ -26,6 +26,7 @@ import numpy as np
 from gemma_lora import fast, packing, runtime
 from gemma_lora.config import ENGINES  # noqa: F401  (re-exported)
 from gemma_lora.errors import ConfigError
+from gemma_lora.loop import History, Position, epoch_order, epochs_from, with_step_limit
 
 runtime.ensure_runtime()
 
@@ -98,8 +99,6 @@ def epoch_batches(rows, config, epoch):
 
     A pure function of (rows, config, epoch), so a resumed run rebuilds them.
     """
-    from gemma_lora.train import epoch_order
-
     examples = examples_of(rows)
     order = epoch_order(len(examples), config, epoch)
     packed = packing.pack([examples[i] for i in order], config.sequence_length)
@@ -193,13 +192,11 @@ class Engine:
 
 
 def fit(causal_lm, rows, config, precision, callbacks=(), start=None):
-    """Train like `train.fit`, with the fast engine; returns a `train.History`."""
-    from gemma_lora.train import History, Position, epochs_from, with_step_limit
-
+    """Train like `train.fit`, with the fast engine; returns a `loop.History`."""
     start = start or Position()
     engine = Engine(causal_lm, config, precision)
     # StopAfterSteps (for max_steps) ends the run by setting stop_training, as under Keras' fit.
-    callbacks = with_step_limit(callbacks, rows, config, start, engine="fast")
+    callbacks = with_step_limit(callbacks, config, start, steps_per_epoch(rows, config))
     for callback in callbacks:
         callback.set_model(causal_lm)
     # Checkpointer.save syncs Keras' JAX state first; route that to the fast state.

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from gemma_lora import runtime
 from gemma_lora.errors import ConfigError, CredentialsError, PresetError
+from gemma_lora.layers import layers_with_weights, lora_layers  # noqa: F401  (re-exported)
 
 runtime.ensure_runtime()
 
@@ -331,20 +332,6 @@ def enable_lora(causal_lm, rank, alpha=None, targets=("query", "value"), seed=No
         for layer in layers:
             layer.lora_alpha = float(alpha)
     return layers
-
-
-def layers_with_weights(backbone):
-    """The backbone's layers in the order KerasHub numbers them in LoRA files.
-
-    `_flatten_layers` filtered to layers with weights is the walk KerasHub's
-    own `save_lora_weights` and `load_lora_weights` use; the same numbering
-    keeps adapter files interchangeable.
-    """
-    return [layer for layer in backbone._flatten_layers(include_self=False) if layer.weights]
-
-
-def lora_layers(causal_lm):
-    return [layer for layer in layers_with_weights(causal_lm.backbone) if getattr(layer, "lora_enabled", False)]
 
 
 def _einsum_names(backbone):

@@ -20,6 +20,7 @@ import numpy as np
 
 from gemma_lora import runtime
 from gemma_lora.errors import ConfigError
+from gemma_lora.layers import lora_layers
 
 runtime.ensure_runtime()
 
@@ -41,8 +42,6 @@ def quantize_base(causal_lm, mode):
     """
     if mode not in MODES:
         raise ConfigError(f"quantize={mode!r} must be one of {', '.join(MODES)} (or None for no quantization).")
-    from gemma_lora.model import lora_layers
-
     if lora_layers(causal_lm):
         raise ConfigError("Quantize the base before enabling LoRA: load a fresh model with quantize=..., then enable_lora.")
     if mode == "int8":
@@ -112,8 +111,6 @@ def float_embeddings(layer):
 
 def base_weight_bytes(causal_lm):
     """Bytes held by the backbone's variables, LoRA factors excluded."""
-    from gemma_lora.model import lora_layers
-
     lora = set()
     for layer in lora_layers(causal_lm):
         lora |= {id(layer.lora_kernel_a), id(layer.lora_kernel_b)}

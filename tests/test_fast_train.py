@@ -78,7 +78,7 @@ def test_the_fast_engine_trains_and_resumes_to_the_uninterrupted_result(tmp_path
 
     config = make_config(**RUN, output_dir=str(tmp_path / "run"))
     original = train.callbacks_for_run
-    monkeypatch.setattr(train, "callbacks_for_run", lambda *a: [*original(*a), CrashAt(7)])
+    monkeypatch.setattr(train, "callbacks_for_run", lambda *a, **k: [*original(*a, **k), CrashAt(7)])
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_training(config, echo=lambda *a: None)
     monkeypatch.setattr(train, "callbacks_for_run", original)
