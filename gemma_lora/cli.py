@@ -130,15 +130,29 @@ def add_field_flags(parser, names):
     """One flag per config field; only flags the user gives reach the config."""
     for name in names:
         f = FIELDS[name]
-        flag = "--" + name.replace("_", "-")
+        flag = f.metadata.get("flag") or "--" + name.replace("_", "-")
         kwargs = {"dest": name, "default": argparse.SUPPRESS, "help": f.metadata["help"].replace("%", "%%")}
         base, optional = _unwrap_optional(f.type)
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif typing.get_origin(base) is dict:
+            parser.add_argument(flag, action=_MappingAction, metavar="NAME=COLUMN", **kwargs)
         elif typing.get_origin(base) is list:
             parser.add_argument(flag, nargs="*", metavar="VALUE", **kwargs)
         else:
             parser.add_argument(flag, type=_parser_for(base, optional), metavar=base.__name__.upper(), **kwargs)
+
+
+class _MappingAction(argparse.Action):
+    """A repeatable NAME=VALUE option collected into a dict."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        name, sep, column = value.partition("=")
+        if not sep or not name.strip() or not column.strip():
+            parser.error(f"{option_string} expects NAME=COLUMN, got {value!r}")
+        mapping = dict(getattr(namespace, self.dest, None) or {})
+        mapping[name.strip()] = column.strip()
+        setattr(namespace, self.dest, mapping)
 
 
 def _unwrap_optional(annotation):

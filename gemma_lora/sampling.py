@@ -55,7 +55,11 @@ def generate(causal_lm, instructions, config, batch_size=8):
     Returns:
         A list of `Sample`, one per instruction.
     """
-    tokenizer = causal_lm.preprocessor.tokenizer
+    return _generate(causal_lm, instructions, [Example(i, "") for i in instructions], config, batch_size)
+
+
+def _generate(causal_lm, labels, examples, config, batch_size):
+    """Answer each example's prompt (`prompt_text`); `labels` name the samples."""
     sampler_key = (config.sampler, config.top_k, config.seed)
     if _SAMPLERS.get(causal_lm) != sampler_key or causal_lm.generate_function is None:
         # A new sampler needs a new compiled generate function; the same one is
@@ -63,19 +67,17 @@ def generate(causal_lm, instructions, config, batch_size=8):
         causal_lm.sampler = make_sampler(config)
         causal_lm.generate_function = None
         _SAMPLERS[causal_lm] = sampler_key
+    tokenizer = causal_lm.preprocessor.tokenizer
     samples = []
-    for start in range(0, len(instructions), batch_size):
-        batch = list(instructions[start : start + batch_size])
-        samples += _generate_batch(causal_lm, tokenizer, batch, config)
+    for start in range(0, len(examples), batch_size):
+        batch = slice(start, start + batch_size)
+        samples += _generate_batch(causal_lm, tokenizer, labels[batch], examples[batch], config)
     return samples
 
 
-def _generate_batch(causal_lm, tokenizer, instructions, config):
+def _generate_batch(causal_lm, tokenizer, instructions, examples, config):
     bos, eos, pad = tokenizer.start_token_id, tokenizer.end_token_id, tokenizer.pad_token_id
-    prompts = [
-        [bos, *map(int, ids)]
-        for ids in tokenizer([prompt_text(Example(i, ""), config) for i in instructions])
-    ]
+    prompts = [[bos, *map(int, ids)] for ids in tokenizer([prompt_text(e, config) for e in examples])]
     # Prompt room rounded up to a multiple of 64: generate compiles once per
     # input shape, and the prompts of a batch vary in length.
     length = -(-max(map(len, prompts)) // 64) * 64 + config.max_new_tokens
@@ -127,9 +129,11 @@ def answer_endings(causal_lm, examples, config, batch_size=16):
     import dataclasses
 
     greedy = dataclasses.replace(config, sampler="greedy")
-    # Prompts of like length share a batch: less padding, fewer shapes.
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].instruction))
-    answers = generate(causal_lm, [examples[i].instruction for i in order], greedy, batch_size)
+    # Each row is answered from its whole prompt (context, or a completion
+    # prompt as written); prompts of like length share a batch.
+    prompts = [prompt_text(e, config) for e in examples]
+    order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
+    answers = _generate(causal_lm, [examples[i].instruction for i in order], [examples[i] for i in order], greedy, batch_size)
     samples = [None] * len(examples)
     for i, sample in zip(order, answers):
         samples[i] = sample
