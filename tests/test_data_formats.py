@@ -9,7 +9,7 @@ import pytest
 
 from conftest import write_jsonl
 from gemma_lora import data
-from gemma_lora.data import formats, sources
+from gemma_lora.data import sources
 from gemma_lora.errors import DataError
 
 QA = [
@@ -369,3 +369,17 @@ def test_fingerprints_follow_the_content_not_the_file_type(tmp_path, make_config
     assert jsonl["splits"] == parquet["splits"] and jsonl["fingerprint"] == parquet["fingerprint"]
     assert jsonl["splits"]["train"]["rows"] == [0, 1] and jsonl["splits"]["test"]["rows"] == [2, 3]
     assert len({s["fingerprint"] for s in jsonl["splits"].values()}) == 3
+
+
+def test_the_python_api_reads_what_the_cli_reads(tmp_path):
+    """TrainConfig(data=..., data_format=..., fields=...) and load_examples, as the package exports them."""
+    import gemma_lora
+
+    rows = [{"q": q, "a": a} for q, a in QA]
+    spec = write(tmp_path, "parquet", rows)
+    config = gemma_lora.TrainConfig(data=spec, data_format="completion", fields={"prompt": "q", "completion": "a"},
+                                    limit=2, validation_rows=1, test_rows=1)
+    examples = gemma_lora.load_examples(config)
+    assert [(e.prompt, e.response) for e in examples] == QA
+    assert gemma_lora.read_dataset(config).examples == examples
+    assert [e.response for e in gemma_lora.split(examples, config).test] == [QA[2][1]]

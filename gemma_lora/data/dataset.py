@@ -17,7 +17,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
-from gemma_lora.data import formats, sources
+from gemma_lora.data.formats import check_fields, detect, parse
+from gemma_lora.data.sources import Source, file_type, read_records, resolve
 from gemma_lora.errors import DataError
 
 
@@ -71,22 +72,22 @@ def read_dataset(config, path=None):
         DataError: the data cannot be read, a record does not fit its format,
             the file is empty, or nothing is left after filtering.
     """
-    source = sources.Source(sources.file_type(path), str(path)) if path else sources.resolve(config.data)
+    source = Source(file_type(path), str(path)) if path else resolve(config.data)
     split = (config.data_split or "train") if source.kind == "hf" else None
     fields = dict(config.fields)
     fmt = None if config.data_format == "auto" else config.data_format
     if fmt:
-        formats.check_fields(fmt, fields, "given with --data-format")
+        check_fields(fmt, fields, "given with --data-format")
     wanted = config.limit + config.test_rows
     examples, read, dropped = [], 0, 0
-    records = sources.read_records(source, split)
+    records = read_records(source, split)
     try:
         for where, record in records:
             read += 1
             if read == 1 and config.data_format == "auto":
-                fmt = formats.detect(record, where, fields)
-                formats.check_fields(fmt, fields, f"detected from {where}")
-            example = formats.parse(fmt, record, where, fields)
+                fmt = detect(record, where, fields)
+                check_fields(fmt, fields, f"detected from {where}")
+            example = parse(fmt, record, where, fields)
             if example.context and not config.include_context:
                 dropped += 1
                 continue
