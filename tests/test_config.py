@@ -120,3 +120,8 @@ def test_a_field_mapping_and_split_from_a_toml_file(tmp_path):
     config = resolve_config(load_config_file(path))
     assert config.fields == {"prompt": "question", "completion": "answer"} and config.data_split == "validation"
     assert resolve_config(json.loads(json.dumps(config.to_dict()))) == config  # config.json reads back the same
+
+
+def test_the_shipped_category_config_loads_and_validates():
+    config = resolve_config(load_config_file(Path(REPO) / "configs" / "category.toml"))
+    assert config.data == "dolly-category" and config.metric == "exact_match" and config.stop_strings == ["\n"]

@@ -239,7 +239,9 @@ def detect(record, where, fields):
         return best
     keys = ", ".join(map(str, record)) or "none"
     known = "; ".join(
-        f"{fmt} ({', '.join(required)}{''.join(f', {o}?' for o in optional)})" for fmt, (required, optional) in FIELDS.items()
+        f"{fmt} ({', '.join(required)}{''.join(f', {o}?' for o in optional)}"
+        + (f" of {'/'.join(TURN_KEYS[fmt])} turns" if fmt in TURN_KEYS else "") + ")"
+        for fmt, (required, optional) in FIELDS.items()
     )
     hint = suggest_mapping(record)
     raise DataError(
