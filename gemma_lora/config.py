@@ -125,7 +125,8 @@ class TrainConfig:
         default=None,
     )
     include_context: bool = _help(
-        "Keep rows with a context (formatted with context_template); the recipe drops them.",
+        "Keep rows with a context (Dolly's context, Alpaca's non-empty input), formatted with "
+        "context_template; the recipe drops them.",
         default=False,
     )
     template: str = _help("Template for rows without context.", default=RECIPE_TEMPLATE)
