@@ -33,6 +33,7 @@ _LAZY = {
     "enable_lora": "gemma_lora.model",
     "parameter_summary": "gemma_lora.model",
     "load_examples": "gemma_lora.data",
+    "read_dataset": "gemma_lora.data",
     "split": "gemma_lora.data",
     "tokenize_rows": "gemma_lora.data",
     "compile_for_training": "gemma_lora.train",

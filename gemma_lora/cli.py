@@ -170,12 +170,14 @@ def add_field_flags(parser, names, defaults=None, helps=None):
     """
     for name in names:
         f = FIELDS[name]
-        flag = "--" + name.replace("_", "-")
+        flag = f.metadata.get("flag") or "--" + name.replace("_", "-")
         text = (helps or {}).get(name) or f"{f.metadata['help']} (default: {_default_text(name, defaults)})"
         kwargs = {"dest": name, "default": argparse.SUPPRESS, "help": text.replace("%", "%%")}
         base, optional = _unwrap_optional(f.type)
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif typing.get_origin(base) is dict:
+            parser.add_argument(flag, action=_MappingAction, metavar="NAME=COLUMN", **kwargs)
         elif typing.get_origin(base) is list:
             parser.add_argument(flag, nargs="*", metavar="VALUE", **kwargs)
         else:
@@ -192,7 +194,21 @@ def _default_text(name, defaults=None):
         return " ".join(repr(v) for v in value) or "none"
     if isinstance(value, bool):
         return "on" if value else "off"
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items()) or "none"
     return "none" if value is None else repr(value) if isinstance(value, str) and ("\n" in value or not value) else str(value)
+
+
+class _MappingAction(argparse.Action):
+    """A repeatable NAME=VALUE option collected into a dict."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        name, sep, column = value.partition("=")
+        if not sep or not name.strip() or not column.strip():
+            parser.error(f"{option_string} expects NAME=COLUMN, got {value!r}")
+        mapping = dict(getattr(namespace, self.dest, None) or {})
+        mapping[name.strip()] = column.strip()
+        setattr(namespace, self.dest, mapping)
 
 
 def _unwrap_optional(annotation):
@@ -273,6 +289,9 @@ def run_generate(args):
     recorded = {"base_preset": "preset", "base_preset_version": "preset_version", "quantize": "quantize",
                 "template": "template", "stop_strings": "stop_strings"}
     defaults = {field: meta[key] for key, field in recorded.items() if key in meta}
+    if meta.get("data_format") in ("completion", "text"):
+        # Trained on prompts as written (no instruction template): give the prompt as it is.
+        defaults["template"] = "{instruction}{response}"
     config = config_from_args(args, GENERATE_FIELDS, defaults)
     if meta:
         print(f"adapter {args.adapter}: base {config.preset}, its template and stop strings")

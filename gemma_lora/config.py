@@ -38,12 +38,24 @@ PRECISIONS = ("auto", "float32", "bfloat16", "mixed_bfloat16")
 QUANTIZE_MODES = ("int8", "int4")
 ENGINES = ("auto", "keras", "fast")
 SAMPLERS = ("greedy", "top_k")
-BUILTIN_DATA = ("dolly-sample", "dolly")
+BUILTIN_DATA = ("dolly-sample", "dolly", "dolly-category")
+# Keep in step with gemma_lora.data.formats.FORMATS and field_names (config cannot import data).
+DATA_FORMATS = ("auto", "dolly", "alpaca", "completion", "messages", "sharegpt", "text")
+FORMAT_FIELD_NAMES = {
+    "dolly": ("instruction", "response", "context"),
+    "alpaca": ("instruction", "output", "input"),
+    "completion": ("prompt", "completion"),
+    "messages": ("messages", "role", "content"),
+    "sharegpt": ("conversations", "from", "value"),
+    "text": ("text",),
+}
+METRICS = ("exact_match",)
 DISTRIBUTIONS = ("auto", "none", "data", "model")
 
 
-def _help(text, **kwargs):
-    return field(metadata={"help": text}, **kwargs)
+def _help(text, flag=None, **kwargs):
+    # `flag` names the command-line option when it is not --field-name.
+    return field(metadata={"help": text, **({"flag": flag} if flag else {})}, **kwargs)
 
 
 @dataclass
@@ -88,12 +100,34 @@ class TrainConfig:
     )
     # Data
     data: str = _help(
-        "'dolly-sample' (shipped first 1,501 Dolly records, offline), 'dolly' (full "
-        "databricks-dolly-15k from the Hugging Face Hub), or a JSONL path.",
+        "'dolly-sample' (shipped first 1,501 Dolly records, offline), 'dolly-category' (the same records as "
+        "completion data: predict each one's category), 'dolly' (full databricks-dolly-15k from the Hugging Face "
+        "Hub), a file (.jsonl, .json, .csv, .tsv, .parquet; .gz for text files), a Hugging Face dataset folder, "
+        "or hf://OWNER/NAME (a Hub dataset; folders and Hub datasets need the 'datasets' extra).",
         default="dolly-sample",
     )
+    data_format: str = _help(
+        "auto | " + " | ".join(DATA_FORMATS[1:]) + ": how a record reads. auto: from the first record's keys. "
+        "dolly: instruction, response, optional context; alpaca: instruction, output, optional input (as a "
+        "context); completion: prompt, completion (the prompt as written, loss on the completion); messages: "
+        "[{role, content}...]; sharegpt: conversations [{from, value}...] (one user/assistant exchange each, "
+        "until the chat format); text: text (loss on every token).",
+        default="auto",
+    )
+    fields: dict[str, str] = _help(
+        "Read a format's field from another column: --field NAME=COLUMN, repeatable (e.g. --field "
+        "prompt=question --field completion=answer; role/content or from/value rename a turn's keys).",
+        flag="--field",
+        default_factory=dict,
+    )
+    data_split: str | None = _help(
+        "The split of a Hugging Face dataset (folder or hf://) to read. None = train.",
+        flag="--split",
+        default=None,
+    )
     include_context: bool = _help(
-        "Keep rows with a context (formatted with context_template); the recipe drops them.",
+        "Keep rows with a context (Dolly's context, Alpaca's non-empty input), formatted with "
+        "context_template; the recipe drops them.",
         default=False,
     )
     template: str = _help("Template for rows without context.", default=RECIPE_TEMPLATE)
@@ -184,6 +218,12 @@ class TrainConfig:
         "training, to report the share of answers the model ends with <eos> within "
         "max_new_tokens. [] = skip (it costs minutes on CPU for a real model).",
         default_factory=lambda: ["test"],
+    )
+    metric: str | None = _help(
+        "exact_match | None: also score the greedy answers of the answer_splits rows before and after training "
+        "(exact_match: the share whose answer equals the reference, white space at the ends ignored; for data "
+        "with prompts and answers, e.g. completion).",
+        default=None,
     )
     answer_before: bool = _help(
         "Also answer the answer_splits rows before training (the base model's share; skip it "
@@ -360,11 +400,42 @@ def validate(config):
         f"{', '.join(GEMMA_LAYER_NAMES)}.",
     )
     need(len(c.lora_targets) > 0, "lora_targets is empty: name at least one layer, e.g. query value.")
-    if c.data not in BUILTIN_DATA:
+    hub = c.data.startswith("hf://")
+    folder = not hub and c.data not in BUILTIN_DATA and Path(c.data).is_dir()
+    if c.data not in BUILTIN_DATA and not hub:
         need(
-            Path(c.data).is_file(),
-            f"data={c.data!r} is neither {' nor '.join(BUILTIN_DATA)} nor an existing JSONL file.",
+            Path(c.data).is_file() or folder,
+            f"data={c.data!r} is neither {' nor '.join(BUILTIN_DATA)} nor an existing data file or dataset "
+            "folder nor hf://OWNER/NAME.",
         )
+    need(
+        c.data_format in DATA_FORMATS,
+        f"data_format={c.data_format!r} must be one of {', '.join(DATA_FORMATS)}.",
+    )
+    allowed = FORMAT_FIELD_NAMES.get(c.data_format) or sorted({n for names in FORMAT_FIELD_NAMES.values() for n in names})
+    for name, column in c.fields.items():
+        need(
+            name in allowed,
+            f"fields has {name}={column}: {name!r} is no field of "
+            + (f"the {c.data_format} format ({', '.join(allowed)})." if c.data_format != "auto" else
+               f"any format ({', '.join(allowed)}).")
+        )
+        need(bool(column.strip()), f"fields maps {name!r} onto an empty column name; give --field {name}=COLUMN.")
+    need(
+        c.data_split is None or hub or folder,
+        f"data_split={c.data_split!r} picks a split of a Hugging Face dataset; data={c.data!r} is a file. "
+        "Drop --split.",
+    )
+    need(c.data_split is None or c.data_split.strip() != "", "data_split is empty: name a split, e.g. train.")
+    need(
+        c.metric is None or c.metric in METRICS,
+        f"metric={c.metric!r} must be one of {', '.join(METRICS)} or None.",
+    )
+    need(
+        c.metric is None or bool(c.answer_splits),
+        f"metric={c.metric!r} scores the greedy answers of answer_splits, which is empty; "
+        "set answer_splits (e.g. test) or drop the metric.",
+    )
     for name in ("template", "context_template"):
         template = getattr(c, name)
         fields = ["{instruction}", "{response}"] + (["{context}"] if name == "context_template" else [])
@@ -446,6 +517,9 @@ def _type_ok(value, expected):
     if origin is list:
         (item,) = typing.get_args(expected)
         return isinstance(value, list) and all(isinstance(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(expected)
+        return isinstance(value, dict) and all(isinstance(k, key) and isinstance(v, item) for k, v in value.items())
     if expected is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if expected is int:

@@ -3,9 +3,11 @@
     from gemma_lora import TrainConfig, run_training
     result = run_training(TrainConfig(preset="tiny", sequence_length=128, max_steps=5))
 
-The run directory receives config.json, before.json (losses and samples before
-training), checkpoints/, metrics.csv, samples.json/.md, answers.json (greedy
-held-out answers before/after), adapter.lora.h5 + adapter.json and summary.json.
+The run directory receives config.json, data.json (what was read, its format,
+the fixed splits and their fingerprints), before.json (losses and samples
+before training), checkpoints/, metrics.csv, samples.json/.md, answers.json
+(greedy held-out answers before/after), adapter.lora.h5 + adapter.json and
+summary.json.
 A full fine-tune (`full_finetune=True`) writes the whole model as a KerasHub
 preset in model/ instead of the adapter.
 """
@@ -34,7 +36,7 @@ class RunResult:
     train: dict  # steps, seconds, tokens/s
     samples: list = field(default_factory=list)
     adapter: Path | None = None
-    # "before"/"after" -> split -> {rows, eos_share, ended_share} of greedy held-out answers
+    # "before"/"after" -> split -> {rows, eos_share, ended_share[, exact_match]} of greedy held-out answers
     answers: dict = field(default_factory=dict)
     after_sem: dict = field(default_factory=dict)  # split -> standard error of `after` over rows
     model_dir: Path | None = None  # the saved preset of a full fine-tune
@@ -105,14 +107,23 @@ def _run_training(config, echo, resume):
         echo("engine: keras (keras.Model.fit)")
     scored = {name: r for name, r in rows.items() if name != "train" and len(r)}
     instructions = list(RECIPE_PROMPTS) + list(config.prompts)
-    answered = {name: getattr(splits, name) for name in config.answer_splits if getattr(splits, name)}
+    # Text data has no prompts to answer.
+    answered = {
+        name: getattr(splits, name)
+        for name in config.answer_splits
+        if getattr(splits, name) and data_stats["source"]["format"] != "text"
+    }
 
     def score(when):
         return {name: train.token_loss(causal_lm, r, label=f"{when}: scoring {name} rows") for name, r in scored.items()}
 
     def answer_all(when):
         held_out = answered if when == "after" or config.answer_before else {}
-        return answer_and_sample(causal_lm, instructions, held_out, config, when)
+        samples, answers = answer_and_sample(causal_lm, instructions, held_out, config, when)
+        if config.metric == "exact_match":
+            for name, a in answers.items():
+                a["exact_match"] = exact_match(a["samples"], answered[name])
+        return samples, answers
 
     if resume:
         saved = read_json(run_dir / BEFORE_FILE, TrainingError, f"Without it the run cannot resume: start it again in a new directory.")
@@ -124,6 +135,7 @@ def _run_training(config, echo, resume):
         echo(f"resuming from {checkpoint.name}: step {global_step}, epoch {start.epoch + 1}")
     else:
         save_config(config, run_dir / "config.json")
+        write_text_atomic(run_dir / DATA_FILE, json.dumps(data_stats["source"], indent=2) + "\n")
         with phases("before"):
             before = {name: s["token_loss"] for name, s in score("before").items()}
             samples_before, answers_before = answer_all("before")
@@ -191,6 +203,9 @@ def _run_training(config, echo, resume):
         was = f"{_share(answers_before[name])} before → " if name in answers_before else ""
         echo(f"{name} answers ending with <eos> within {config.max_new_tokens} tokens (greedy): "
              f"{was}{_share(answers_after[name])} after")
+        if config.metric == "exact_match":
+            was = f"{_share(answers_before[name], 'exact_match')} before → " if name in answers_before else ""
+            echo(f"{name} exact match of greedy answers: {was}{_share(answers_after[name], 'exact_match')} after")
     write_answers(run_dir, answered, answers_before, answers_after)
     _echo_samples(echo, "after", samples_after)
     phases.stop()
@@ -209,6 +224,8 @@ def _run_training(config, echo, resume):
             extra={
                 "data": config.data,
                 "data_fingerprint": data_stats["fingerprint"],
+                "data_format": data_stats["source"]["format"],
+                "data_source": data_stats["source"],
                 "split": {k: len(v) for k, v in rows.items()},
                 "validation_token_loss": after.get("validation"),
                 "test_token_loss": after.get("test"),
@@ -240,6 +257,7 @@ def _run_training(config, echo, resume):
 
 
 BEFORE_FILE = "before.json"
+DATA_FILE = "data.json"
 MODEL_DIR = "model"
 
 
@@ -283,7 +301,7 @@ def answer_and_sample(causal_lm, instructions, held_out, config, when):
     rows = sum(len(examples) for examples in held_out.values())
     if config.sampler == "greedy":
         label = f"{when}: answering {rows} held-out rows and {len(instructions)} samples"
-        everything = instructions + [e.instruction for examples in held_out.values() for e in examples]
+        everything = instructions + [e for examples in held_out.values() for e in examples]
         out = generate(causal_lm, everything, config, label=label)
         samples, out = out[: len(instructions)], out[len(instructions) :]
         answers = {}
@@ -296,6 +314,17 @@ def answer_and_sample(causal_lm, instructions, held_out, config, when):
         for name, examples in held_out.items()
     }
     return samples, answers
+
+
+def exact_match(samples, examples):
+    """Share of answers equal to their example's reference, white space at both ends ignored.
+
+    An answer is what generation kept: cut at `<eos>` or the first stop
+    string, so a right label followed by more text does not count.
+    """
+    if not examples:
+        return float("nan")
+    return sum(s.text.strip() == e.response.strip() for s, e in zip(samples, examples, strict=True)) / len(examples)
 
 
 def standard_error(row_losses):
@@ -340,10 +369,17 @@ def _resumable(run_dir):
 def _prepare(config, echo):
     """Check data, preset and model; return what training needs."""
     from gemma_lora import data, distribute, model
+    from gemma_lora.errors import ConfigError
 
     echo("config: " + json.dumps(config.to_dict()))
-    examples = data.load_examples(config)  # Read data before the slow model load.
-    splits = data.split(examples, config)
+    dataset = data.read_dataset(config)  # Read data before the slow model load.
+    echo(dataset.describe())
+    if config.metric and dataset.format == "text":
+        raise ConfigError(
+            f"metric={config.metric!r} compares answers with references, and text data has neither; "
+            "drop --metric or use prompt/answer data (e.g. --data-format completion)."
+        )
+    splits = data.split(dataset.examples, config)
     preset_dir = model.resolve_preset(config.preset, config.preset_version)
     precision = config.resolved_precision(model.platform())
     # Variables take their device layout when created, so before the load.
@@ -377,6 +413,7 @@ def _prepare(config, echo):
         for name in ("train", "validation", "test")
     }
     data_stats = describe_data(rows, config)
+    data_stats["source"] = data.splits_record(dataset, splits)
     for line in data_stats["lines"]:
         echo(line)
     return causal_lm, parameters, splits, rows, data_stats, precision
@@ -394,13 +431,15 @@ def describe_data(rows, config):
     train_rows = rows["train"]
     fingerprint = hashlib.sha256(train_rows.token_ids.tobytes() + train_rows.weights.tobytes()).hexdigest()[:16]
     positions = positions_per_epoch(train_rows, config)
+    lossless = int((train_rows.weights.sum(axis=1) == 0).sum()) if len(train_rows) else 0
     lines = [
-        "data: " + ", ".join(f"{name} {len(r)} rows" for name, r in rows.items())
-        + f" (from {config.data}{', with context' if config.include_context else ', no-context rows'})",
+        "splits: " + ", ".join(f"{name} {len(r)} rows" for name, r in rows.items())
+        + f" (fixed splits of the rows read, in order; fingerprints in {DATA_FILE})",
         f"train tokens: {train_rows.real_tokens:,} real of {positions:,} positions an epoch "
         f"({train_rows.real_tokens / positions:.1%}), {train_rows.loss_tokens:,} carry loss; "
         f"{train_rows.truncated} rows longer than sequence_length={config.sequence_length} were cut"
-        + (" (<eos> appended, as KerasHub)" if config.eos_after_truncation else " (no <eos> after cut text)"),
+        + (" (<eos> appended, as KerasHub)" if config.eos_after_truncation else " (no <eos> after cut text)")
+        + (f"; {lossless} of them kept no loss token (the cut fell before the response)" if lossless else ""),
     ]
     return {
         "rows": {name: len(r) for name, r in rows.items()},
@@ -418,15 +457,16 @@ def _answers_record(answers, with_samples=False):
             "rows": a["rows"],
             "eos_share": a["eos_share"],
             "ended_share": a["ended_share"],
+            **({"exact_match": a["exact_match"]} if "exact_match" in a else {}),
             **({"samples": [s.to_dict() for s in a["samples"]]} if with_samples else {}),
         }
         for name, a in answers.items()
     }
 
 
-def _share(answers):
+def _share(answers, key="eos_share"):
     n = answers["rows"]
-    return f"{round(answers['eos_share'] * n)}/{n} ({answers['eos_share']:.0%})"
+    return f"{round(answers[key] * n)}/{n} ({answers[key]:.0%})"
 
 
 def write_answers(run_dir, examples, before, after):

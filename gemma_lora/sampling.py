@@ -50,7 +50,9 @@ def generate(causal_lm, instructions, config, batch_size=SLOTS, label=None):
 
     Args:
         causal_lm: a KerasHub CausalLM with a preprocessor (for its tokenizer).
-        instructions: list of str.
+        instructions: list of str (templated as instructions), or of
+            `data.Example`s, answered from their whole prompt (`prompt_text`:
+            the context, or a completion's prompt as written).
         config: a `TrainConfig` (template, sampler, top_k, seed,
             max_new_tokens, stop_strings).
         batch_size: rows decoded together.
@@ -61,9 +63,10 @@ def generate(causal_lm, instructions, config, batch_size=SLOTS, label=None):
     """
     tokenizer = causal_lm.preprocessor.tokenizer
     eos = tokenizer.end_token_id
+    examples = [i if isinstance(i, Example) else Example(i, "") for i in instructions]
     prompts = [
         [tokenizer.start_token_id, *map(int, ids)]
-        for ids in _tokenize(tokenizer, [prompt_text(Example(i, ""), config) for i in instructions])
+        for ids in _tokenize(tokenizer, [prompt_text(e, config) for e in examples])
     ]
     progress = Progress(len(prompts), label, unit="row", enabled=bool(label and prompts))
 
@@ -80,7 +83,7 @@ def generate(causal_lm, instructions, config, batch_size=SLOTS, label=None):
     except decode.Unsupported:
         outputs = _keras_hub_generate(causal_lm, prompts, config, batch_size, progress)
     progress.close()
-    return [_sample(tokenizer, instruction, new, config) for instruction, new in zip(instructions, outputs)]
+    return [_sample(tokenizer, e.instruction, new, config) for e, new in zip(examples, outputs)]
 
 
 def _sample(tokenizer, instruction, new, config):
@@ -169,7 +172,7 @@ def keras_hub_batch(causal_lm, prompts, max_new_tokens, eos, pad=0):
 
 
 def answer_endings(causal_lm, examples, config, batch_size=SLOTS, label=None):
-    """Greedy-answer held-out rows and count how the answers end.
+    """Greedy-answer held-out rows (each from its whole prompt) and count how the answers end.
 
     The share that the model itself ends with `<eos>` within
     `max_new_tokens` is the measure that matters: a user's answer should stop
@@ -180,7 +183,7 @@ def answer_endings(causal_lm, examples, config, batch_size=SLOTS, label=None):
         <eos> or a stop string) and `samples` (the `Sample`s, in row order).
     """
     greedy = dataclasses.replace(config, sampler="greedy")
-    samples = generate(causal_lm, [e.instruction for e in examples], greedy, batch_size, label=label)
+    samples = generate(causal_lm, list(examples), greedy, batch_size, label=label)
     return endings(samples)
 
 

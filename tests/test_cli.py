@@ -90,6 +90,19 @@ BAD_INPUTS = {
     "missing response": (lambda t: ["--data", bad_file(t, ['{"instruction": "b"}'])], r":1: missing field 'response'"),
     "non-string field": (lambda t: ["--data", bad_file(t, ['{"instruction": 1, "response": "b"}'])], r"field 'instruction' must be a string"),
     "empty after filtering": (lambda t: ["--data", bad_file(t, ['{"instruction": "a", "context": "c", "response": "b"}'])], r"No rows left"),
+    "empty data file": (lambda t: ["--data", bad_file(t, [])], r"data.jsonl holds no records \(the file is empty"),
+    "unknown data shape": (lambda t: ["--data", bad_file(t, ['{"question": "a", "answer": "b"}'])],
+                           r"data.jsonl:1: cannot tell the data format .* would fit: --data-format completion --field prompt=question --field completion=answer"),
+    "multi-turn conversation": (lambda t: ["--data", bad_file(t, [{"messages": [{"role": r, "content": "x"} for r in ("user", "assistant") * 2]}])],
+                                r"data.jsonl:1: a conversation of 4 turns .* needs Gemma's chat format .*\(messages format; keys found: messages\)"),
+    "empty required field": (lambda t: ["--data", bad_file(t, ['{"prompt": "a", "completion": " "}'])], r"data.jsonl:1: field 'completion' is empty \(completion format"),
+    "missing mapped column": (lambda t: ["--data", bad_file(t, ['{"q": "a", "a": "b"}']), "--field", "prompt=question", "--field", "completion=a"],
+                              r"data.jsonl:1: missing column 'question' \(mapped onto 'prompt' by --field prompt=question\)"),
+    "field of another format": (lambda t: ["--data-format", "dolly", "--field", "prompt=q"], r"fields has prompt=q: 'prompt' is no field of the dolly format"),
+    "unknown data format": (lambda t: ["--data-format", "chatml"], r"data_format='chatml' must be one of auto, dolly, alpaca"),
+    "split of a file": (lambda t: ["--split", "test"], r"data_split='test' picks a split of a Hugging Face dataset"),
+    "metric on text data": (lambda t: ["--data", bad_file(t, ['{"text": "a b c"}'] * 20), "--metric", "exact_match"],
+                            r"metric='exact_match' compares answers with references, and text data has neither"),
     "limit <= 0": (lambda t: ["--limit", "0"], r"limit=0 must be > 0"),
     "sequence length too small": (lambda t: ["--sequence-length", "10"], r"sequence_length=10 is too small for the template"),
     "rank <= 0": (lambda t: ["--lora-rank", "0"], r"lora_rank=0 must be > 0"),
@@ -149,3 +162,36 @@ def test_kaggle_403_consent_answer(tmp_path, capsys, monkeypatch):
     assert "HTTP 403" in captured.err and "accept the Gemma license" in captured.err
     assert secret not in captured.err + captured.out
     assert not (tmp_path / "run").exists()
+
+
+def test_field_flags_collect_a_mapping_and_refuse_a_malformed_one(capsys):
+    from gemma_lora.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--field", "prompt=question", "--field", "completion=answer", "--split", "test"])
+    assert args.fields == {"prompt": "question", "completion": "answer"} and args.data_split == "test"
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--field", "prompt"])
+    assert exit_.value.code == 2 and "--field expects NAME=COLUMN, got 'prompt'" in capsys.readouterr().err
+
+
+def test_completion_data_with_the_exact_match_metric(tmp_path, capsys):
+    """A completion file trains, its held-out answers are scored before and after, and the run records its data."""
+    rows = [{"prompt": f"Colour of item {i}?\nAnswer:", "completion": " blue" if i % 2 else " red"} for i in range(20)]
+    data_file = write_jsonl(tmp_path / "colours.jsonl", rows)
+    run_dir = tmp_path / "run"
+    assert main(["train", *FAST, "--data", str(data_file), "--metric", "exact_match", "--max-steps", "1",
+                 "--output-dir", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "format completion (detected from the first record)" in out
+    assert "test exact match of greedy answers: " in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    answers = json.loads((run_dir / "answers.json").read_text())["test"]
+    for when in ("before", "after"):
+        matches = [a[when]["text"].strip() == a["reference"].strip() for a in answers]
+        assert summary[f"answers_{when}"]["test"]["exact_match"] == sum(matches) / len(answers)
+    assert [a["instruction"] for a in answers] == [r["prompt"] for r in rows[12:16]]  # answered from the prompt as written
+    record = json.loads((run_dir / "data.json").read_text())
+    assert record["format"] == "completion" and record["records_read"] == 16
+    assert {k: v["rows"] for k, v in record["splits"].items()} == {"train": [0, 8], "validation": [8, 12], "test": [12, 16]}
+    meta = json.loads((run_dir / "adapter.json").read_text())
+    assert meta["data_format"] == "completion" and meta["data_source"] == record

@@ -77,6 +77,12 @@ def test_every_problem_is_reported_at_once():
     ({"template": "Q: {instruction}"}, "template lacks {response}"),
     ({"data": "/no/such/file.jsonl"}, "neither dolly-sample nor dolly"),
     ({"lora_rank": "4"}, "lora_rank='4' has the wrong type"),
+    ({"fields": {"prompt": 3}}, r"fields=\{'prompt': 3\} has the wrong type"),
+    ({"fields": {"colour": "c"}}, r"'colour' is no field of any format"),
+    ({"data_format": "completion", "fields": {"response": "r"}}, r"'response' is no field of the completion format \(prompt, completion\)"),
+    ({"metric": "bleu"}, r"metric='bleu' must be one of exact_match"),
+    ({"metric": "exact_match", "answer_splits": []}, r"answer_splits, which is empty"),
+    ({"data": "hf://someone/x", "data_split": ""}, "data_split is empty"),
 ])
 def test_bad_values(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -106,3 +112,16 @@ def test_the_shipped_demo_config_loads_and_validates():
     config = resolve_config(load_config_file(Path(REPO) / "configs" / "demo.toml"))
     validate(config)
     assert config.preset == "demo" and config.lora_rank == 8 and len(config.lora_targets) == 7
+
+
+def test_a_field_mapping_and_split_from_a_toml_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('data = "hf://someone/qa"\ndata_split = "validation"\n[fields]\nprompt = "question"\ncompletion = "answer"\n')
+    config = resolve_config(load_config_file(path))
+    assert config.fields == {"prompt": "question", "completion": "answer"} and config.data_split == "validation"
+    assert resolve_config(json.loads(json.dumps(config.to_dict()))) == config  # config.json reads back the same
+
+
+def test_the_shipped_category_config_loads_and_validates():
+    config = resolve_config(load_config_file(Path(REPO) / "configs" / "category.toml"))
+    assert config.data == "dolly-category" and config.metric == "exact_match" and config.stop_strings == ["\n"]

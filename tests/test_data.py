@@ -143,3 +143,61 @@ def test_missing_hub_file_offline_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
     with pytest.raises(DataError, match="--data dolly-sample"):
         data.resolve_data_path("dolly")
+
+
+def _explicit_sample_rows(limit):
+    """The shipped sample read by hand, as the package read it before formats: no-context rows, in order."""
+    examples = []
+    with gzip.open(data.resolve_data_path("dolly-sample"), "rt", encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            if not record["context"]:
+                examples.append(data.Example(record["instruction"], record["response"]))
+    return examples[:limit]
+
+
+@pytest.mark.parametrize("options", [{}, {"data_format": "dolly"}, {"fields": {"instruction": "instruction"}}])
+@pytest.mark.parametrize("recipe", [False, True])
+def test_the_dolly_format_reads_the_shipped_sample_as_the_explicit_reading(tiny_lm, make_config, options, recipe):
+    """Recipe fidelity: detected or given, the dolly path gives the explicit instruction/response reading's arrays."""
+    config = make_config(recipe=recipe, limit=1000, validation_rows=0 if recipe else 100, test_rows=68, **options)
+    dataset = data.read_dataset(config)
+    explicit = _explicit_sample_rows(1068)
+    assert dataset.format == "dolly" and dataset.examples == explicit
+    tokenizer = tiny_lm.preprocessor.tokenizer
+    ours = data.tokenize_rows(dataset.examples[:40], tokenizer, config)
+    theirs = data.tokenize_rows(explicit[:40], tokenizer, config)
+    for name in ("token_ids", "padding_mask", "labels", "weights"):
+        np.testing.assert_array_equal(getattr(ours, name), getattr(theirs, name))
+
+
+def test_the_shipped_category_task_is_what_its_script_builds(make_config):
+    """dolly-category: the sample's records in order, each answer its record's category."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("make_dolly_category", f"{REPO}/scripts/make_dolly_category.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    shipped = data.resolve_data_path("dolly-category").read_bytes()
+    assert shipped == script.build(data.resolve_data_path("dolly-sample"))
+    with gzip.open(data.resolve_data_path("dolly-sample"), "rt") as f:
+        categories = [json.loads(line)["category"] for line in f]
+    config = make_config(data="dolly-category", limit=1000, validation_rows=100, test_rows=1000)
+    dataset = data.read_dataset(config)
+    assert dataset.format == "completion" and [e.response for e in dataset.examples] == categories
+    test = data.split(dataset.examples, config).test
+    assert {e.response for e in test[:68]} == set(script.CATEGORIES)  # the default test rows hold all 8 labels
+    assert all(e.prompt.endswith("Category:\n") for e in dataset.examples)
+
+
+def test_exact_match_scores_a_known_toy_case():
+    from gemma_lora.pipeline import exact_match
+    from gemma_lora.sampling import Sample
+
+    examples = [data.Example("q1", "open_qa"), data.Example("q2", "summarization"), data.Example("q3", " brainstorming\n")]
+    answers = ["open_qa\n", "summarization, because", "brainstorming"]
+    samples = [Sample(e.instruction, a, True, None, 3) for e, a in zip(examples, answers)]
+    assert exact_match(samples, examples) == 2 / 3
+    assert exact_match(samples[1:2], examples[1:2]) == 0.0

@@ -1,0 +1,285 @@
+"""What a record means: one small reader per data format, each turning a record into an `Example`.
+
+The contract of the family:
+
+    reader(row: Row) -> Example
+
+A `Row` is one record as a source yielded it (a dict of column name to
+value), with the user's `--field NAME=COLUMN` mapping applied and its place in
+the file (for messages). A reader asks the row for its fields by the format's
+own names (`row.text("output")`, `row.turns("messages")`); the row checks
+presence, type and emptiness and raises a `DataError` that names the file and
+line, the format and the keys found. `FORMATS` maps each name to its reader,
+`FIELDS` to the fields it reads.
+
+Formats, and how each becomes a training example (prompt → response):
+
+    dolly       instruction, response, optional context: the template (context_template when a context)
+    alpaca      instruction, output, optional input: as dolly, `input` taking the context's place
+    completion  prompt, completion: the prompt as written (no template), loss on the completion
+    messages    messages: [{role, content}, ...]     conversations, kept as (role, content) turns;
+    sharegpt    conversations: [{from, value}, ...]  until the chat format exists, one exchange only
+    text        text: no prompt, loss on every token (continued pre-training)
+"""
+
+import json
+from dataclasses import dataclass
+
+from gemma_lora.errors import DataError
+
+
+@dataclass(frozen=True)
+class Example:
+    """One record, whatever format it came in: the prompt side and the response it teaches.
+
+    `prompt` is None for templated records (dolly, alpaca, a single
+    conversation exchange): the prompt is the template filled with
+    `instruction` and `context`. `completion` records carry their prompt as
+    written, and `text` records an empty one (every token is the response).
+    `conversation` keeps a messages/sharegpt record's turns as read, as
+    ("system" | "user" | "assistant", content) pairs, for the chat format.
+    """
+
+    instruction: str
+    response: str
+    context: str = ""
+    prompt: str | None = None
+    conversation: tuple = ()
+
+
+# Fields each format reads: (required, optional). A conversation's turns hold
+# the keys in TURN_KEYS; `--field` can rename those too.
+FIELDS = {
+    "dolly": (("instruction", "response"), ("context",)),
+    "alpaca": (("instruction", "output"), ("input",)),
+    "completion": (("prompt", "completion"), ()),
+    "messages": (("messages",), ()),
+    "sharegpt": (("conversations",), ()),
+    "text": (("text",), ()),
+}
+TURN_KEYS = {"messages": ("role", "content"), "sharegpt": ("from", "value")}
+# Speaker names in either conversation format → the role used here.
+ROLES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
+}
+
+
+def field_names(fmt):
+    """Every name `--field` may map for format `fmt`."""
+    required, optional = FIELDS[fmt]
+    return (*required, *optional, *TURN_KEYS.get(fmt, ()))
+
+
+class Row:
+    """One record with the `--field` mapping applied; its accessors raise DataError naming the place."""
+
+    def __init__(self, record, where, fmt, fields):
+        self.record, self.where, self.fmt, self.fields = record, where, fmt, fields
+
+    def fail(self, problem, fix=""):
+        keys = ", ".join(map(str, self.record)) or "none"
+        raise DataError(f"{self.where}: {problem} ({self.fmt} format; keys found: {keys}).{' ' + fix if fix else ''}")
+
+    def column(self, name):
+        return self.fields.get(name, name)
+
+    def value(self, name, required=True):
+        column = self.column(name)
+        value = self.record.get(column)
+        if value is None and required:
+            if column != name:
+                self.fail(f"missing column {column!r} (mapped onto {name!r} by --field {name}={column})",
+                          "Check the column name.")
+            self.fail(f"missing field {name!r}",
+                      f"Add it, or map a column onto it with --field {name}=COLUMN.")
+        return value
+
+    def text(self, name, required=True):
+        """A string field; a required one must hold more than white space."""
+        value = self.value(name, required)
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            self.fail(f"field {name!r} must be a string, got {type(value).__name__}")
+        if required and not value.strip():
+            self.fail(f"field {name!r} is empty", "Fill it in or remove the record.")
+        return value
+
+    def turns(self, name):
+        """A conversation: a non-empty list of turns → tuple of (role, content)."""
+        turns = self.value(name)
+        if isinstance(turns, str):
+            # A CSV cell holds text only: a conversation there is written as JSON.
+            try:
+                turns = json.loads(turns)
+            except json.JSONDecodeError:
+                self.fail(f"field {name!r} is text that is not a JSON list of turns")
+        if not isinstance(turns, list) or not turns:
+            got = "an empty list" if isinstance(turns, list) else type(turns).__name__
+            self.fail(f"field {name!r} must be a non-empty list of turns, got {got}")
+        role_key, content_key = (self.column(k) for k in TURN_KEYS[self.fmt])
+        conversation = []
+        for number, turn in enumerate(turns, start=1):
+            if not isinstance(turn, dict):
+                self.fail(f"turn {number} of {name!r} must be an object with {role_key!r} and {content_key!r}, "
+                          f"got {type(turn).__name__}")
+            role, content = turn.get(role_key), turn.get(content_key)
+            if role not in ROLES:
+                self.fail(f"turn {number} of {name!r} has {role_key}={role!r}; known: {', '.join(ROLES)}",
+                          f"If the turns name their speaker under another key, map it with --field "
+                          f"{TURN_KEYS[self.fmt][0]}=KEY.")
+            if not isinstance(content, str):
+                self.fail(f"turn {number} of {name!r} must have a string {content_key!r}, got {type(content).__name__}")
+            conversation.append((ROLES[role], content))
+        return tuple(conversation)
+
+
+def read_dolly(row):
+    return Example(row.text("instruction"), row.text("response"), row.text("context", required=False))
+
+
+def read_alpaca(row):
+    return Example(row.text("instruction"), row.text("output"), row.text("input", required=False))
+
+
+def read_completion(row):
+    prompt = row.text("prompt")
+    return Example(prompt, row.text("completion"), prompt=prompt)
+
+
+def read_text(row):
+    return Example("", row.text("text"), prompt="")
+
+
+def read_messages(row):
+    return conversation_example(row, row.turns("messages"))
+
+
+def read_sharegpt(row):
+    return conversation_example(row, row.turns("conversations"))
+
+
+def conversation_example(row, turns):
+    """A conversation of one user/assistant exchange, as an instruction/response example.
+
+    Until the package has Gemma's chat format, the exchange goes through the
+    instruction template; a system message before it is folded into the
+    instruction, as Gemma's own chat template folds it into the first user
+    turn. Longer conversations are refused: flattening them into one
+    instruction would train on a shape the chat format will not use.
+    """
+    roles = [role for role, _ in turns]
+    exchange = turns[1:] if roles[0] == "system" else turns
+    if [role for role, _ in exchange] != ["user", "assistant"]:
+        row.fail(
+            f"a conversation of {len(turns)} turns ({', '.join(roles)}) needs Gemma's chat format for multi-turn "
+            "training, which this version does not have yet",
+            "Keep one user turn and one assistant answer per record (a system message first is allowed).",
+        )
+    (_, user), (_, assistant) = exchange
+    if not user.strip() or not assistant.strip():
+        row.fail("a turn of the conversation is empty", "Fill it in or remove the record.")
+    instruction = f"{turns[0][1]}\n\n{user}" if roles[0] == "system" and turns[0][1].strip() else user
+    return Example(instruction, assistant, conversation=turns)
+
+
+FORMATS = {
+    "dolly": read_dolly,
+    "alpaca": read_alpaca,
+    "completion": read_completion,
+    "messages": read_messages,
+    "sharegpt": read_sharegpt,
+    "text": read_text,
+}
+
+
+def parse(fmt, record, where, fields):
+    """Read one record of format `fmt` into an `Example` (DataError names `where`)."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object (a record with named fields), got {type(record).__name__}.")
+    return FORMATS[fmt](Row(record, where, fmt, fields))
+
+
+def check_fields(fmt, fields, how):
+    """Refuse a --field name that the format does not read."""
+    unknown = [name for name in fields if name not in field_names(fmt)]
+    if unknown:
+        raise DataError(
+            f"--field {unknown[0]}=... does not apply to the {fmt} format ({how}); its fields are "
+            f"{', '.join(field_names(fmt))}. Drop the mapping or choose the format with --data-format."
+        )
+
+
+def detect(record, where, fields):
+    """The format of the first record, from its keys after the `--field` mapping.
+
+    A record with every required field of a format is of that format; failing
+    that, of the format it shares most fields with (its reader then names the
+    missing one).
+
+    Raises:
+        DataError: no format fits; the message lists the formats and the
+            mapping that would fit the keys found.
+    """
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object (a record with named fields), got {type(record).__name__}.")
+    present = {name for name in _all_names() if fields.get(name, name) in record}
+    for fmt in ("messages", "sharegpt", "completion", "alpaca", "dolly", "text"):
+        if set(FIELDS[fmt][0]) <= present:
+            return fmt
+    # Some of a format's fields: that format, so the record's error names the missing one.
+    overlap = {fmt: (len(present & set(req)), len(present & set(opt))) for fmt, (req, opt) in FIELDS.items()}
+    best = max(overlap, key=overlap.get)
+    if overlap[best][0]:
+        return best
+    keys = ", ".join(map(str, record)) or "none"
+    known = "; ".join(
+        f"{fmt} ({', '.join(required)}{''.join(f', {o}?' for o in optional)}"
+        + (f" of {'/'.join(TURN_KEYS[fmt])} turns" if fmt in TURN_KEYS else "") + ")"
+        for fmt, (required, optional) in FIELDS.items()
+    )
+    hint = suggest_mapping(record)
+    raise DataError(
+        f"{where}: cannot tell the data format from the keys found ({keys}). Formats and their fields: {known}. "
+        + (f"This record would fit: {hint}." if hint else "Rename the columns, or map them with --field NAME=COLUMN.")
+    )
+
+
+def suggest_mapping(record):
+    """The --data-format and --field flags under which `record` would read, or None."""
+    texts = [k for k, v in record.items() if isinstance(v, str)]
+    lists = [k for k, v in record.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+    if lists:
+        key, turn = lists[0], record[lists[0]][0]
+        fmt = "sharegpt" if {"from", "value"} <= set(turn) else "messages"
+        flags = [f"--data-format {fmt}", f"--field {FIELDS[fmt][0][0]}={key}"]
+        strings = [k for k, v in turn.items() if isinstance(v, str)]
+        for name, guess in zip(TURN_KEYS[fmt], strings[:2]):
+            if name not in turn and guess != name:
+                flags.append(f"--field {name}={guess}")
+        return " ".join(flags)
+    if len(texts) >= 2:
+        prompt = _pick(texts, _PROMPT_LIKE) or texts[0]
+        completion = _pick([k for k in texts if k != prompt], _ANSWER_LIKE) or next(k for k in texts if k != prompt)
+        return f"--data-format completion --field prompt={prompt} --field completion={completion}"
+    if texts:
+        return f"--data-format text --field text={texts[0]}"
+    return None
+
+
+_PROMPT_LIKE = ("prompt", "question", "query", "input", "instruction", "source", "problem", "src")
+_ANSWER_LIKE = ("completion", "answer", "output", "response", "target", "label", "solution", "tgt")
+
+
+def _pick(keys, likely):
+    lowered = {k.lower(): k for k in keys}
+    return next((lowered[name] for name in likely if name in lowered), None)
+
+
+def _all_names():
+    return {name for fmt in FIELDS for name in FIELDS[fmt][0] + FIELDS[fmt][1]}

@@ -1,0 +1,131 @@
+"""Examples → template → fixed-length token arrays with loss weights, for `fit`.
+
+Tokenization happens once, here, into NumPy arrays; KerasHub's string
+preprocessing is not used for training because it needs tf.data or grain,
+cannot mask prompt tokens and cannot shuffle (see ../shared/quality-notes.md).
+
+A row is `<bos>`, the prompt, the response, `<eos>`. The prompt is the
+template filled with an example's instruction (and context), or, for
+`completion` and `text` data, the example's own prompt as written (empty for
+text). With `response_only_loss` the loss weights sit on the response and its
+`<eos>` only; otherwise on every next token (the recipe).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gemma_lora.data.formats import Example
+from gemma_lora.errors import ConfigError
+
+
+@dataclass
+class TokenizedRows:
+    """Training arrays: `x` for the model, `labels` and `weights` for the loss.
+
+    `weights[i, t]` is 1 where the token `labels[i, t]` counts towards the
+    loss: response tokens (or every real token for whole-sequence loss),
+    never padding.
+    """
+
+    token_ids: np.ndarray  # (rows, sequence_length) int32
+    padding_mask: np.ndarray  # (rows, sequence_length) bool
+    labels: np.ndarray  # (rows, sequence_length) int32, next token
+    weights: np.ndarray  # (rows, sequence_length) float32
+    truncated: int  # rows cut at sequence_length
+    real_tokens: int  # non-padding input positions
+
+    def __len__(self):
+        return len(self.token_ids)
+
+    @property
+    def x(self):
+        return {"token_ids": self.token_ids, "padding_mask": self.padding_mask}
+
+    @property
+    def loss_tokens(self):
+        return int(self.weights.sum())
+
+
+def prompt_text(example, config):
+    """The text before the response (what generation is given): the template filled, or the example's own prompt."""
+    if example.prompt is not None:
+        return example.prompt
+    template = config.context_template if example.context else config.template
+    head = template[: template.index("{response}")]
+    return head.format(instruction=example.instruction, context=example.context)
+
+
+def full_text(example, config):
+    return prompt_text(example, config) + example.response
+
+
+def tokenize_rows(examples, tokenizer, config):
+    """Tokenize examples into fixed-length training arrays.
+
+    Whole-sequence mode (the recipe) tokenizes the full text in one piece and
+    truncates exactly as KerasHub's `GemmaCausalLMPreprocessor`: `<bos>`,
+    text cut to sequence_length - 1 tokens, `<eos>`. Response-only mode
+    tokenizes prompt and response separately so the boundary is exact, and
+    by default gives no `<eos>` to a row whose text was cut.
+
+    Raises:
+        ConfigError: sequence_length cannot hold even the empty template.
+    """
+    seq = config.sequence_length
+    bos, eos, pad = tokenizer.start_token_id, tokenizer.end_token_id, tokenizer.pad_token_id
+    if any(e.prompt is None for e in examples):
+        check_sequence_length(tokenizer, config)
+    if config.response_only_loss:
+        prompts = _tokenize(tokenizer, [prompt_text(e, config) for e in examples])
+        responses = _tokenize(tokenizer, [e.response for e in examples])
+    else:
+        prompts = [[] for _ in examples]
+        responses = _tokenize(tokenizer, [full_text(e, config) for e in examples])
+
+    n = len(examples)
+    token_ids = np.full((n, seq), pad, dtype=np.int32)
+    labels = np.full((n, seq), pad, dtype=np.int32)
+    weights = np.zeros((n, seq), dtype=np.float32)
+    padding_mask = np.zeros((n, seq), dtype=bool)
+    truncated = 0
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        ids = [bos, *prompt, *response, eos]
+        # Loss weight of predicting ids[t + 1] from ids[..t]: response and <eos> only,
+        # or every next token in whole-sequence mode.
+        target_weight = [0.0] * len(prompt) + [1.0] * (len(response) + 1)
+        if len(ids) > seq + 1:
+            truncated += 1
+            if config.eos_after_truncation:
+                ids = ids[:seq] + [eos]
+                target_weight = target_weight[: seq - 1] + [1.0]
+            else:
+                ids = ids[: seq + 1]
+                target_weight = target_weight[:seq]
+        # Like KerasHub: the row is ids padded to seq + 1, inputs are its first
+        # seq positions (a final <eos> is an input too), labels the last seq.
+        length = min(len(ids), seq)
+        token_ids[i, :length] = ids[:length]
+        padding_mask[i, :length] = True
+        labels[i, : len(ids) - 1] = ids[1:]
+        weights[i, : len(ids) - 1] = target_weight
+    return TokenizedRows(token_ids, padding_mask, labels, weights, truncated, int(padding_mask.sum()))
+
+
+def check_sequence_length(tokenizer, config):
+    """Raise ConfigError if the template alone fills the sequence length (templated examples only)."""
+    empty = Example(instruction="", response="", context="x" if config.include_context else "")
+    overhead = len(_tokenize(tokenizer, [prompt_text(empty, config)])[0]) + 2  # <bos>, <eos>
+    if config.sequence_length <= overhead:
+        raise ConfigError(
+            f"sequence_length={config.sequence_length} is too small for the template: its fixed "
+            f"text with <bos> and <eos> takes {overhead} tokens, leaving no room for an instruction "
+            f"and a response. Use a sequence_length well above {overhead} (e.g. 256 or 512)."
+        )
+
+
+def _tokenize(tokenizer, texts):
+    """Token id lists from a KerasHub tokenizer (runs on its pure-Python path)."""
+    if not texts:
+        return []
+    return [list(map(int, ids)) for ids in tokenizer(texts)]
