@@ -37,6 +37,7 @@ GEMMA_LAYER_NAMES = (
 PRECISIONS = ("auto", "float32", "bfloat16", "mixed_bfloat16")
 QUANTIZE_MODES = ("int8", "int4")
 ENGINES = ("auto", "keras", "fast")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 SAMPLERS = ("greedy", "top_k")
 BUILTIN_DATA = ("dolly-sample", "dolly", "dolly-category")
 # Keep in step with gemma_lora.data.formats.FORMATS and field_names (config cannot import data).
@@ -175,12 +176,46 @@ class TrainConfig:
         default="auto",
     )
     # Optimisation
-    batch_size: int = _help("Rows per step.", default=4)
+    batch_size: int = _help(
+        "Rows per batch (the fast engine packs several examples into each row).", default=4
+    )
+    grad_accumulation: int = _help(
+        "Batches whose gradients add up to one optimizer step (the effective batch is "
+        "batch_size x this); the loss is the mean over every loss-carrying token of the N batches.",
+        default=1,
+    )
     epochs: int = _help("Passes over the training rows.", default=1)
     max_steps: int | None = _help(
-        "Stop after this many steps (smoke tests); None = all epochs.", default=None
+        "Stop after this many optimizer steps; None = all epochs.", default=None
     )
-    learning_rate: float = _help("AdamW learning rate.", default=2e-4)
+    learning_rate: float = _help("AdamW learning rate (the peak, with a schedule).", default=2e-4)
+    lr_schedule: str = _help(
+        "constant | linear | cosine: the learning rate after warm-up stays, or decays linearly "
+        "or along a cosine to 0 at the last step (optax schedules).",
+        default="constant",
+    )
+    warmup_steps: int | None = _help(
+        "Optimizer steps of linear warm-up from 0 to learning_rate; None = warmup_ratio's.",
+        default=None,
+    )
+    warmup_ratio: float = _help(
+        "Warm-up as a share of the run's optimizer steps (used when warmup_steps is None).",
+        default=0.0,
+    )
+    max_grad_norm: float | None = _help(
+        "Clip the gradient to this global norm before each update; None = no clipping.",
+        default=None,
+    )
+    eval_every: int | None = _help(
+        "Score the validation split every N optimizer steps (and at the end); None = at each "
+        "epoch's end only.",
+        default=None,
+    )
+    keep_best: bool = _help(
+        "Keep the adapter of the step with the lowest validation loss (needs validation rows and "
+        "eval_every); the summary says which step.",
+        default=False,
+    )
     weight_decay: float = _help(
         "AdamW weight decay (never applied to 'bias' or 'scale' variables).", default=0.01
     )
@@ -285,6 +320,13 @@ RECIPE_PROFILE = {
     "batch_size": 1,
     "epochs": 1,
     "learning_rate": 5e-5,
+    "lr_schedule": "constant",
+    "warmup_steps": None,
+    "warmup_ratio": 0.0,
+    "grad_accumulation": 1,
+    "max_grad_norm": None,
+    "eval_every": None,
+    "keep_best": False,
     "weight_decay": 0.01,
     "memory_fraction": 1.0,
 }
@@ -462,6 +504,37 @@ def validate(config):
     need(c.batch_size > 0, f"batch_size={c.batch_size} must be > 0.")
     need(c.epochs > 0, f"epochs={c.epochs} must be > 0.")
     need(c.max_steps is None or c.max_steps > 0, f"max_steps={c.max_steps} must be > 0 or None.")
+    need(c.grad_accumulation >= 1, f"grad_accumulation={c.grad_accumulation} must be >= 1 (1 = none).")
+    need(
+        c.lr_schedule in LR_SCHEDULES,
+        f"lr_schedule={c.lr_schedule!r} must be one of {', '.join(LR_SCHEDULES)}.",
+    )
+    need(c.warmup_steps is None or c.warmup_steps >= 0, f"warmup_steps={c.warmup_steps} must be >= 0 or None.")
+    need(0.0 <= c.warmup_ratio < 1.0, f"warmup_ratio={c.warmup_ratio} must be in [0, 1).")
+    need(
+        c.warmup_steps is None or c.warmup_ratio == 0.0,
+        f"warmup_steps={c.warmup_steps} and warmup_ratio={c.warmup_ratio} both set; give one of them.",
+    )
+    need(
+        c.max_grad_norm is None or (math.isfinite(c.max_grad_norm) and c.max_grad_norm > 0),
+        f"max_grad_norm={c.max_grad_norm} must be > 0 or None (no clipping).",
+    )
+    need(c.eval_every is None or c.eval_every > 0, f"eval_every={c.eval_every} must be > 0 or None.")
+    need(
+        not c.keep_best or (c.eval_every is not None and c.validation_rows > 0),
+        "keep_best needs evaluations to choose from: set eval_every (e.g. 10) and validation_rows > 0.",
+    )
+    if c.recipe:
+        changed = [
+            name for name in ("lr_schedule", "warmup_steps", "warmup_ratio", "grad_accumulation", "max_grad_norm",
+                              "eval_every", "keep_best")
+            if getattr(c, name) != RECIPE_PROFILE[name]
+        ]
+        need(
+            not changed,
+            f"recipe mode trains exactly as the classic recipe (constant 5e-5, no accumulation, clipping or "
+            f"mid-epoch evaluation); drop --recipe to use {', '.join(changed)}.",
+        )
     need(
         c.checkpoint_every is None or c.checkpoint_every > 0,
         f"checkpoint_every={c.checkpoint_every} must be > 0 or None.",

@@ -1,32 +1,24 @@
-"""The fast engine of `train`: packed rows through `gemma_lora.fast`'s JAX step.
+"""The fast engine of `train`: packed rows through `gemma_lora.fast`'s functional Gemma.
 
-`train.fit` calls `fit` here when `engine` resolves to "fast". It trains the
-same LoRA factors of the same Keras model as the Keras engine, on the same
-rows in the same epoch order, so the rest of the pipeline (scoring,
-generation, adapters, checkpoints, resume) does not know which engine ran:
+It trains the same LoRA factors of the same Keras model as the Keras engine,
+on the same rows in the same epoch order, with the same optimizer, in the
+same loop (`gemma_lora.loop.run`), so the rest of the pipeline (scoring,
+generation, adapters, checkpoints, resume) does not know which engine ran.
+What differs is the batches: each epoch's rows (in `loop.epoch_order`) are
+packed several per row by `packing.pack` (no cross-attention, response
+weights kept), the packed rows shuffled by (seed, epoch) and cut into
+batches of `batch_size` rows, all of one shape, so the step compiles once.
 
-- each epoch's rows (in `train.epoch_order`) are packed several per row by
-  `packing.pack` (no cross-attention, response weights kept), the packed rows
-  shuffled by (seed, epoch) and cut into batches of `batch_size` rows, all of
-  one shape, so the step compiles once;
-- the Keras callbacks of the run (checkpointer, split scorer, CSV log) are
-  driven by hand with the same hooks and logs Keras' `fit` would give them;
-- before a callback can look at the model (epoch end, a checkpoint, the end)
-  the trained factors are written back into the Keras LoRA variables and the
-  AdamW moments into the Keras optimizer's slots, so a checkpoint has the
-  Keras engine's format and either engine can resume it.
-
-Why a hand-driven loop: Keras' `fit` runs the model's own `train_step`, and
-KerasHub's backbones take no per-example attention masks, so packed rows
-cannot go through it (see `gemma_lora.fast`).
+Why not KerasHub's model here: its backbones take no per-example attention
+masks, so packed rows cannot go through it (see `gemma_lora.fast`).
 """
 
 import numpy as np
 
-from gemma_lora import fast, packing, runtime
+from gemma_lora import fast, loop, packing, runtime
 from gemma_lora.config import ENGINES  # noqa: F401  (re-exported)
 from gemma_lora.errors import ConfigError
-from gemma_lora.loop import History, Position, epoch_order, epochs_from, with_step_limit
+from gemma_lora.loop import StepEngine, epoch_order
 
 runtime.ensure_runtime()
 
@@ -132,103 +124,75 @@ def packed_stats(rows, config):
     return {"steps_per_epoch": len(batches), "real_token_fraction": real / max(positions, 1)}
 
 
-class Engine:
-    """The fast step's state for one Keras model, kept in sync with it on demand."""
+class FastEngine(StepEngine):
+    """`gemma_lora.fast`'s functional Gemma on packed rows, stepped by the loop.
 
-    def __init__(self, causal_lm, config, precision):
-        self.causal_lm = causal_lm
-        self.fast_config, self.frozen, self.lora = fast.extract_params(
+    The frozen base is read once into the fast path's arrays (in the run's
+    compute dtype); the trainable state is the Keras model's own LoRA
+    variables, in Keras' order, which the step arranges into the fast
+    path's per-layer pytree. The update is the run's Keras optimizer
+    (`stateless_apply`), as in the Keras engine.
+    """
+
+    def __init__(self, causal_lm, rows, config, precision):
+        super().__init__(causal_lm)
+        self.rows, self.config = rows, config
+        self.fast_config, self.frozen, _ = fast.extract_params(
             causal_lm, tuple(config.lora_targets), dtype=fast_dtype(precision), seed=config.seed
         )
-        optimizer = causal_lm.optimizer  # made by train.compile_for_training
-        self.step = fast.make_train_step(
-            self.fast_config,
-            fast.AdamW(
-                learning_rate=config.learning_rate,
-                weight_decay=config.weight_decay,
-                beta_1=float(optimizer.beta_1),
-                beta_2=float(optimizer.beta_2),
-                epsilon=float(optimizer.epsilon),
-            ),
-        )
-        self.opt_state = self._read_optimizer()
-
-    def _slots(self):
-        """(keras LoRA variable, fast pytree path) pairs, in a fixed order."""
-        blocks = self.causal_lm.backbone.transformer_layers
-        for i, block in enumerate(blocks):
+        # Where each Keras trainable variable sits in the fast path's LoRA pytree.
+        where = {}
+        for i, block in enumerate(causal_lm.backbone.transformer_layers):
             for target in self.fast_config.lora_targets:
                 layer = fast._layer_of(block, target)
-                yield layer.lora_kernel_a, (i, target, "lora_kernel_a")
-                yield layer.lora_kernel_b, (i, target, "lora_kernel_b")
+                where[id(layer.lora_kernel_a)] = (i, target, "lora_kernel_a")
+                where[id(layer.lora_kernel_b)] = (i, target, "lora_kernel_b")
+        self.paths = [where[id(v)] for v in causal_lm.trainable_variables]
+        key = (id(self.optimizer), self.fast_config, tuple(self.paths))
+        self._step = loop.compiled_step(
+            causal_lm, key,
+            lambda: jax.jit(_fast_train_step(self.fast_config, self.paths, self.optimizer), donate_argnums=(0, 1)),
+        )
 
-    def _read_optimizer(self):
-        # The Keras optimizer's moments: zeros on a fresh run, a checkpoint's on resume.
-        optimizer = self.causal_lm.optimizer
-        optimizer.build(self.causal_lm.trainable_variables)
-        state = self.step.init(self.lora)
-        m, v = state["m"], state["v"]
-        for variable, (i, target, name) in self._slots():
-            index = optimizer._get_variable_index(variable)
-            m[i][target][name] = jnp.asarray(optimizer._momentums[index].value, jnp.float32)
-            v[i][target][name] = jnp.asarray(optimizer._velocities[index].value, jnp.float32)
-        state["count"] = jnp.asarray(int(optimizer.iterations.value), jnp.int32)
-        return state
+    def steps_per_epoch(self):
+        return steps_per_epoch(self.rows, self.config)
 
-    def sync_to_keras(self):
-        """Write the factors and AdamW state into the Keras model and optimizer."""
-        fast.write_back(self.causal_lm, self.fast_config, self.lora)
-        optimizer = self.causal_lm.optimizer
-        for variable, (i, target, name) in self._slots():
-            index = optimizer._get_variable_index(variable)
-            optimizer._momentums[index].assign(np.asarray(self.opt_state["m"][i][target][name]))
-            optimizer._velocities[index].assign(np.asarray(self.opt_state["v"][i][target][name]))
-        optimizer.iterations.assign(int(self.opt_state["count"]))
+    def epoch_batches(self, epoch):
+        return epoch_batches(self.rows, self.config, epoch)
 
-    def train_step(self, batch):
-        """One step; returns (nll_sum, weight_sum) as floats."""
-        self.lora, self.opt_state, sums = self.step(self.frozen, self.lora, self.opt_state, batch)
-        return float(sums["nll_sum"]), float(sums["weight_sum"])
+    def batch_weight(self, batch):
+        return float(batch["loss_weights"].sum())
+
+    def step(self, batch, scale):
+        self.trainable, self.optimizer_values, nll, weight = self._step(
+            self.trainable, self.optimizer_values, self.frozen, batch, jnp.float32(scale)
+        )
+        nll, weight = float(nll), float(weight)
+        return nll, weight, nll / max(weight, 1.0)
 
 
-def fit(causal_lm, rows, config, precision, callbacks=(), start=None):
-    """Train like `train.fit`, with the fast engine; returns a `loop.History`."""
-    start = start or Position()
-    engine = Engine(causal_lm, config, precision)
-    # StopAfterSteps (for max_steps) ends the run by setting stop_training, as under Keras' fit.
-    callbacks = with_step_limit(callbacks, config, start, steps_per_epoch(rows, config))
-    for callback in callbacks:
-        callback.set_model(causal_lm)
-    # Checkpointer.save syncs Keras' JAX state first; route that to the fast state.
-    causal_lm.jax_state_sync = engine.sync_to_keras
-    history = History()
-    causal_lm.stop_training = False
-    try:
-        for callback in callbacks:
-            callback.on_train_begin()
-        for epoch, skip in epochs_from(start, config, callbacks):
-            batches = epoch_batches(rows, config, epoch)[skip:]
-            for callback in callbacks:
-                callback.on_epoch_begin(epoch)
-            nll = weight = 0.0
-            for index, batch in enumerate(batches):
-                step_nll, step_weight = engine.train_step(batch)
-                nll, weight = nll + step_nll, weight + step_weight
-                logs = {"loss": step_nll / max(step_weight, 1.0), "token_loss": nll / max(weight, 1.0)}
-                for callback in callbacks:
-                    callback.on_train_batch_end(index, logs)
-                if causal_lm.stop_training:
-                    break
-            engine.sync_to_keras()
-            logs = {"loss": nll / max(weight, 1.0), "token_loss": nll / max(weight, 1.0)}
-            for callback in callbacks:
-                callback.on_epoch_end(epoch, logs)
-            history.append(logs)
-            if causal_lm.stop_training:
-                break
-        for callback in callbacks:
-            callback.on_train_end()
-    finally:
-        del causal_lm.jax_state_sync  # back to Keras' own method
-        engine.sync_to_keras()
-    return history
+
+def _fast_train_step(fast_config, paths, optimizer):
+    """The fast engine's step: gradients of the packed batch's loss on the LoRA factors, then the update.
+
+    `paths[i]` is where the Keras model's i-th trainable variable sits in
+    the fast path's per-layer LoRA pytree. No reference to the Keras model:
+    the compiled step is kept per model and must not keep it alive.
+    """
+
+    def lora_of(trainable):
+        lora = [{} for _ in range(fast_config.num_layers)]
+        for (i, target, name), value in zip(paths, trainable):
+            lora[i].setdefault(target, {})[name] = value
+        return lora
+
+    def train_step(trainable, optimizer_values, frozen, batch, scale):
+        def objective(trainable):
+            nll, weight = fast.loss_sums(fast_config, frozen, lora_of(trainable), batch)
+            return nll / jnp.maximum(weight, 1.0), (nll, weight)
+
+        grads, (nll, weight) = jax.grad(objective, has_aux=True)(trainable)
+        trainable, optimizer_values = optimizer.stateless_apply(optimizer_values, grads, trainable)
+        return trainable, optimizer_values, nll, weight
+
+    return train_step

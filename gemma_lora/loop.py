@@ -5,6 +5,7 @@ neither imports the other for these.
 """
 
 import dataclasses
+import weakref
 
 import numpy as np
 
@@ -81,3 +82,186 @@ class StopAfterSteps(keras.callbacks.Callback):
         self.steps += 1
         if self.steps >= self.max_steps:
             self.model.stop_training = True
+
+
+class StepEngine:
+    """An engine as the loop drives it: its batches, and one jitted step over the run's state.
+
+    The state is the Keras model's trainable values and its optimizer's
+    variables, as lists in Keras' own order, whatever the engine computes
+    with: `sync` writes them into the Keras variables (before a checkpoint,
+    an evaluation, an epoch's end and the end of training), so the rest of
+    the package sees one Keras model either way. The arrays are copies: the
+    step donates them, and the Keras variables keep valid buffers until then.
+
+    Subclasses give `steps_per_epoch()`, `epoch_batches(epoch)`,
+    `batch_weight(batch)` (its loss-carrying tokens, read on the host) and
+    `step(batch, scale) -> (nll_sum, weight_sum, loss)`: the summed token
+    losses and weights of the batch, and the loss whose gradient the step
+    took.
+    """
+
+    def __init__(self, causal_lm):
+        import jax.numpy as jnp
+
+        self.causal_lm = causal_lm
+        self.optimizer = causal_lm.optimizer
+        self.optimizer.build(causal_lm.trainable_variables)
+        self.trainable = [jnp.array(v.value) for v in causal_lm.trainable_variables]
+        self.optimizer_values = [jnp.array(v.value) for v in self.optimizer.variables]
+        self.synced = False
+
+    def sync(self):
+        """Write the state into the Keras model's and optimizer's variables."""
+        for variable, value in zip(self.causal_lm.trainable_variables, self.trainable):
+            variable.assign(value)
+        for variable, value in zip(self.optimizer.variables, self.optimizer_values):
+            variable.assign(value)
+        self.synced = True
+
+    def reload(self):
+        """Take the state back from the Keras variables (a callback may have changed them), as Keras' fit does."""
+        self.trainable = [v.value for v in self.causal_lm.trainable_variables]
+        self.optimizer_values = [v.value for v in self.optimizer.variables]
+        self.synced = False
+
+
+_STEPS = weakref.WeakKeyDictionary()  # model -> {key: jitted step}
+
+
+def compiled_step(causal_lm, key, make):
+    """The jitted step `make()` builds, kept per model and `key` across `fit` calls.
+
+    A second `fit` on the same model and optimizer (another epoch count, a
+    resumed run in the same process) then compiles nothing new, as Keras'
+    own `train_function` is kept. `key` must name everything the step
+    closes over (the optimizer object, the engine's static layout).
+    """
+    steps = _STEPS.setdefault(causal_lm, {})
+    if key not in steps:
+        steps.clear()  # an older optimizer's step would keep that optimizer alive
+        steps[key] = make()
+    return steps[key]
+
+
+def run(engine, config, callbacks=(), start=None, learning_rate=None, evaluate=None):
+    """Train with `engine` from `start` (a `Position`) to the run's end; return a `History`.
+
+    One loop for both engines. It takes the epochs' batches in order
+    (skipping those a resumed run already took), gives each batch its share
+    of the optimizer step's loss (`scale`: the step's loss is the mean over
+    the loss-carrying tokens of all its `grad_accumulation` batches, so
+    accumulation equals one larger batch), stops after `max_steps`
+    optimizer steps or the last epoch, and tells `callbacks` (Keras
+    callbacks, plus `begin_epoch(epoch, skip)` and `on_evaluation(step,
+    logs)` where they have them) what happens.
+
+    A batch's logs: `loss` (the loss its gradient came from), `token_loss`
+    (the epoch's mean per token so far), `optimizer_step` (updates done),
+    `update` (whether this batch ended an optimizer step) and
+    `learning_rate` (of that update). An epoch's logs: the mean `loss` over
+    its batches and its `token_loss`.
+
+    Args:
+        learning_rate: optional f(optimizer step) -> float, for the logs.
+        evaluate: optional f() -> dict of logs, called every `eval_every`
+            optimizer steps and after the last one (the engine is synced first).
+    """
+    start = start or Position()
+    per_epoch = engine.steps_per_epoch()
+    accumulation = config.grad_accumulation
+    last = total_batches(per_epoch, config)
+    done = start.epoch * per_epoch + start.step
+    causal_lm = engine.causal_lm
+    for callback in callbacks:
+        callback.set_model(causal_lm)
+    # Checkpointer.save and keras.Model users sync Keras' state first: route that to the engine.
+    causal_lm.jax_state_sync = engine.sync
+    causal_lm.stop_training = False
+    plans = {}
+
+    def plan(epoch):
+        if epoch not in plans:
+            plans.clear()  # one epoch (and the next) at a time
+            plans[epoch] = engine.epoch_batches(epoch)
+        return plans[epoch]
+
+    def window_weight(batch_index):
+        # Loss-carrying tokens of the optimizer step (accumulation window) holding global batch `batch_index`.
+        first = batch_index - batch_index % accumulation
+        total = 0.0
+        for g in range(first, first + accumulation):
+            epoch, i = divmod(g, per_epoch)
+            batches = plans.get(epoch) or engine.epoch_batches(epoch)
+            plans.setdefault(epoch, batches)
+            total += engine.batch_weight(batches[i])
+        return total
+
+    history = History()
+    scale = None
+    try:
+        for callback in callbacks:
+            callback.on_train_begin()
+        for epoch, skip in epochs_from(start, config, callbacks):
+            if done >= last:
+                break
+            batches = plan(epoch)
+            for callback in callbacks:
+                callback.on_epoch_begin(epoch)
+            nll = weight = losses = 0.0
+            taken = 0
+            for index in range(skip, per_epoch):
+                for callback in callbacks:
+                    callback.on_train_batch_begin(index)
+                if engine.synced:  # the Keras variables were handed out; continue from them
+                    engine.reload()
+                if index == skip or done % accumulation == 0:
+                    scale = accumulation / max(window_weight(done), 1.0)
+                step_nll, step_weight, step_loss = engine.step(batches[index], scale)
+                done += 1
+                taken += 1
+                nll, weight, losses = nll + step_nll, weight + step_weight, losses + step_loss
+                update = done % accumulation == 0
+                steps = done // accumulation
+                logs = {
+                    "loss": step_loss,
+                    "token_loss": nll / max(weight, 1.0),
+                    "optimizer_step": steps,
+                    "update": update,
+                }
+                if learning_rate is not None:
+                    logs["learning_rate"] = learning_rate(steps - 1 if update else steps)
+                for callback in callbacks:
+                    callback.on_train_batch_end(index, logs)
+                if update and evaluate is not None and config.eval_every and (
+                    steps % config.eval_every == 0 or done >= last
+                ) and not causal_lm.stop_training:
+                    engine.sync()
+                    results = dict(evaluate(), step=steps)
+                    for callback in callbacks:
+                        if hasattr(callback, "on_evaluation"):
+                            callback.on_evaluation(steps, results)
+                if causal_lm.stop_training or done >= last:
+                    break
+            engine.sync()
+            logs = {"loss": losses / max(taken, 1), "token_loss": nll / max(weight, 1.0)}
+            for callback in callbacks:
+                callback.on_epoch_end(epoch, logs)
+            history.append(logs)
+            if causal_lm.stop_training or done >= last:
+                break
+        for callback in callbacks:
+            callback.on_train_end()
+    finally:
+        del causal_lm.jax_state_sync  # back to Keras' own method
+        engine.sync()
+    return history
+
+
+def total_batches(per_epoch, config):
+    """Batches the whole run takes: every epoch's, or max_steps optimizer steps' if fewer,
+    in whole optimizer steps (a last partial accumulation is not taken)."""
+    batches = config.epochs * per_epoch
+    if config.max_steps:
+        batches = min(batches, config.max_steps * config.grad_accumulation)
+    return batches - batches % config.grad_accumulation

@@ -92,8 +92,8 @@ def _run_training(config, echo, resume):
             run_dir.rmdir()  # Bad input leaves nothing behind.
         raise
     echo(f"run directory: {run_dir}")
-    train.compile_for_training(causal_lm, config)
     engine = fast_train.resolve_engine(causal_lm, config, model.platform())
+    train.compile_for_training(causal_lm, config, train.total_steps(rows["train"], config, engine))
     if engine == "fast":
         packed = fast_train.packed_stats(rows["train"], config)
         data_stats["packed_real_token_fraction"] = packed["real_token_fraction"]

@@ -14,7 +14,7 @@ import weakref
 
 import numpy as np
 
-from gemma_lora import runtime
+from gemma_lora import loop, runtime
 from gemma_lora.errors import ConfigError
 from gemma_lora.loop import (  # noqa: F401  (re-exported: they were train's before loop.py)
     History,
@@ -33,19 +33,21 @@ import jax.numpy as jnp  # noqa: E402
 import keras  # noqa: E402
 
 
-def make_optimizer(config):
-    """AdamW as in the classic recipe; no weight decay on bias and norm scales."""
-    optimizer = keras.optimizers.AdamW(
-        learning_rate=config.learning_rate, weight_decay=config.weight_decay
-    )
-    optimizer.exclude_from_weight_decay(var_names=["bias", "scale"])
-    return optimizer
+def make_optimizer(config, total_steps=None):
+    """AdamW as in the classic recipe (no weight decay on bias and norm scales), with the run's controls."""
+    from gemma_lora.optim import make_optimizer as make
+
+    return make(config, total_steps)
 
 
-def compile_for_training(causal_lm, config):
-    """Compile with the recipe's loss and metrics, plus the true per-token loss."""
+def compile_for_training(causal_lm, config, total_steps=None):
+    """Compile with the recipe's loss and metrics, plus the true per-token loss.
+
+    `total_steps` (optimizer steps of the run, see `total_steps`) is where a
+    learning-rate schedule ends; a constant rate does not need it.
+    """
     causal_lm.compile(
-        optimizer=make_optimizer(config),
+        optimizer=make_optimizer(config, total_steps),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         weighted_metrics=[
             keras.metrics.SparseCategoricalAccuracy(),
@@ -55,42 +57,151 @@ def compile_for_training(causal_lm, config):
     )
 
 
-def fit(causal_lm, rows, config, callbacks=(), verbose="auto", start=None, engine="keras", precision="float32"):
+def fit(causal_lm, rows, config, callbacks=(), verbose="auto", start=None, engine="keras", precision="float32",
+        evaluate=None):
     """Train on `rows` (a `data.TokenizedRows`) from `start` and return a History.
 
-    One `keras.Model.fit` call per epoch, on that epoch's batches (see
-    `epoch_batches`). Batches go straight to `keras.Model.fit` as a
-    `PyDataset`: KerasHub's own `fit` (its PipelineModel) would wrap arrays
-    in a grain/tf.data dataset and drop `shuffle`. Callbacks that set
-    `model.stop_training` end the whole run.
+    Both engines run `loop.run`: the Keras engine (`KerasEngine`, KerasHub's
+    model through a jitted stateless step on length-bucketed batches) and
+    the fast engine (`fast_train.FastEngine`, packed rows). `--recipe` runs
+    `keras.Model.fit` itself, once per epoch, as the classic recipe does
+    (`keras_fit`). Callbacks that set `model.stop_training` end the run.
 
     Args:
-        verbose: truthy shows one progress bar over the steps the run will
-            take (`TrainingProgress`, both engines); 0 shows nothing.
+        verbose: truthy shows one progress bar over the optimizer steps the
+            run will take (`TrainingProgress`); 0 shows nothing.
         start: a `Position` to resume from (default: the beginning).
         engine: "keras", or "fast" to train with `gemma_lora.fast_train` on
             packed rows (see `fast_train.resolve_engine`).
         precision: the run's dtype policy; the fast engine's dtype follows it.
+        evaluate: optional f() -> logs, every `eval_every` optimizer steps.
     """
     start = start or Position()
     callbacks = list(callbacks)
     progress = None
     if verbose:
-        done = start.epoch * steps_per_epoch(rows, config, engine) + start.step
+        per_epoch = steps_per_epoch(rows, config, engine)
+        done = (start.epoch * per_epoch + start.step) // config.grad_accumulation
         progress = TrainingProgress(total_steps(rows, config, engine) - done)
         callbacks.append(progress)
     try:
+        if config.recipe:
+            return keras_fit(causal_lm, rows, config, callbacks, start)
         if engine == "fast":
-            from gemma_lora import fast_train
+            from gemma_lora.fast_train import FastEngine
 
-            return fast_train.fit(causal_lm, rows, config, precision, callbacks, start)
-        return _keras_fit(causal_lm, rows, config, callbacks, start)
+            stepper = FastEngine(causal_lm, rows, config, precision)
+        else:
+            stepper = KerasEngine(causal_lm, rows, config)
+        from gemma_lora.optim import schedule_fn
+
+        fn = schedule_fn(config, total_steps(rows, config, engine))
+        learning_rate = (lambda step: float(fn(step))) if fn is not None else (lambda step: config.learning_rate)
+        return loop.run(stepper, config, callbacks, start, learning_rate=learning_rate, evaluate=evaluate)
     finally:
         if progress is not None:
             progress.close()
 
 
-def _keras_fit(causal_lm, rows, config, callbacks, start):
+class KerasEngine(loop.StepEngine):
+    """KerasHub's model as it is (any architecture, quantized bases, several devices), stepped by the loop.
+
+    Batches are the length-bucketed rows of `epoch_batches`, each trimmed to
+    its longest row; the step is `stateless_call` of the Keras model, the
+    loss the weighted token cross-entropy, and the update Keras' optimizer's
+    `stateless_apply`, all in one jitted function (compiled once per batch
+    length). Under a Keras distribution each batch is laid out as Keras'
+    own trainer lays it out, and the state keeps its variables' layout.
+    """
+
+    def __init__(self, causal_lm, rows, config):
+        super().__init__(causal_lm)
+        self.rows, self.config = rows, config
+        self.non_trainable = [v.value for v in causal_lm.non_trainable_variables]
+        distribution = keras.distribution.distribution()
+        self.distribution = distribution
+        out_shardings = None
+        if distribution is not None:
+            # Keep each state array in its variable's layout (as Keras' trainer does).
+            out_shardings = ([v.value.sharding for v in causal_lm.trainable_variables],
+                             [v.value.sharding for v in self.optimizer.variables], None, None, None)
+        key = (id(self.optimizer), distribution is not None)
+        self._step = loop.compiled_step(
+            causal_lm, key,
+            lambda: jax.jit(_keras_train_step(causal_lm, self.optimizer), donate_argnums=(0, 1), out_shardings=out_shardings),
+        )
+
+    def steps_per_epoch(self):
+        return steps_per_epoch(self.rows, self.config)
+
+    def epoch_batches(self, epoch):
+        return epoch_batches(self.rows, self.config, epoch)
+
+    def batch_weight(self, index):
+        return float(self.rows.weights[index].sum())
+
+    def step(self, index, scale):
+        x, labels, weights = batch_arrays(self.rows, index, self.config.batch_size, self.config.bucket_by_length)
+        inputs = self._place((x["token_ids"], x["padding_mask"], labels, weights))
+        self.trainable, self.optimizer_values, nll, weight, loss = self._step(
+            self.trainable, self.optimizer_values, self.non_trainable, *inputs, jnp.float32(scale)
+        )
+        return float(nll), float(weight), float(loss)
+
+    def _place(self, arrays):
+        if self.distribution is None:
+            return arrays
+        return tuple(
+            keras.distribution.distribute_tensor(a, self.distribution.get_data_layout(a.shape)) for a in arrays
+        )
+
+
+
+def _keras_train_step(causal_lm, optimizer):
+    """The Keras engine's step function for `causal_lm` (compiled once per batch length)."""
+    # A weak reference: the compiled step is kept per model (loop.compiled_step),
+    # and a strong one would keep every model ever trained alive.
+    model = weakref.ref(causal_lm)
+
+    def train_step(trainable, optimizer_values, non_trainable, token_ids, padding_mask, labels, weights, scale):
+        # The name is what tests count traces of.
+        def objective(trainable):
+            logits, _ = model().stateless_call(
+                trainable, non_trainable, {"token_ids": token_ids, "padding_mask": padding_mask}, training=True
+            )
+            nll, weight = weighted_nll(logits, labels, weights)
+            # Keras' SparseCategoricalCrossentropy with sample weights: the sum over every
+            # position of the batch (padding included) divided by their number.
+            loss = nll / labels.size
+            return loss, (nll, weight, loss)
+
+        grads, (nll, weight, loss) = jax.grad(objective, has_aux=True)(trainable)
+        trainable, optimizer_values = optimizer.stateless_apply(optimizer_values, grads, trainable)
+        return trainable, optimizer_values, nll, weight, loss
+
+    return train_step
+
+
+def weighted_nll(logits, labels, weights):
+    """(sum of weight x -log p(label), sum of weights) over the whole batch, in float32.
+
+    -log softmax(logits)[label] = logsumexp(logits) - logits[label]: no second
+    vocabulary-sized array of log-probabilities (262k wide on Gemma 3).
+    """
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - picked
+    weights = weights.astype(jnp.float32)
+    return jnp.sum(nll * weights), jnp.sum(weights)
+
+
+def keras_fit(causal_lm, rows, config, callbacks, start):
+    """The classic recipe's training: `keras.Model.fit` once per epoch on the epoch's batches.
+
+    Batches go straight to `keras.Model.fit` as a `PyDataset`: KerasHub's own
+    `fit` (its PipelineModel) would wrap arrays in a grain/tf.data dataset
+    and drop `shuffle`.
+    """
     callbacks = with_step_limit(callbacks, config, start, steps_per_epoch(rows, config))
     history = History()
     for epoch, skip in epochs_from(start, config, callbacks):
@@ -306,9 +417,19 @@ def examples_trained(rows, config, engine, first_step, last_step):
 
 
 def total_steps(rows, config, engine="keras"):
-    """Optimizer steps a whole run takes: every epoch's, or max_steps if fewer."""
-    steps = config.epochs * steps_per_epoch(rows, config, engine)
-    return min(steps, config.max_steps) if config.max_steps else steps
+    """Optimizer steps a whole run takes: every epoch's, or max_steps if fewer.
+
+    Raises:
+        ConfigError: grad_accumulation is more than the run's batches.
+    """
+    batches = loop.total_batches(steps_per_epoch(rows, config, engine), config)
+    if not batches:
+        raise ConfigError(
+            f"grad_accumulation={config.grad_accumulation} needs that many batches for one optimizer step, but "
+            f"the run has {config.epochs * steps_per_epoch(rows, config, engine)}. Lower grad_accumulation or "
+            "batch_size, or train on more rows or epochs."
+        )
+    return batches // config.grad_accumulation
 
 
 def callbacks_for_run(run_dir, splits, config, start_step=0):
