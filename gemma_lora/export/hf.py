@@ -7,9 +7,11 @@
 
 KerasHub's exporter (keras-hub 0.32) writes the config, the tokenizer and
 most tensors; where it is wrong, this module corrects it or refuses:
-- Gemma with several key/value heads (gemma_7b_en has 16): its Gemma weight
-  map keeps only the first head (`key_dense.weights[0][0]`), so the k/v
-  projections are written here from the whole kernel;
+- its Gemma weight map keeps only the first key/value head
+  (`key_dense.weights[0][0]`), and lays the query projection out right only
+  when heads x head_dim equals the hidden size (gemma_2b_en: 8 x 256 = 2048;
+  gemma_7b_en: 16 x 256 != 3072, and 16 KV heads): the q/k/v projections are
+  written here from the whole kernels;
 - its Gemma config leaves out the RMSNorm epsilon and the architecture name,
   its Gemma 3 config the attention and final logit soft caps: added here;
 - Gemma 2 (a GemmaBackbone with post norms, soft caps or a sliding window)
@@ -156,16 +158,17 @@ def hf_config(backbone, tokenizer=None):
 
 
 def hf_weights(backbone):
-    """{transformers tensor name: float array} for `backbone`: KerasHub's map, k/v projections corrected."""
+    """{transformers tensor name: float array} for `backbone`: KerasHub's map, q/k/v projections corrected."""
     from keras_hub.src.utils.transformers.export import hf_exporter
 
     weights = hf_exporter.MODEL_EXPORTERS[type(backbone).__name__](backbone, include_lm_head=True)
     weights = {name: np.asarray(tensor) for name, tensor in weights.items()}
     for i, block in enumerate(backbone.transformer_layers):
         attention = block.attention
-        for layer in (attention.key_dense, attention.value_dense):
+        for layer in (attention.query_dense, attention.key_dense, attention.value_dense):
             module, layout = HF_MODULES[layer.name]
-            # Every head, where KerasHub's Gemma map keeps the first only.
+            # Every head, head-major (KerasHub's Gemma map keeps one k/v head, and
+            # scrambles q unless heads x head_dim == hidden).
             weights[f"model.layers.{i}.{module}.weight"] = hf_weight(np.asarray(layer.kernel), layout)
     return weights
 
