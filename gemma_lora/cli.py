@@ -93,8 +93,8 @@ def build_parser():
     export.add_argument("source", help="A .lora.h5 adapter (its adapter.json names the base), or a merged preset directory.")
     export.add_argument("output", help="New output: a directory (hf, peft) or a .gguf file (gguf).")
     export.add_argument("--to", choices=("hf", "gguf", "peft"), default="hf", help="Export format (default: hf).")
-    export.add_argument("--gguf-type", choices=("f32", "f16", "bf16", "q8_0"),
-                        help="--to gguf: type of the matrices (default f32; norms stay f32).")
+    export.add_argument("--gguf-type", metavar="TYPE",
+                        help="--to gguf: f32 (default), f16, bf16 or q8_0, the type of the matrices (norms stay f32).")
     export.add_argument("--with-base", action="store_true",
                         help="--to peft: also write the base model as a transformers folder in OUTPUT/base.")
     add_field_flags(export, ("preset", "preset_version", "precision"))
@@ -282,6 +282,12 @@ def run_export(args):
         raise ConfigError(f"--gguf-type applies to --to gguf only (got --to {args.to}). Drop it, or add --to gguf.")
     if args.with_base and args.to != "peft":
         raise ConfigError(f"--with-base applies to --to peft only (got --to {args.to}). Drop it, or add --to peft.")
+    if args.gguf_type is not None:
+        from gemma_lora.errors import ExportError
+        from gemma_lora.export import GGUF_TYPES
+
+        if args.gguf_type not in GGUF_TYPES:  # before any model is loaded
+            raise ExportError(f"Unknown GGUF type {args.gguf_type!r}: use one of {', '.join(GGUF_TYPES)}.")
     from gemma_lora.export import Provenance
 
     if args.to == "peft":

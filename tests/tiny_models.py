@@ -39,11 +39,21 @@ SHAPES = {
 
 
 def gemma3_style_proto():
-    """The shipped tiny BPE vocab plus Gemma 3's turn markers and whitespace runs."""
+    """The shipped tiny BPE vocab plus Gemma 3's turn markers and whitespace runs.
+
+    They go right after the four special pieces, ahead of the merged pieces,
+    as in Gemma's own vocabulary: transformers' GGUF tokenizer rebuilds BPE
+    merges in vocabulary order, so a whitespace run listed last would lose to
+    "▁He" in "  He" (SentencePiece matches user-defined pieces first either way).
+    """
     proto = spm_pb2.ModelProto()
     proto.ParseFromString((resources.files("gemma_lora") / "resources" / "tiny_vocab.spm").read_bytes())
+    pieces = list(proto.pieces)
+    del proto.pieces[:]
+    proto.pieces.extend(pieces[:4])
     for piece in EXTRA_PIECES:
         proto.pieces.add(piece=piece, score=0.0, type=spm_pb2.ModelProto.SentencePiece.USER_DEFINED)
+    proto.pieces.extend(pieces[4:])
     proto.trainer_spec.vocab_size = len(proto.pieces)
     return proto
 

@@ -19,6 +19,14 @@ from pathlib import Path
 from gemma_lora.errors import ExportError, OutputError
 
 FORMATS = ("hf", "gguf", "peft")
+# --gguf-type → (ggml tensor type name, llama.cpp's file type name); only
+# types the gguf package quantizes itself.
+GGUF_TYPES = {
+    "f32": ("F32", "ALL_F32"),
+    "f16": ("F16", "MOSTLY_F16"),
+    "bf16": ("BF16", "MOSTLY_BF16"),
+    "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
+}
 
 # Chat formats an adapter can be trained on (adapter.json's `chat_format`;
 # none is recorded today, issue 16 adds them). An export of such an adapter
@@ -126,7 +134,6 @@ _LAZY = {
     "export_transformers": "gemma_lora.export.hf",
     "supported_backbones": "gemma_lora.export.hf",
     "export_gguf": "gemma_lora.export.gguf",
-    "GGUF_TYPES": "gemma_lora.export.gguf",
     "export_peft": "gemma_lora.export.peft",
 }
 

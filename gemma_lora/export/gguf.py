@@ -20,18 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from gemma_lora.errors import ExportError
-from gemma_lora.export import CHAT_TEMPLATES, OLLAMA_CHAT, Provenance, check_new, check_plain
+from gemma_lora.export import CHAT_TEMPLATES, GGUF_TYPES, OLLAMA_CHAT, Provenance, check_new, check_plain
 from gemma_lora.gguf_import import SPIECE_SPACE, TO_GGUF, TURN_TOKENS, tensor_layout
 from gemma_lora.io import atomic_path, write_text_atomic
 
-# --gguf-type → (ggml tensor type name, llama.cpp's file type name); only
-# types the gguf package quantizes itself.
-GGUF_TYPES = {
-    "f32": ("F32", "ALL_F32"),
-    "f16": ("F16", "MOSTLY_F16"),
-    "bf16": ("BF16", "MOSTLY_BF16"),
-    "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
-}
 ARCHITECTURES = {"GemmaBackbone": "gemma", "Gemma3Backbone": "gemma3"}
 # Neither backbone records a context length; these are the shortest of each
 # family (Gemma: 8K; Gemma 3 270M and 1B: 32K), so no size is over-promised.
