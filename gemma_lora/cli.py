@@ -100,7 +100,7 @@ def build_parser():
     add_field_flags(export, ("preset", "preset_version", "precision"))
     export.set_defaults(handler=run_export)
 
-    convert = commands.add_parser("convert-gguf", help="Convert a Gemma 3 GGUF file into a KerasHub preset directory.")
+    convert = commands.add_parser("convert-gguf", help="Convert a Gemma 3 (text) or Gemma GGUF file into a KerasHub preset directory.")
     convert.add_argument("gguf_file", help="A .gguf file (llama.cpp format), e.g. gemma-3-270m-q4_k_m.gguf.")
     convert.add_argument("output_dir", help="New directory for the preset (usable as --preset DIR).")
     convert.set_defaults(handler=run_convert)

@@ -58,6 +58,10 @@ def export_gguf(causal_lm, output_path, gguf_type="f32", provenance=None):
     output_path = Path(output_path)
     if output_path.suffix != ".gguf":
         raise ExportError(f"A GGUF export is one file ending in .gguf. Received: {output_path}. Give e.g. model.gguf.")
+    try:
+        import gguf  # noqa: F401  (not a core dependency)
+    except ImportError:
+        raise ExportError('GGUF export needs the gguf package: pip install "gemma-lora[gguf]" (or pip install gguf).') from None
     check_plain(causal_lm, "GGUF")
     reason = refusal(causal_lm.backbone)
     if reason:
