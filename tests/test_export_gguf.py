@@ -4,8 +4,10 @@ Read back with the gguf package's reader (metadata and tensor types), with
 the package's importer (logits, tokenization) and, for Gemma 3, with
 transformers' GGUF loader, code nobody here wrote (needs torch: skipped
 without it; CI runs this file in its Python 3.11 venv). transformers has no
-GGUF loader for llama.cpp's `gemma` (Gemma 1) architecture, so Gemma 1 is
-checked by the reader and the importer only.
+GGUF loader for llama.cpp's `gemma` (Gemma 1) architecture; llama.cpp itself
+reads both, through llama-cpp-python where it is installed (it compiles
+llama.cpp from source, about 12 minutes here, so CI skips that test:
+`pip install llama-cpp-python` to run it).
 """
 
 import gguf
@@ -140,6 +142,22 @@ def test_transformers_gguf_loader_gives_the_keras_logits(models, exported):
     original = lora.preprocessor.tokenizer
     for text in dolly_texts(50):
         assert tokenizer(text).input_ids[1:] == np.asarray(original.tokenize(text)).tolist()
+
+
+@pytest.mark.parametrize("shape", ARCHITECTURES)
+def test_llama_cpp_gives_the_keras_logits_and_tokens(shape, models, exported):
+    """llama.cpp's own loader, graph and tokenizer (llama-cpp-python), Gemma and Gemma 3."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    lora, _, _, ids = models[shape]
+    # f32 KV cache; ggml still evaluates GELU from a float16 table, about 1e-3 of the logits' scale.
+    llm = llama_cpp.Llama(model_path=str(exported[shape, "f32"]), logits_all=True, n_ctx=64, verbose=False,
+                          type_k=0, type_v=0)
+    llm.eval(ids[0].tolist())
+    got, want = np.asarray(llm.scores[: ids.shape[1]]), logits(lora, ids)[0]
+    assert np.abs(got - want).max() <= 3e-3 * np.abs(want).max()
+    tokenizer = lora.preprocessor.tokenizer
+    for text in dolly_texts(50):
+        assert llm.tokenize(text.encode(), add_bos=True, special=True)[1:] == np.asarray(tokenizer.tokenize(text)).tolist()
 
 
 def test_refusals_leave_nothing_on_disk(models, tmp_path, tiny_preset):
