@@ -288,8 +288,13 @@ def run_export(args):
 
         if args.gguf_type not in GGUF_TYPES:  # before any model is loaded
             raise ExportError(f"Unknown GGUF type {args.gguf_type!r}: use one of {', '.join(GGUF_TYPES)}.")
-    from gemma_lora.export import Provenance
+    from gemma_lora.export import Provenance, check_new
 
+    check_new(args.output)  # before any model is loaded
+    if args.to == "gguf" and not args.output.endswith(".gguf"):
+        from gemma_lora.errors import ExportError
+
+        raise ExportError(f"A GGUF export is one file ending in .gguf. Received: {args.output}. Give e.g. model.gguf.")
     if args.to == "peft":
         return _export_peft(args)
     if args.source.endswith(".lora.h5"):
