@@ -46,6 +46,8 @@ _LAZY = {
     "merged_model": "gemma_lora.adapters",
     "quantize_base": "gemma_lora.quantize",
     "export_transformers": "gemma_lora.export",
+    "export_gguf": "gemma_lora.export.gguf",
+    "export_peft": "gemma_lora.export.peft",
 }
 
 __all__ = [

@@ -4,6 +4,8 @@
     gemma-lora train --recipe                       # the classic KerasHub recipe
     gemma-lora generate --preset tiny --prompt "Name three colours."
     gemma-lora export runs/tiny-20261122-120000/adapter.lora.h5 hf_model/
+    gemma-lora export runs/tiny-20261122-120000/adapter.lora.h5 model.gguf --to gguf
+    gemma-lora export runs/tiny-20261122-120000/adapter.lora.h5 peft_adapter/ --to peft
     gemma-lora sweep --ranks 4 8 16 --max-steps 20  # LoRA ranks side by side (demo preset)
     gemma-lora compare --max-steps 20               # full fine-tune vs LoRA (demo preset)
     gemma-lora info runs/tiny-20261122-120000
@@ -115,15 +117,22 @@ def build_parser():
     merge.set_defaults(handler=run_merge)
 
     export = commands.add_parser(
-        "export", help="Write a Hugging Face transformers folder from an adapter (merged first) or a merged preset.",
-        description="Export to a transformers folder (safetensors, config, tokenizer) with KerasHub's exporter. "
-                    "An adapter is merged into its base first (a quantized base is dequantized to float).")
+        "export", help="Export an adapter or merged preset: transformers folder, GGUF file or PEFT adapter.",
+        description="--to hf (default): a transformers folder (safetensors, config, tokenizer). --to gguf: one GGUF "
+                    "file for llama.cpp / Ollama, with an Ollama Modelfile beside it. Both merge an adapter into its "
+                    "base first (a quantized base is dequantized to float). --to peft: the adapter itself in PEFT's "
+                    "format (adapter_config.json + adapter_model.safetensors), exact for KerasHub's per-head LoRA.")
     export.add_argument("source", help="A .lora.h5 adapter (its adapter.json names the base), or a merged preset directory.")
-    export.add_argument("output_dir", help="New directory for the transformers model.")
+    export.add_argument("output", help="New output: a directory (hf, peft) or a .gguf file (gguf).")
+    export.add_argument("--to", choices=("hf", "gguf", "peft"), default="hf", help="Export format (default: hf).")
+    export.add_argument("--gguf-type", metavar="TYPE",
+                        help="--to gguf: f32 (default), f16, bf16 or q8_0, the type of the matrices (norms stay f32).")
+    export.add_argument("--with-base", action="store_true",
+                        help="--to peft: also write the base model as a transformers folder in OUTPUT/base.")
     add_field_flags(export, ("preset", "preset_version", "precision"))
     export.set_defaults(handler=run_export)
 
-    convert = commands.add_parser("convert-gguf", help="Convert a Gemma 3 GGUF file into a KerasHub preset directory.")
+    convert = commands.add_parser("convert-gguf", help="Convert a Gemma 3 (text) or Gemma GGUF file into a KerasHub preset directory.")
     convert.add_argument("gguf_file", help="A .gguf file (llama.cpp format), e.g. gemma-3-270m-q4_k_m.gguf.")
     convert.add_argument("output_dir", help="New directory for the preset (usable as --preset DIR).")
     convert.set_defaults(handler=run_convert)
@@ -351,17 +360,37 @@ def run_merge(args):
 
 
 def run_export(args):
+    from gemma_lora.errors import ConfigError
+
+    if args.gguf_type is not None and args.to != "gguf":
+        raise ConfigError(f"--gguf-type applies to --to gguf only (got --to {args.to}). Drop it, or add --to gguf.")
+    if args.with_base and args.to != "peft":
+        raise ConfigError(f"--with-base applies to --to peft only (got --to {args.to}). Drop it, or add --to peft.")
+    if args.gguf_type is not None:
+        from gemma_lora.errors import ExportError
+        from gemma_lora.export import GGUF_TYPES
+
+        if args.gguf_type not in GGUF_TYPES:  # before any model is loaded
+            raise ExportError(f"Unknown GGUF type {args.gguf_type!r}: use one of {', '.join(GGUF_TYPES)}.")
+    from gemma_lora.export import Provenance, check_new
+
+    check_new(args.output)  # before any model is loaded
+    if args.to == "gguf" and not args.output.endswith(".gguf"):
+        from gemma_lora.errors import ExportError
+
+        raise ExportError(f"A GGUF export is one file ending in .gguf. Received: {args.output}. Give e.g. model.gguf.")
+    if args.to == "peft":
+        return _export_peft(args)
     if args.source.endswith(".lora.h5"):
         args.adapter = args.source
         causal_lm, preset_dir, config, precision, described = _merged(args)
-        from gemma_lora.adapters import merged_model
+        from gemma_lora.adapters import merged_model, read_adapter
 
         plain = merged_model(causal_lm, preset_dir, precision)
         what = f"{args.adapter} merged into {config.preset} ({described})"
+        provenance = Provenance(config.preset, args.adapter, read_adapter(args.adapter)[2] or {})
     else:
         if hasattr(args, "preset"):
-            from gemma_lora.errors import ConfigError
-
             raise ConfigError(f"--preset names an adapter's base; {args.source} is exported as it is. Drop --preset.")
         config = config_from_args(args, ("preset_version", "precision"))
         from gemma_lora import runtime
@@ -372,10 +401,37 @@ def run_export(args):
         precision = "float32" if config.precision == "auto" else config.precision
         plain = model.load_causal_lm(model.resolve_preset(args.source, config.preset_version), precision)
         what = f"{args.source} ({precision} weights)"
+        provenance = Provenance(args.source)
+    if args.to == "gguf":
+        from gemma_lora.export.gguf import export_gguf
+
+        out = export_gguf(plain, args.output, args.gguf_type or "f32", provenance)
+        print(f"exported {what} to {out} ({args.gguf_type or 'f32'}) and {out.with_suffix('.Modelfile')}: "
+              f"llama-cli -m {out}, or ollama create NAME -f {out.with_suffix('.Modelfile')}")
+        return
     from gemma_lora.export import export_transformers
 
-    out = export_transformers(plain, args.output_dir)
+    out = export_transformers(plain, args.output)
     print(f"exported {what} to {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+
+
+def _export_peft(args):
+    from gemma_lora.errors import ConfigError
+
+    if not args.source.endswith(".lora.h5"):
+        raise ConfigError(f"--to peft exports an adapter; {args.source} is not a .lora.h5 file. Give RUN_DIR/adapter.lora.h5.")
+    args.adapter = args.source
+    causal_lm, preset_dir, config, precision, _ = _merged(args)
+    from gemma_lora import model
+    from gemma_lora.adapters import read_adapter
+    from gemma_lora.export import Provenance
+    from gemma_lora.export.peft import export_peft
+
+    base = model.load_causal_lm(preset_dir, precision) if args.with_base else None
+    provenance = Provenance(config.preset, args.adapter, read_adapter(args.adapter)[2] or {})
+    out = export_peft(causal_lm, args.output, provenance, base=base)
+    with_base = f" with the base in {out / 'base'}" if base is not None else ""
+    print(f"exported {args.adapter} as a PEFT adapter to {out}{with_base}: see {out / 'README.md'} to load it")
 
 
 def run_convert(args):

@@ -1,13 +1,18 @@
-"""Turn a Gemma 3 GGUF checkpoint (llama.cpp's format) into a KerasHub preset.
+"""Turn a Gemma 3 or Gemma (1) GGUF checkpoint (llama.cpp's format) into a KerasHub preset.
 
     from gemma_lora.gguf_import import convert_gguf
     convert_gguf("gemma-3-270m-q4_k_m.gguf", "presets/gemma3-270m")
     keras_hub.models.CausalLM.from_preset("presets/gemma3-270m")  # a Gemma3CausalLM
 
-The preset holds a `Gemma3CausalLM` whose preprocessor is a
+A `gemma3` file becomes a `Gemma3CausalLM` whose preprocessor is a
 `GemmaCausalLMPreprocessor` around a text-only `Gemma3Tokenizer`:
 `Gemma3CausalLMPreprocessor` needs TensorFlow at run time, the Gemma one does
 not, and `task.json` records the pair so `CausalLM.from_preset` rebuilds it.
+A `gemma` file becomes a `GemmaCausalLM`.
+
+`tensor_layout` pairs every GGUF tensor name with its KerasHub variable and
+the layout change between them; `gemma_lora.export.gguf` writes files with
+the same table, so the two directions cannot drift apart.
 
 What llama.cpp's converter (convert_hf_to_gguf.py) changed, and is undone here:
 - every RMSNorm weight (q/k norms included) was stored as `1 + w`, because
@@ -32,7 +37,7 @@ runtime.ensure_runtime()
 
 import keras_hub  # noqa: E402
 
-ARCHITECTURE = "gemma3"
+ARCHITECTURES = ("gemma", "gemma3")  # llama.cpp's names for Gemma (1) and Gemma 3 text models
 # KerasHub's Gemma3Backbone hard-codes these (keras-hub 0.32): rope base 1e6 on
 # global layers, 1e4 on sliding ones, and 5 sliding layers then 1 global.
 GLOBAL_ROPE_BASE = 1_000_000.0
@@ -42,15 +47,17 @@ SPIECE_SPACE = "\u2581"  # SentencePiece's visible space, "▁".
 # llama.cpp marks these CONTROL, which SentencePiece never matches in text;
 # Gemma's chat format needs them matched, as the original tokenizer does.
 TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
+# Gemma (1)'s fixed rope base (KerasHub's GemmaAttention and llama.cpp's default).
+GEMMA_ROPE_BASE = 10_000.0
 _MISSING = object()  # `_field`'s default: the key is required.
 
 
 def convert_gguf(gguf_path, output_dir):
-    """Write the Gemma 3 model in a GGUF file as a KerasHub preset directory.
+    """Write the Gemma 3 or Gemma model in a GGUF file as a KerasHub preset directory.
 
     Args:
         gguf_path: str or Path; a llama.cpp GGUF file of a Gemma 3 text model
-            (any quantization `gguf.quants.dequantize` reads).
+            or a Gemma (1) model (any quantization `gguf.quants.dequantize` reads).
         output_dir: str or Path; the preset directory to create. It must not
             exist or be empty; it appears whole or not at all.
 
@@ -59,7 +66,7 @@ def convert_gguf(gguf_path, output_dir):
 
     Raises:
         PresetError: the file is missing or not GGUF, its architecture is not
-            gemma3, a tensor is missing or misshapen, or a quantization type
+            gemma3 or gemma, a tensor is missing or misshapen, or a quantization type
             cannot be dequantized.
         OutputError: output_dir already holds files.
     """
@@ -77,7 +84,7 @@ def convert_gguf(gguf_path, output_dir):
 
 
 def read_gguf(gguf_path):
-    """Open a GGUF file (memory-mapped) and check it holds a Gemma 3 model."""
+    """Open a GGUF file (memory-mapped) and check it holds a Gemma 3 or Gemma model."""
     import gguf
 
     path = Path(gguf_path)
@@ -88,32 +95,77 @@ def read_gguf(gguf_path):
     except (ValueError, OSError) as e:  # The reader checks the magic and version.
         raise PresetError(f"{path} is not a readable GGUF file ({e}).") from None
     arch = _field(reader, "general.architecture", path)
-    if arch != ARCHITECTURE:
+    if arch not in ARCHITECTURES:
         raise PresetError(
-            f"Unsupported GGUF architecture {arch!r} in {path}: only {ARCHITECTURE!r} "
-            "(Gemma 3 text models) can be converted."
+            f"Unsupported GGUF architecture {arch!r} in {path}: only 'gemma3' (Gemma 3 text models) "
+            "and 'gemma' (Gemma) can be converted."
         )
     return reader
 
 
+def architecture(reader):
+    return reader.get_field("general.architecture").contents()
+
+
 def build_causal_lm(reader, path):
-    """The Gemma3CausalLM, with GGUF weights and tokenizer, for `reader`."""
-    tokenizer = keras_hub.models.Gemma3Tokenizer(proto=spm_proto(reader, path), has_vision_tokens=False)
-    backbone = keras_hub.models.Gemma3Backbone(**backbone_config(reader, path), dtype="float32")
+    """The Gemma3CausalLM or GemmaCausalLM, with GGUF weights and tokenizer, for `reader`."""
+    proto = spm_proto(reader, path)
+    if architecture(reader) == "gemma":
+        tokenizer = keras_hub.models.GemmaTokenizer(proto=proto)
+        backbone = keras_hub.models.GemmaBackbone(**gemma_backbone_config(reader, path), dtype="float32")
+        task = keras_hub.models.GemmaCausalLM
+    else:
+        tokenizer = keras_hub.models.Gemma3Tokenizer(proto=proto, has_vision_tokens=False)
+        backbone = keras_hub.models.Gemma3Backbone(**backbone_config(reader, path), dtype="float32")
+        task = keras_hub.models.Gemma3CausalLM
     load_weights(backbone, reader, path)
     preprocessor = keras_hub.models.GemmaCausalLMPreprocessor(tokenizer=tokenizer)
-    return keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=preprocessor)
+    return task(backbone=backbone, preprocessor=preprocessor)
+
+
+def gemma_backbone_config(reader, path):
+    """GemmaBackbone arguments from the metadata of a `gemma` (Gemma 1) file.
+
+    llama.cpp's Gemma graph has a fixed shape (no soft caps, post norms or
+    sliding window; queries scaled by head_dim), which is GemmaBackbone's
+    default; only a rope base other than GemmaAttention's fixed one is refused.
+    """
+    def get(key, default=_MISSING):
+        return _field(reader, f"gemma.{key}", path, default)
+
+    heads, head_dim = get("attention.head_count"), get("attention.key_length")
+    for key, found, wanted in (
+        ("rope.freq_base", get("rope.freq_base", GEMMA_ROPE_BASE), GEMMA_ROPE_BASE),
+        ("attention.value_length", get("attention.value_length", head_dim), head_dim),
+    ):
+        if found != wanted:
+            raise PresetError(
+                f"{path} sets gemma.{key}={found}; KerasHub's GemmaBackbone only supports {wanted}, "
+                "so this model cannot be converted."
+            )
+    return dict(
+        vocabulary_size=len(_field(reader, "tokenizer.ggml.scores", path)),
+        num_layers=get("block_count"),
+        num_query_heads=heads,
+        num_key_value_heads=get("attention.head_count_kv", heads),
+        hidden_dim=get("embedding_length"),
+        # llama.cpp (like transformers) counts one of the two gated halves;
+        # KerasHub's Gemma counts both.
+        intermediate_dim=2 * get("feed_forward_length"),
+        head_dim=head_dim,
+        layer_norm_epsilon=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+    )
 
 
 def backbone_config(reader, path):
-    """Gemma3Backbone arguments from the GGUF metadata.
+    """Gemma3Backbone arguments from the GGUF metadata of a `gemma3` file.
 
     Raises PresetError where the file asks for something Gemma3Backbone
     cannot express (another rope base or sliding pattern, or the 27B query
     scaling) rather than converting it into a subtly wrong model.
     """
     def get(key, default=_MISSING):  # Without a default, the key is required.
-        return _field(reader, f"{ARCHITECTURE}.{key}", path, default)
+        return _field(reader, f"gemma3.{key}", path, default)
 
     heads, hidden, head_dim = get("attention.head_count"), get("embedding_length"), get("attention.key_length")
     sliding_window = get("attention.sliding_window", None)
@@ -126,7 +178,7 @@ def backbone_config(reader, path):
     for key, (found, wanted) in expected.items():
         if found != wanted:
             raise PresetError(
-                f"{path} sets {ARCHITECTURE}.{key}={found}; KerasHub's Gemma3Backbone only supports "
+                f"{path} sets gemma3.{key}={found}; KerasHub's Gemma3Backbone only supports "
                 f"{wanted}, so this model cannot be converted."
             )
     # llama.cpp scales queries by hidden/heads for the 62-layer 27B model;
@@ -159,37 +211,51 @@ def backbone_config(reader, path):
     )
 
 
+def tensor_layout(backbone):
+    """(GGUF tensor name, KerasHub variable, layout) for every weight of a Gemma or Gemma 3 backbone.
+
+    llama.cpp's names (gguf-py's tensor map for `gemma` and `gemma3`); the
+    layout names the change between the two conventions (`TO_KERAS`,
+    `TO_GGUF`). Gemma ties the output projection to the embedding, so there
+    is no `output.weight`. Gemma (1) blocks have neither post norms nor
+    query/key norms; Gemma 3 blocks have all four.
+    """
+    yield "token_embd.weight", backbone.token_embedding.embeddings, None
+    yield "output_norm.weight", backbone.layer_norm.scale, "norm"
+    gemma3 = isinstance(backbone, keras_hub.models.Gemma3Backbone)
+    for i, block in enumerate(backbone.transformer_layers):
+        attention = block.attention
+        entries = [
+            ("attn_norm", block.pre_attention_norm.scale, "norm"),
+            ("ffn_norm", block.pre_ffw_norm.scale, "norm"),
+            ("attn_q", attention.query_dense.kernel, "heads_in"),
+            ("attn_k", attention.key_dense.kernel, "heads_in"),
+            ("attn_v", attention.value_dense.kernel, "heads_in"),
+            ("attn_output", attention.output_dense.kernel, "heads_out"),
+            ("ffn_gate", block.gating_ffw.kernel, "transpose"),
+            ("ffn_up", block.gating_ffw_2.kernel, "transpose"),
+            ("ffn_down", block.ffw_linear.kernel, "transpose"),
+        ]
+        if gemma3:
+            entries += [
+                ("post_attention_norm", block.post_attention_norm.scale, "norm"),
+                ("post_ffw_norm", block.post_ffw_norm.scale, "norm"),
+                ("attn_q_norm", attention.query_norm.scale, "norm"),
+                ("attn_k_norm", attention.key_norm.scale, "norm"),
+            ]
+        for name, variable, layout in entries:
+            yield f"blk.{i}.{name}.weight", variable, layout
+
+
 def load_weights(backbone, reader, path):
     """Copy every GGUF tensor into its KerasHub variable, undoing llama.cpp's layouts."""
     tensors = {t.name: t for t in reader.tensors}
     if "output.weight" in tensors:
         # Gemma ties the output projection to the embedding; a separate one
-        # would be silently dropped by Gemma3Backbone.
-        raise PresetError(f"{path} has an untied output.weight; Gemma 3 ties it to token_embd.weight.")
-
-    def put(variable, name, transform=None):
-        variable.assign(_tensor(tensors, name, path, variable.shape, transform))
-
-    put(backbone.token_embedding.embeddings, "token_embd.weight")
-    put(backbone.layer_norm.scale, "output_norm.weight", _norm)
-    for i, block in enumerate(backbone.transformer_layers):
-        attention = block.attention
-        for variable, name, transform in (
-            (block.pre_attention_norm.scale, "attn_norm", _norm),
-            (block.post_attention_norm.scale, "post_attention_norm", _norm),
-            (block.pre_ffw_norm.scale, "ffn_norm", _norm),
-            (block.post_ffw_norm.scale, "post_ffw_norm", _norm),
-            (attention.query_norm.scale, "attn_q_norm", _norm),
-            (attention.key_norm.scale, "attn_k_norm", _norm),
-            (attention.query_dense.kernel, "attn_q", _heads_in),
-            (attention.key_dense.kernel, "attn_k", _heads_in),
-            (attention.value_dense.kernel, "attn_v", _heads_in),
-            (attention.output_dense.kernel, "attn_output", _heads_out),
-            (block.gating_ffw.kernel, "ffn_gate", _transpose),
-            (block.gating_ffw_2.kernel, "ffn_up", _transpose),
-            (block.ffw_linear.kernel, "ffn_down", _transpose),
-        ):
-            put(variable, f"blk.{i}.{name}.weight", transform)
+        # would be silently dropped by the backbone.
+        raise PresetError(f"{path} has an untied output.weight; Gemma ties it to token_embd.weight.")
+    for name, variable, layout in tensor_layout(backbone):
+        variable.assign(_tensor(tensors, name, path, variable.shape, TO_KERAS.get(layout)))
 
 
 def _tensor(tensors, name, path, shape, transform):
@@ -197,7 +263,7 @@ def _tensor(tensors, name, path, shape, transform):
     from gguf.quants import dequantize
 
     if name not in tensors:
-        raise PresetError(f"{path} has no tensor {name!r}; it is not a complete Gemma 3 checkpoint.")
+        raise PresetError(f"{path} has no tensor {name!r}; it is not a complete Gemma checkpoint.")
     tensor = tensors[name]
     try:
         array = dequantize(tensor.data, tensor.tensor_type)
@@ -242,13 +308,24 @@ def _heads_out(array, shape):
     return array.reshape(hidden, heads, head_dim).transpose(1, 2, 0)
 
 
+TO_KERAS = {"norm": _norm, "transpose": _transpose, "heads_in": _heads_in, "heads_out": _heads_out}
+# The inverses, for writing: KerasHub variable value → llama.cpp's array.
+TO_GGUF = {
+    "norm": lambda w: w + 1.0,
+    "transpose": lambda w: w.T,
+    "heads_in": lambda w: w.transpose(0, 2, 1).reshape(-1, w.shape[1]),  # (heads, hidden, head_dim) → (heads·head_dim, hidden)
+    "heads_out": lambda w: w.transpose(2, 0, 1).reshape(w.shape[2], -1),  # (heads, head_dim, hidden) → (hidden, heads·head_dim)
+    None: lambda w: w,
+}
+
+
 def spm_proto(reader, path):
     """A serialized SentencePiece ModelProto rebuilt from the GGUF tokenizer fields."""
     from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
     model = _field(reader, "tokenizer.ggml.model", path)
     if model != "llama":  # llama.cpp's name for a SentencePiece vocabulary.
-        raise PresetError(f"{path} has a {model!r} tokenizer; Gemma 3 uses SentencePiece ('llama').")
+        raise PresetError(f"{path} has a {model!r} tokenizer; Gemma uses SentencePiece ('llama').")
     proto = spm_pb2.ModelProto()
     ids = {name: _field(reader, f"tokenizer.ggml.{name}_token_id", path) for name in ("bos", "eos", "unknown", "padding")}
     for piece, score, kind in _spm_pieces(reader, path, ids["unknown"]):
@@ -307,6 +384,6 @@ def _field(reader, key, path, default=_MISSING):
     field = reader.get_field(key)
     if field is None:
         if default is _MISSING:
-            raise PresetError(f"{path} lacks the metadata key {key!r}; it is not a complete Gemma 3 GGUF file.")
+            raise PresetError(f"{path} lacks the metadata key {key!r}; it is not a complete Gemma GGUF file.")
         return default
     return field.contents()

@@ -1,4 +1,10 @@
-"""Export to a Hugging Face transformers folder: logits match, LoRA/quantized/unsupported refused, CLI."""
+"""Export to a Hugging Face transformers folder: logits match per architecture, wrong ones refused, CLI.
+
+KerasHub's Gemma exporter keeps only the first key/value head and drops
+Gemma 2's soft caps and post norms; each architecture the package trains is
+loaded by transformers here (Gemma with one and with four KV heads, Gemma 3,
+Gemma 3 with a final soft cap), and Gemma 2 is refused.
+"""
 
 import json
 
@@ -9,6 +15,8 @@ import pytest
 from gemma_lora import adapters, model
 from gemma_lora.errors import ExportError
 from gemma_lora.export import export_transformers
+from tiny_models import exportable, token_ids
+from tiny_models import logits as tiny_logits
 
 TOKEN_IDS = np.array([[2, 300, 301, 302, 4, 5, 6, 7]], "int32")
 TARGETS = ("query", "value", "ffw_linear")
@@ -47,6 +55,34 @@ def test_transformers_gives_the_keras_models_logits(exported):
     assert np.abs(got - base).max() > 100 * tolerance  # the adapter's update is in the export
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
     assert tokenizer("Hello").input_ids[0] == 2  # <bos>, as KerasHub's preprocessor adds
+
+
+@pytest.fixture(scope="module", params=["gemma-4kv", "gemma3", "gemma3-softcap"])
+def architecture_export(request, tmp_path_factory):
+    """(architecture, token ids, LoRA model's logits, exported folder) per architecture."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    lora, _, plain = exportable(request.param, tmp)
+    ids = token_ids(plain)
+    return request.param, ids, tiny_logits(lora, ids), export_transformers(plain, tmp / "hf")
+
+
+def test_every_trained_architecture_gives_the_keras_logits_in_transformers(architecture_export):
+    """Several KV heads (each its own k/v rows), Gemma 3 sliding/global layers, soft caps."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    name, ids, want, out = architecture_export
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    assert type(hf).__name__ == json.loads((out / "config.json").read_text())["architectures"][0]
+    with torch.no_grad():
+        got = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), err_msg=name)
+
+
+def test_gemma2_is_refused_before_anything_is_written(tmp_path):
+    _, _, plain = exportable("gemma2", tmp_path)
+    with pytest.raises(ExportError, match="is a Gemma 2 .*post-attention/post-FFW norms, logit soft caps, sliding"):
+        export_transformers(plain, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf*"))
 
 
 def test_keras_hubs_transformers_importer_reads_the_folder_back(exported):

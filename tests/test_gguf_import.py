@@ -1,6 +1,7 @@
-"""GGUF import: a tiny Gemma 3 written the way llama.cpp writes it comes back exact.
+"""GGUF import: a tiny Gemma 3 or Gemma written the way llama.cpp writes it comes back exact.
 
-The writer below mirrors llama.cpp's convert_hf_to_gguf.py for Gemma 3: norm
+The writer below mirrors llama.cpp's convert_hf_to_gguf.py for Gemma 3 (and,
+without post and query/key norms, for Gemma): norm
 weights stored as 1 + w, matrices as (out, in), tied embeddings, and the
 tokenizer as token/score/type lists with llama.cpp's three edits (`<unk>` and
 the turn markers typed CONTROL, user-defined "▁" written as a space).
@@ -63,13 +64,15 @@ def llama_cpp_tensors(backbone):
                "output_norm.weight": plus_one(backbone.layer_norm.scale)}
     for i, block in enumerate(backbone.transformer_layers):
         att = block.attention
-        for name, value in (
-            ("attn_norm", plus_one(block.pre_attention_norm.scale)),
+        gemma3_norms = () if not hasattr(att, "query_norm") else (
             ("post_attention_norm", plus_one(block.post_attention_norm.scale)),
-            ("ffn_norm", plus_one(block.pre_ffw_norm.scale)),
             ("post_ffw_norm", plus_one(block.post_ffw_norm.scale)),
             ("attn_q_norm", plus_one(att.query_norm.scale)),
             ("attn_k_norm", plus_one(att.key_norm.scale)),
+        )
+        for name, value in gemma3_norms + (
+            ("attn_norm", plus_one(block.pre_attention_norm.scale)),
+            ("ffn_norm", plus_one(block.pre_ffw_norm.scale)),
             ("attn_q", heads_in(att.query_dense.kernel)),
             ("attn_k", heads_in(att.key_dense.kernel)),
             ("attn_v", heads_in(att.value_dense.kernel)),
@@ -104,14 +107,17 @@ def write_gguf(path, backbone, proto, arch="gemma3", raw=()):
     writer.add_block_count(LAYOUT["num_layers"])
     writer.add_context_length(128)
     writer.add_embedding_length(LAYOUT["hidden_dim"])
-    writer.add_feed_forward_length(LAYOUT["intermediate_dim"])
+    # transformers' (and llama.cpp's) Gemma counts one gated half, KerasHub's both.
+    halves = 2 if isinstance(backbone, keras_hub.models.GemmaBackbone) else 1
+    writer.add_feed_forward_length(LAYOUT["intermediate_dim"] // halves)
     writer.add_head_count(LAYOUT["num_query_heads"])
     writer.add_head_count_kv(LAYOUT["num_key_value_heads"])
     writer.add_key_length(LAYOUT["head_dim"])
     writer.add_value_length(LAYOUT["head_dim"])
     writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_rope_freq_base(1e6)
-    writer.add_sliding_window(LAYOUT["sliding_window_size"])
+    if arch == "gemma3":
+        writer.add_rope_freq_base(1e6)
+        writer.add_sliding_window(LAYOUT["sliding_window_size"])
     tokens, scores, types = llama_cpp_vocab(proto)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
@@ -191,6 +197,26 @@ def test_round_trip_gives_identical_tokenization(round_trip):
     turn = converted.tokenize("<start_of_turn>user")
     assert int(turn[0]) == converted.token_to_id("<start_of_turn>")  # matched inside text
     assert converted.token_to_id("<unk>") == 3
+
+
+def test_gemma_file_round_trips_into_a_gemma_causal_lm(tmp_path):
+    """llama.cpp's `gemma` architecture (Gemma 1): no post or query/key norms, halved FFW length."""
+    proto = gemma3_style_proto()
+    keras.utils.set_random_seed(3)
+    shape = {k: v for k, v in LAYOUT.items() if k != "sliding_window_size"}
+    backbone = keras_hub.models.GemmaBackbone(vocabulary_size=len(proto.pieces), dtype="float32", **shape)
+    rng = np.random.default_rng(3)
+    for weight in backbone.weights:
+        if weight.path.endswith("scale"):
+            weight.assign(rng.normal(0, 0.5, weight.shape).astype("float32"))
+    path = write_gguf(tmp_path / "gemma.gguf", backbone, proto, arch="gemma")
+    causal_lm = keras_hub.models.CausalLM.from_preset(str(convert_gguf(path, tmp_path / "preset")))
+    assert type(causal_lm) is keras_hub.models.GemmaCausalLM
+    assert type(causal_lm.preprocessor.tokenizer) is keras_hub.models.GemmaTokenizer
+    ids = np.asarray(causal_lm.preprocessor.tokenizer.tokenize(dolly_texts(1)[0]))[:24]
+    x = {"token_ids": ids[None].astype("int32"), "padding_mask": np.ones((1, len(ids)), "int32")}
+    expected = backbone.token_embedding(backbone(x), reverse=True)
+    np.testing.assert_allclose(np.asarray(causal_lm(x)), np.asarray(expected), rtol=1e-5, atol=1e-5)
 
 
 def test_existing_output_directory_is_refused(round_trip):

@@ -1,0 +1,200 @@
+"""Export a merged model to a Hugging Face transformers folder: right, or refused before writing.
+
+    gemma-lora export runs/<run>/adapter.lora.h5 hf_model/   # merge, then export
+    gemma-lora export merged/ hf_model/                       # a merged preset directory
+
+    transformers.AutoModelForCausalLM.from_pretrained("hf_model")
+
+KerasHub's exporter (keras-hub 0.32) writes the config, the tokenizer and
+most tensors; where it is wrong, this module corrects it or refuses:
+- its Gemma weight map keeps only the first key/value head
+  (`key_dense.weights[0][0]`), and lays the query projection out right only
+  when heads x head_dim equals the hidden size (gemma_2b_en: 8 x 256 = 2048;
+  gemma_7b_en: 16 x 256 != 3072, and 16 KV heads): the q/k/v projections are
+  written here from the whole kernels;
+- its Gemma config leaves out the RMSNorm epsilon and the architecture name,
+  its Gemma 3 config the attention and final logit soft caps: added here;
+- Gemma 2 (a GemmaBackbone with post norms, soft caps or a sliding window)
+  would be written as Gemma 1 without them: refused, as are Gemma 3 shapes
+  transformers' Gemma3ForCausalLM cannot express, and every other
+  architecture (no logit test here covers them).
+The weights come from the model's variables as they are, so a model with
+LoRA still attached or quantized weights is refused (see export.check_plain).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from gemma_lora.errors import ExportError
+from gemma_lora.export import check_new, check_plain
+from gemma_lora.io import atomic_dir
+
+# Backbones whose export is checked against transformers' logits (tests/test_export.py).
+SUPPORTED = ("Gemma3Backbone", "GemmaBackbone")
+ARCHITECTURES = {"GemmaBackbone": "GemmaForCausalLM", "Gemma3Backbone": "Gemma3ForCausalLM"}
+# KerasHub layer name → the Hugging Face module it becomes (inside model.layers.{i}),
+# and how its kernel is laid out (see `hf_weight`).
+HF_MODULES = {
+    "query": ("self_attn.q_proj", "heads_in"),
+    "key": ("self_attn.k_proj", "heads_in"),
+    "value": ("self_attn.v_proj", "heads_in"),
+    "attention_output": ("self_attn.o_proj", "heads_out"),
+    "ffw_gating": ("mlp.gate_proj", "dense"),
+    "ffw_gating_2": ("mlp.up_proj", "dense"),
+    "ffw_linear": ("mlp.down_proj", "dense"),
+}
+
+
+def supported_backbones():
+    """Backbone class names this package exports to transformers (each checked by a logit test)."""
+    return list(SUPPORTED)
+
+
+def refusal(backbone):
+    """Why `backbone` cannot be written as a right transformers model, or None when it can."""
+    name = type(backbone).__name__
+    if name not in SUPPORTED:
+        return f"gemma-lora cannot export a {name} to transformers; it can export {', '.join(SUPPORTED)}."
+    if name == "GemmaBackbone":
+        gemma2 = [
+            feature for feature, on in (
+                ("post-attention/post-FFW norms", backbone.use_post_attention_norm or backbone.use_post_ffw_norm),
+                ("logit soft caps", backbone.attention_logit_soft_cap or backbone.final_logit_soft_cap),
+                ("sliding-window attention", backbone.use_sliding_window_attention),
+            ) if on
+        ]
+        if gemma2:
+            return (
+                f"This GemmaBackbone is a Gemma 2 ({', '.join(gemma2)}); KerasHub's exporter would write it as "
+                "Gemma 1 without them, which gives other logits. Gemma 2 export is not supported yet."
+            )
+        if not backbone.query_head_dim_normalize:
+            return "This GemmaBackbone scales queries by hidden/heads; transformers' Gemma scales them by head_dim."
+        return None
+    missing = [
+        what for what, on in (
+            ("query/key norms", backbone.use_query_key_norm),
+            ("post-attention norms", backbone.use_post_attention_norm),
+            ("post-FFW norms", backbone.use_post_ffw_norm),
+        ) if not on
+    ]
+    if missing:
+        return f"This Gemma3Backbone has no {', '.join(missing)}; transformers' Gemma3ForCausalLM always applies them."
+    if backbone.vision_encoder is not None:
+        return (
+            "This Gemma 3 has a vision encoder; only text-only Gemma 3 exports are checked here. "
+            "Train on the text-only preset (e.g. gemma3_4b_text)."
+        )
+    if getattr(backbone, "is_embedding_model", False):
+        return "This Gemma3Backbone is an embedding model, not a causal LM."
+    return None
+
+
+def export_transformers(causal_lm, output_dir):
+    """Write `causal_lm` (weights, config, tokenizer) as a transformers folder, atomically.
+
+    Args:
+        causal_lm: a KerasHub GemmaCausalLM (Gemma 1) or text-only
+            Gemma3CausalLM without LoRA and without quantized weights.
+        output_dir: the new folder (must not exist).
+
+    Returns:
+        The output directory.
+
+    Raises:
+        ExportError: LoRA is still enabled, the weights are quantized, or the
+            architecture cannot be written right (the message says why).
+        OutputError: `output_dir` exists or cannot be written.
+    """
+    check_plain(causal_lm, "transformers")
+    reason = refusal(causal_lm.backbone)
+    if reason:
+        raise ExportError(reason)
+    output_dir = check_new(output_dir)
+    with atomic_dir(output_dir) as staging:
+        write_transformers(causal_lm, staging)
+    return output_dir
+
+
+def write_transformers(causal_lm, directory):
+    """Write the transformers files into an existing `directory` (checks done by the caller)."""
+    from keras_hub.src.utils.transformers.export import hf_exporter
+    from safetensors.numpy import save_file
+
+    directory = Path(directory)
+    backbone = causal_lm.backbone
+    tokenizer = causal_lm.preprocessor.tokenizer if causal_lm.preprocessor is not None else None
+    config = hf_config(backbone, tokenizer)
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    # safetensors writes an array's buffer as it lies: transposed views must be made C-ordered first.
+    weights = {name: np.ascontiguousarray(array) for name, array in hf_weights(backbone).items()}
+    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        hf_exporter.export_tokenizer(tokenizer, str(directory))
+        generation = {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def hf_config(backbone, tokenizer=None):
+    """KerasHub's transformers config for `backbone`, with the fields it leaves out or gets wrong."""
+    from keras_hub.src.utils.transformers.export import hf_exporter
+
+    name = type(backbone).__name__
+    config = hf_exporter.MODEL_CONFIGS[name](backbone)
+    config["architectures"] = [ARCHITECTURES[name]]
+    config["rms_norm_eps"] = backbone.layer_norm_epsilon
+    if name == "Gemma3Backbone":
+        config["attn_logit_softcapping"] = backbone.attention_logit_soft_cap
+        config["final_logit_softcapping"] = backbone.final_logit_soft_cap
+    if tokenizer is not None:
+        # The ids of this vocabulary (KerasHub's Gemma 3 config hard-codes
+        # bos 1 / eos 2, which are Gemma's eos / bos).
+        config["bos_token_id"] = tokenizer.token_to_id("<bos>")
+        config["eos_token_id"] = tokenizer.token_to_id("<eos>")
+        config["pad_token_id"] = tokenizer.token_to_id("<pad>")
+    return config
+
+
+def hf_weights(backbone):
+    """{transformers tensor name: float array} for `backbone`: KerasHub's map, q/k/v projections corrected."""
+    from keras_hub.src.utils.transformers.export import hf_exporter
+
+    weights = hf_exporter.MODEL_EXPORTERS[type(backbone).__name__](backbone, include_lm_head=True)
+    weights = {name: np.asarray(tensor) for name, tensor in weights.items()}
+    for i, block in enumerate(backbone.transformer_layers):
+        attention = block.attention
+        for layer in (attention.query_dense, attention.key_dense, attention.value_dense):
+            module, layout = HF_MODULES[layer.name]
+            # Every head, head-major (KerasHub's Gemma map keeps one k/v head, and
+            # scrambles q unless heads x head_dim == hidden).
+            weights[f"model.layers.{i}.{module}.weight"] = hf_weight(np.asarray(layer.kernel), layout)
+    return weights
+
+
+def hf_weight(kernel, layout):
+    """A KerasHub kernel as the (out, in) weight of the transformers Linear it becomes.
+
+    heads_in: (heads, hidden, head_dim) → (heads·head_dim, hidden), head-major
+    as transformers splits q/k/v; heads_out: (heads, head_dim, hidden) →
+    (hidden, heads·head_dim); dense: (in, out) → (out, in).
+    """
+    if layout == "heads_in":
+        return kernel.transpose(0, 2, 1).reshape(-1, kernel.shape[1])
+    if layout == "heads_out":
+        return kernel.transpose(2, 0, 1).reshape(kernel.shape[2], -1)
+    return kernel.T
+
+
+def hf_module_paths(backbone):
+    """{id(KerasHub layer): transformers module path} for every projection of `backbone`."""
+    paths = {}
+    for i, block in enumerate(backbone.transformer_layers):
+        attention = block.attention
+        for layer in (attention.query_dense, attention.key_dense, attention.value_dense, attention.output_dense,
+                      block.gating_ffw, block.gating_ffw_2, block.ffw_linear):
+            if layer.name not in HF_MODULES:
+                raise ExportError(f"Unexpected layer {layer.path} in {type(backbone).__name__}; cannot map it to transformers.")
+            paths[id(layer)] = f"model.layers.{i}.{HF_MODULES[layer.name][0]}"
+    return paths
