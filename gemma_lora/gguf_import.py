@@ -32,6 +32,7 @@ import numpy as np
 from gemma_lora import runtime
 from gemma_lora.errors import OutputError, PresetError
 from gemma_lora.io import atomic_dir
+from gemma_lora.progress import Progress
 
 runtime.ensure_runtime()
 
@@ -78,6 +79,7 @@ def convert_gguf(gguf_path, output_dir):
         )
     reader = read_gguf(gguf_path)
     causal_lm = build_causal_lm(reader, gguf_path)
+    print(f"saving the converted preset to {output_dir}", flush=True)
     with atomic_dir(output_dir) as staging:  # No reader ever sees half a preset.
         causal_lm.save_to_preset(str(staging))
     return output_dir
@@ -254,8 +256,13 @@ def load_weights(backbone, reader, path):
         # Gemma ties the output projection to the embedding; a separate one
         # would be silently dropped by the backbone.
         raise PresetError(f"{path} has an untied output.weight; Gemma ties it to token_embd.weight.")
-    for name, variable, layout in tensor_layout(backbone):
-        variable.assign(_tensor(tensors, name, path, variable.shape, TO_KERAS.get(layout)))
+    layout = list(tensor_layout(backbone))
+    # Dequantizing a 270M model's tensors takes most of a minute on 2 cores.
+    progress = Progress(len(layout), f"converting {Path(path).name}", unit="tensor")
+    for name, variable, kind in layout:
+        variable.assign(_tensor(tensors, name, path, variable.shape, TO_KERAS.get(kind)))
+        progress.update()
+    progress.close()
 
 
 def _tensor(tensors, name, path, shape, transform):

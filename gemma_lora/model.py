@@ -252,6 +252,7 @@ def demo_preset_dir():
         staging = gguf_file.with_name(f".{DEMO_GGUF}.tmp")
         package.assemble(str(staging))  # checks the file's sha256
         os.replace(staging, gguf_file)
+    print("converting the Gemma 3 270M GGUF file into a KerasHub preset (once; about a minute)", flush=True)
     try:
         return convert_gguf(gguf_file, path)
     except OSError:
