@@ -170,3 +170,44 @@ class Checkpointer(keras.callbacks.Callback):
         if self.interrupted:  # A second Ctrl-C: stop now.
             raise KeyboardInterrupt
         self.interrupted = True
+
+
+BEST_FILE = "best.npz"
+
+
+class BestKeeper(keras.callbacks.Callback):
+    """Keep the trainable weights of the evaluation with the lowest validation loss (`keep_best`).
+
+    Each better evaluation writes them to `<run_dir>/best.npz` (atomically,
+    with its step and loss), so a resumed run still knows its best;
+    `restore` puts them back into the model at the end, and the adapter
+    written after it is the best step's.
+    """
+
+    def __init__(self, run_dir, metric="validation_token_loss"):
+        super().__init__()
+        self.path = Path(run_dir) / BEST_FILE
+        self.metric = metric
+        self.best_step, self.best_loss = None, float("inf")
+        if self.path.is_file():
+            with np.load(self.path) as saved:
+                self.best_step, self.best_loss = int(saved["step"]), float(saved["loss"])
+
+    def on_evaluation(self, step, logs):
+        loss = float(logs[self.metric])
+        if not np.isfinite(loss) or loss >= self.best_loss:
+            return
+        self.best_step, self.best_loss = step, loss
+        arrays = {f"weight_{i}": np.asarray(v) for i, v in enumerate(self.model.trainable_variables)}
+        with atomic_path(self.path, suffix=".npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, step=step, loss=loss, **arrays)
+
+    def restore(self, causal_lm):
+        """Load the best step's weights into `causal_lm`; return (step, loss), or None if none was kept."""
+        if not self.path.is_file():
+            return None
+        with np.load(self.path) as saved:
+            for i, variable in enumerate(causal_lm.trainable_variables):
+                variable.assign(saved[f"weight_{i}"])
+            return int(saved["step"]), float(saved["loss"])

@@ -18,6 +18,7 @@ import numpy as np
 from gemma_lora import fast, loop, packing, runtime
 from gemma_lora.config import ENGINES  # noqa: F401  (re-exported)
 from gemma_lora.errors import ConfigError
+from gemma_lora.layers import lora_layers
 from gemma_lora.loop import StepEngine, epoch_order
 
 runtime.ensure_runtime()
@@ -137,8 +138,11 @@ class FastEngine(StepEngine):
     def __init__(self, causal_lm, rows, config, precision):
         super().__init__(causal_lm)
         self.rows, self.config = rows, config
+        # The layers LoRA is enabled on (the run's lora_targets, as the pipeline enabled them).
+        enabled = {layer.name for layer in lora_layers(causal_lm)}
+        targets = tuple(name for name in fast.EQUATIONS if name in enabled)
         self.fast_config, self.frozen, _ = fast.extract_params(
-            causal_lm, tuple(config.lora_targets), dtype=fast_dtype(precision), seed=config.seed
+            causal_lm, targets, dtype=fast_dtype(precision), seed=config.seed
         )
         # Where each Keras trainable variable sits in the fast path's LoRA pytree.
         where = {}
@@ -189,7 +193,8 @@ def _fast_train_step(fast_config, paths, optimizer):
     def train_step(trainable, optimizer_values, frozen, batch, scale):
         def objective(trainable):
             nll, weight = fast.loss_sums(fast_config, frozen, lora_of(trainable), batch)
-            return nll / jnp.maximum(weight, 1.0), (nll, weight)
+            # `scale` (from the loop) makes it the mean over the optimizer step's loss-carrying tokens.
+            return nll * scale, (nll, weight)
 
         grads, (nll, weight) = jax.grad(objective, has_aux=True)(trainable)
         trainable, optimizer_values = optimizer.stateless_apply(optimizer_values, grads, trainable)

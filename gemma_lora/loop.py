@@ -199,6 +199,7 @@ def run(engine, config, callbacks=(), start=None, learning_rate=None, evaluate=N
 
     history = History()
     scale = None
+    since_nll = since_weight = 0.0  # training loss since the last evaluation
     try:
         for callback in callbacks:
             callback.on_train_begin()
@@ -221,6 +222,7 @@ def run(engine, config, callbacks=(), start=None, learning_rate=None, evaluate=N
                 done += 1
                 taken += 1
                 nll, weight, losses = nll + step_nll, weight + step_weight, losses + step_loss
+                since_nll, since_weight = since_nll + step_nll, since_weight + step_weight
                 update = done % accumulation == 0
                 steps = done // accumulation
                 logs = {
@@ -237,7 +239,10 @@ def run(engine, config, callbacks=(), start=None, learning_rate=None, evaluate=N
                     steps % config.eval_every == 0 or done >= last
                 ) and not causal_lm.stop_training:
                     engine.sync()
-                    results = dict(evaluate(), step=steps)
+                    results = dict(evaluate(), step=steps, train_token_loss=since_nll / max(since_weight, 1.0))
+                    if learning_rate is not None:
+                        results["learning_rate"] = learning_rate(steps - 1)
+                    since_nll = since_weight = 0.0
                     for callback in callbacks:
                         if hasattr(callback, "on_evaluation"):
                             callback.on_evaluation(steps, results)

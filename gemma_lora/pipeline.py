@@ -93,7 +93,8 @@ def _run_training(config, echo, resume):
         raise
     echo(f"run directory: {run_dir}")
     engine = fast_train.resolve_engine(causal_lm, config, model.platform())
-    train.compile_for_training(causal_lm, config, train.total_steps(rows["train"], config, engine))
+    total_steps = train.total_steps(rows["train"], config, engine)
+    train.compile_for_training(causal_lm, config, total_steps)
     if engine == "fast":
         packed = fast_train.packed_stats(rows["train"], config)
         data_stats["packed_real_token_fraction"] = packed["real_token_fraction"]
@@ -104,7 +105,8 @@ def _run_training(config, echo, resume):
             f"{packed['real_token_fraction']:.1%} real tokens"
         )
     else:
-        echo("engine: keras (keras.Model.fit)")
+        echo("engine: keras (keras.Model.fit)" if config.recipe else "engine: keras (KerasHub's model, one jitted step)")
+    echo(optimizer_line(config, total_steps))
     scored = {name: r for name, r in rows.items() if name != "train" and len(r)}
     instructions = list(RECIPE_PROMPTS) + list(config.prompts)
     # Text data has no prompts to answer.
@@ -149,18 +151,27 @@ def _run_training(config, echo, resume):
     _echo_samples(echo, "before", samples_before)
 
     callbacks = train.callbacks_for_run(run_dir, {"validation": rows["validation"]}, config, start_step=global_step)
+    # The checkpointer counts batches; checkpoint_every counts optimizer steps.
+    accumulation = config.grad_accumulation
     checkpointer = checkpoints.Checkpointer(
-        run_dir, config.checkpoint_every, train.steps_per_epoch(rows["train"], config, engine), global_step
+        run_dir, config.checkpoint_every and config.checkpoint_every * accumulation,
+        train.steps_per_epoch(rows["train"], config, engine), global_step,
+    )
+    best = checkpoints.BestKeeper(run_dir) if config.keep_best else None
+    evaluate = (
+        train.validation_scores(causal_lm, rows["validation"], max(config.batch_size, 8))
+        if config.eval_every and len(rows["validation"]) else None
     )
     with phases("training"), train.Timer() as timer:
         train.fit(
             causal_lm,
             rows["train"],
             config,
-            callbacks=[checkpointer, *callbacks],
+            callbacks=[checkpointer, *callbacks, *([best] if best else [])],
             start=start,
             engine=engine,
             precision=precision,
+            evaluate=evaluate,
         )
     if checkpointer.bad_step is not None:
         kept = (
@@ -176,16 +187,24 @@ def _run_training(config, echo, resume):
             f"continue with `gemma-lora train --resume {run_dir}`"
         )
         raise KeyboardInterrupt
-    # The time includes compilation and the per-epoch validation scoring.
-    steps = checkpointer.global_step - global_step
+    # The time includes compilation and the validation scoring during training.
+    batches = checkpointer.global_step - global_step
+    steps = checkpointer.global_step // accumulation - global_step // accumulation
     examples, real_tokens = train.examples_trained(rows["train"], config, engine, global_step + 1, checkpointer.global_step)
     train_stats = {
-        "steps": checkpointer.global_step,
+        "steps": checkpointer.global_step // accumulation,
         "steps_this_session": steps,
+        "batches_this_session": batches,
         "examples_this_session": examples,
         "seconds": round(timer.seconds, 2),
         "real_tokens_per_second": round(real_tokens / timer.seconds, 1),
     }
+    if best is not None:
+        kept = best.restore(causal_lm)
+        if kept:
+            train_stats["best_step"], train_stats["best_validation_token_loss"] = kept
+            echo(f"keeping the best step's adapter: step {kept[0]} (validation token loss {kept[1]:.4f}) of "
+                 f"{train_stats['steps']}")
     phases.start("after")
     scores = score("after")
     after = {name: s["token_loss"] for name, s in scores.items()}
@@ -194,7 +213,7 @@ def _run_training(config, echo, resume):
         echo(f"{name} token loss (response tokens{'' if config.response_only_loss else ' and prompt'}): "
              f"{before[name]:.4f} before → {after[name]:.4f} after ({len(rows[name])} rows)")
     echo(
-        f"trained {steps} steps ({examples} examples) in {timer.seconds:.1f} s, compilation and per-epoch validation included "
+        f"trained {steps} steps ({examples} examples) in {timer.seconds:.1f} s, compilation and validation included "
         f"({train_stats['real_tokens_per_second']:,} real tokens/s)"
     )
 
@@ -229,6 +248,7 @@ def _run_training(config, echo, resume):
                 "split": {k: len(v) for k, v in rows.items()},
                 "validation_token_loss": after.get("validation"),
                 "test_token_loss": after.get("test"),
+                "training": training_record(config, engine, train_stats),
             },
         )
         echo(f"adapter: {adapter}")
@@ -314,6 +334,27 @@ def answer_and_sample(causal_lm, instructions, held_out, config, when):
         for name, examples in held_out.items()
     }
     return samples, answers
+
+
+def training_record(config, engine, train_stats):
+    """How the adapter was trained: engine, batches, schedule and controls, steps, the kept step."""
+    fields = ("batch_size", "grad_accumulation", "epochs", "max_steps", "learning_rate", "lr_schedule", "warmup_steps",
+              "warmup_ratio", "weight_decay", "max_grad_norm", "eval_every", "keep_best", "sequence_length", "seed")
+    record = {name: getattr(config, name) for name in fields}
+    record.update(engine=engine, steps=train_stats["steps"])
+    if "best_step" in train_stats:
+        record["best_step"] = train_stats["best_step"]
+    return record
+
+
+def optimizer_line(config, total_steps):
+    """What the optimizer does over the run, and when validation is scored."""
+    from gemma_lora.optim import describe
+
+    line = describe(config, total_steps)
+    if config.eval_every:
+        line += f"; validation every {config.eval_every} steps" + (", keeping the best" if config.keep_best else "")
+    return line
 
 
 def exact_match(samples, examples):

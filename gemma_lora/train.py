@@ -124,7 +124,7 @@ class KerasEngine(loop.StepEngine):
         if distribution is not None:
             # Keep each state array in its variable's layout (as Keras' trainer does).
             out_shardings = ([v.value.sharding for v in causal_lm.trainable_variables],
-                             [v.value.sharding for v in self.optimizer.variables], None, None, None)
+                             [v.value.sharding for v in self.optimizer.variables], None, None)
         key = (id(self.optimizer), distribution is not None)
         self._step = loop.compiled_step(
             causal_lm, key,
@@ -143,10 +143,11 @@ class KerasEngine(loop.StepEngine):
     def step(self, index, scale):
         x, labels, weights = batch_arrays(self.rows, index, self.config.batch_size, self.config.bucket_by_length)
         inputs = self._place((x["token_ids"], x["padding_mask"], labels, weights))
-        self.trainable, self.optimizer_values, nll, weight, loss = self._step(
+        self.trainable, self.optimizer_values, nll, weight = self._step(
             self.trainable, self.optimizer_values, self.non_trainable, *inputs, jnp.float32(scale)
         )
-        return float(nll), float(weight), float(loss)
+        nll, weight = float(nll), float(weight)
+        return nll, weight, nll / max(weight, 1.0)
 
     def _place(self, arrays):
         if self.distribution is None:
@@ -170,14 +171,15 @@ def _keras_train_step(causal_lm, optimizer):
                 trainable, non_trainable, {"token_ids": token_ids, "padding_mask": padding_mask}, training=True
             )
             nll, weight = weighted_nll(logits, labels, weights)
-            # Keras' SparseCategoricalCrossentropy with sample weights: the sum over every
-            # position of the batch (padding included) divided by their number.
-            loss = nll / labels.size
-            return loss, (nll, weight, loss)
+            # The mean over the optimizer step's loss-carrying tokens (`scale`, from the
+            # loop), as in the fast engine: not Keras' sample-weighted loss, which
+            # divides by every position of the batch, padding included, so its
+            # scale moves with each length bucket.
+            return nll * scale, (nll, weight)
 
-        grads, (nll, weight, loss) = jax.grad(objective, has_aux=True)(trainable)
+        grads, (nll, weight) = jax.grad(objective, has_aux=True)(trainable)
         trainable, optimizer_values = optimizer.stateless_apply(optimizer_values, grads, trainable)
-        return trainable, optimizer_values, nll, weight, loss
+        return trainable, optimizer_values, nll, weight
 
     return train_step
 
@@ -384,8 +386,13 @@ class TrainingProgress(keras.callbacks.Callback):
             self.progress = Progress(self.steps, self.label, unit="step")
 
     def on_train_batch_end(self, batch, logs=None):
-        token = (logs or {}).get("token_loss")
-        self.progress.update(**({"token_loss": float(token)} if token is not None else {}))
+        logs = logs or {}
+        if not logs.get("update", True):
+            return  # a batch whose gradient waits for the rest of its accumulation
+        shown = {"token_loss": float(logs["token_loss"])} if "token_loss" in logs else {}
+        if "learning_rate" in logs:
+            shown["lr"] = f"{logs['learning_rate']:.2e}"
+        self.progress.update(**shown)
 
     def close(self):
         if self.progress is not None:
@@ -433,13 +440,53 @@ def total_steps(rows, config, engine="keras"):
 
 
 def callbacks_for_run(run_dir, splits, config, start_step=0):
-    """The callbacks a CLI/pipeline run uses: split scores, CSV log, TensorBoard."""
-    callbacks = [SplitScorer(splits, max(config.batch_size, 8))]
+    """The callbacks a CLI/pipeline run uses: split scores, CSV logs, TensorBoard.
+
+    Validation is scored at each epoch's end (`SplitScorer`, into
+    metrics.csv) unless `eval_every` scores it every N steps instead (the
+    loop's evaluations, into evaluations.csv).
+    """
+    callbacks = [] if config.eval_every else [SplitScorer(splits, max(config.batch_size, 8))]
     # append: one fit call per epoch, and resumed runs, add to the same file.
     callbacks.append(keras.callbacks.CSVLogger(str(run_dir / "metrics.csv"), append=True))
+    if config.eval_every:
+        callbacks.append(EvaluationLog(run_dir / EVALUATIONS_FILE))
     if config.tensorboard:
-        callbacks.append(TensorBoardLog(run_dir / "tensorboard", start_step))
+        callbacks.append(TensorBoardLog(run_dir / "tensorboard", start_step, config.grad_accumulation))
     return callbacks
+
+
+EVALUATIONS_FILE = "evaluations.csv"
+
+
+class EvaluationLog(keras.callbacks.Callback):
+    """One row of evaluations.csv per evaluation: the step, its learning rate, training and validation loss."""
+
+    COLUMNS = ("step", "learning_rate", "train_token_loss", "validation_token_loss", "validation_perplexity")
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def on_evaluation(self, step, logs):
+        import csv
+
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:  # appended row by row, like metrics.csv
+            writer = csv.DictWriter(f, fieldnames=self.COLUMNS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow({name: logs.get(name, "") for name in self.COLUMNS})
+
+
+def validation_scores(causal_lm, rows, batch_size=8):
+    """The loop's `evaluate`: the validation split's per-token loss and perplexity, now."""
+
+    def evaluate():
+        result = token_loss(causal_lm, rows, batch_size, label="scoring validation rows")
+        return {"validation_token_loss": result["token_loss"], "validation_perplexity": result["perplexity"]}
+
+    return evaluate
 
 
 def require_tensorboard(config):
@@ -464,17 +511,27 @@ class TensorBoardLog(keras.callbacks.Callback):
     the same curves.
     """
 
-    def __init__(self, log_dir, start_step=0):
+    def __init__(self, log_dir, start_step=0, accumulation=1):
         super().__init__()
         from tensorboardX import SummaryWriter
 
         self.writer = SummaryWriter(str(log_dir))
-        self.step = start_step
+        self.step = start_step // accumulation  # optimizer steps; start_step counts batches
 
     def on_train_batch_end(self, batch, logs=None):
+        logs = logs or {}
+        if not logs.get("update", True):
+            return
         self.step += 1
-        if logs and "token_loss" in logs:
-            self.writer.add_scalar("train/token_loss", float(logs["token_loss"]), self.step)
+        for name in ("token_loss", "learning_rate"):
+            if name in logs:
+                self.writer.add_scalar(f"train/{name}", float(logs[name]), self.step)
+
+    def on_evaluation(self, step, logs):
+        for name, value in logs.items():
+            if name != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"eval/{name}", float(value), step)
+        self.writer.flush()
 
     def on_epoch_end(self, epoch, logs=None):
         for name, value in (logs or {}).items():

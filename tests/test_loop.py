@@ -1,0 +1,216 @@
+"""The one training loop: schedules, accumulation, clipping, keep-best, resume, both engines alike."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import REPO
+from gemma_lora import data, fast_train, loop, model, train
+
+
+def tiny_rows(causal_lm, config, n=8):
+    examples = data.split(data.load_examples(config), config).train[:n]
+    return data.tokenize_rows(examples, causal_lm.preprocessor.tokenizer, config)
+
+
+def first_moments(causal_lm):
+    """AdamW's first moment of each trainable variable: (1 - beta_1) x the gradient after one update."""
+    optimizer = causal_lm.optimizer
+    return [np.asarray(optimizer._momentums[optimizer._get_variable_index(v)]) for v in causal_lm.trainable_variables]
+
+
+class LearningRates(keras.callbacks.Callback):
+    """The optimizer's own learning rate for each update, read from its variables after the update before it."""
+
+    def __init__(self):
+        super().__init__()
+        self.rates = []
+
+    def on_train_begin(self, logs=None):
+        self.rates.append(float(self.model.optimizer.learning_rate))
+
+    def on_train_batch_end(self, batch, logs=None):
+        if logs.get("update"):
+            self.model.jax_state_sync()
+            self.rates.append(float(self.model.optimizer.learning_rate))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_the_learning_rate_follows_the_schedule(tiny_lm, make_config, schedule):
+    peak, warm, total = 1e-3, 3, 10
+    config = make_config(lr_schedule=schedule, warmup_steps=warm, learning_rate=peak, batch_size=1, limit=20,
+                         validation_rows=4, max_steps=total)
+    model.enable_lora(tiny_lm, 4, seed=0)
+    rows = tiny_rows(tiny_lm, config, 12)
+    train.compile_for_training(tiny_lm, config, train.total_steps(rows, config))
+    rates = LearningRates()
+    train.fit(tiny_lm, rows, config, callbacks=[rates], verbose=0)
+    used = rates.rates[:total]  # the rate of updates 0 .. total - 1
+
+    def expected(k):
+        if k < warm:
+            return peak * k / warm
+        progress = (k - warm) / (total - warm)
+        return {"constant": peak, "linear": peak * (1 - progress),
+                "cosine": peak * 0.5 * (1 + math.cos(math.pi * progress))}[schedule]
+
+    np.testing.assert_allclose(used, [expected(k) for k in range(total)], rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("engine", ["keras", "fast"])
+def test_accumulated_batches_equal_one_larger_batch(tiny_preset, make_config, engine):
+    """2 batches of 2 rows accumulated give the gradient (and update) of 1 batch of 4 rows."""
+    moments, weights = [], []
+    for batch_size, accumulation in ((4, 1), (2, 2)):
+        lm = model.load_causal_lm(tiny_preset, "float32", sequence_length=64)
+        model.enable_lora(lm, 4, seed=0)
+        config = make_config(batch_size=batch_size, grad_accumulation=accumulation, max_steps=1, shuffle=False,
+                             bucket_by_length=False, learning_rate=1e-3, engine=engine)
+        # The first 4 rows (Keras engine), or packed rows (fast engine: the same whatever the batch size).
+        rows = tiny_rows(lm, config, 4 if engine == "keras" else 16)
+        train.compile_for_training(lm, config, 1)
+        train.fit(lm, rows, config, verbose=0, engine=engine)
+        moments.append(first_moments(lm))
+        weights.append([np.asarray(v) for v in lm.trainable_variables])
+    for one, accumulated in zip(*moments):
+        np.testing.assert_allclose(accumulated, one, rtol=2e-4, atol=1e-9)
+    assert any(np.abs(m).max() > 0 for m in moments[0])
+    for one, accumulated in zip(*weights):
+        np.testing.assert_allclose(accumulated, one, rtol=1e-5, atol=1e-8)
+
+
+def test_clipping_bounds_the_gradient_the_optimizer_sees(tiny_preset, make_config):
+    norms = {}
+    for clip in (None, 1e-3):
+        lm = model.load_causal_lm(tiny_preset, "float32", sequence_length=64)
+        model.enable_lora(lm, 4, seed=0)
+        config = make_config(max_steps=1, max_grad_norm=clip, shuffle=False)
+        train.compile_for_training(lm, config, 1)
+        train.fit(lm, tiny_rows(lm, config, 4), config, verbose=0)
+        moment = first_moments(lm)
+        beta_1 = float(lm.optimizer.beta_1)
+        norms[clip] = math.sqrt(sum(float((m**2).sum()) for m in moment)) / (1 - beta_1)
+    assert norms[None] > 10 * 1e-3  # the clip is binding...
+    assert norms[1e-3] == pytest.approx(1e-3, rel=1e-4)  # ...and the gradient reaching AdamW has its norm
+
+
+def test_both_engines_give_the_same_loss_and_gradient_on_the_same_unpacked_rows(tiny_preset, make_config):
+    config = make_config(batch_size=4, sequence_length=64, shuffle=False, bucket_by_length=False)
+    results = []
+    for engine in ("keras", "fast"):
+        lm = model.load_causal_lm(tiny_preset, "float32", sequence_length=64)
+        model.enable_lora(lm, 4, targets=("query", "value", "ffw_linear"), seed=0)
+        rows = tiny_rows(lm, config, 4)
+        train.compile_for_training(lm, config)
+        if engine == "keras":
+            stepper = train.KerasEngine(lm, rows, config)
+            batch = np.arange(4)
+        else:
+            stepper = fast_train.FastEngine(lm, rows, config, "float32")
+            lengths = rows.padding_mask.sum(1)
+            segments = (np.arange(64)[None, :] < lengths[:, None]).astype(np.int32)
+            batch = {"token_ids": rows.token_ids, "segment_ids": segments, "positions": np.tile(np.arange(64), (4, 1)),
+                     "labels": rows.labels, "loss_weights": rows.weights}
+        weight = stepper.batch_weight(batch)
+        nll, step_weight, loss = stepper.step(batch, 1.0 / weight)
+        stepper.sync()
+        results.append((loss, step_weight, first_moments(lm)))
+    (keras_loss, keras_weight, keras_m), (fast_loss, fast_weight, fast_m) = results
+    assert keras_weight == fast_weight == float(rows.weights.sum())
+    assert fast_loss == pytest.approx(keras_loss, rel=1e-5)
+    for a, b in zip(keras_m, fast_m):
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-7)
+
+
+def test_keep_best_writes_the_best_steps_adapter(tmp_path, make_config):
+    """A learning rate that overshoots: validation loss falls, then rises; the adapter is the best step's."""
+    import json
+
+    from gemma_lora import adapters
+    from gemma_lora.pipeline import run_training
+
+    config = make_config(limit=40, validation_rows=8, learning_rate=0.3, lora_targets=["query", "value", "ffw_linear"],
+                         max_steps=6, eval_every=1, keep_best=True, answer_splits=[], checkpoint_every=None,
+                         output_dir=str(tmp_path / "run"))
+    result = run_training(config, echo=lambda *a: None)
+    rows = list(__import__("csv").DictReader((tmp_path / "run" / "evaluations.csv").open()))
+    losses = [float(r["validation_token_loss"]) for r in rows]
+    best = int(np.argmin(losses))
+    assert len(losses) == 6 and best < 5 and losses[-1] > losses[best]  # the crafted rise
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["train"]["best_step"] == best + 1
+    assert result.after["validation"] == pytest.approx(losses[best], rel=1e-5)
+    meta = json.loads((tmp_path / "run" / "adapter.json").read_text())
+    assert meta["training"]["best_step"] == best + 1 and meta["training"]["keep_best"] is True
+    # The saved adapter scores as the best step did.
+    lm = model.load_causal_lm(model.resolve_preset("tiny"), "float32", sequence_length=64)
+    adapters.load_adapter(lm, tmp_path / "run" / "adapter.lora.h5")
+    scored = train.token_loss(lm, data.tokenize_rows(data.split(data.load_examples(config), config).validation,
+                                                     lm.preprocessor.tokenizer, config))["token_loss"]
+    assert scored == pytest.approx(losses[best], rel=1e-5)
+
+
+def test_resume_mid_warmup_and_mid_accumulation_gives_the_uninterrupted_adapter(tmp_path, make_config, monkeypatch):
+    from gemma_lora.pipeline import run_training
+
+    settings = dict(limit=40, validation_rows=8, batch_size=2, grad_accumulation=3, max_steps=5, warmup_steps=3,
+                    lr_schedule="cosine", max_grad_norm=0.5, learning_rate=5e-3, answer_splits=[],
+                    checkpoint_every=1)
+    run_training(make_config(**settings, output_dir=str(tmp_path / "whole")), echo=lambda *a: None)
+
+    class CtrlCAt(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 7:  # the 8th batch: the 2nd of optimizer step 3's three, still warming up
+                os.kill(os.getpid(), signal.SIGINT)
+
+    original = train.callbacks_for_run
+    monkeypatch.setattr(train, "callbacks_for_run", lambda *a, **k: [*original(*a, **k), CtrlCAt()])
+    with pytest.raises(KeyboardInterrupt):
+        run_training(make_config(**settings, output_dir=str(tmp_path / "cut")), echo=lambda *a: None)
+    monkeypatch.setattr(train, "callbacks_for_run", original)
+    saved = sorted((tmp_path / "cut" / "checkpoints").glob("step-*.npz"))[-1]
+    assert saved.name == "step-00000008.npz"  # mid-accumulation: 8 batches = 2 steps and 2 of 3 batches
+    from gemma_lora.config import load_config_file, resolve_config
+
+    resumed = resolve_config(load_config_file(tmp_path / "cut" / "config.json"), {"output_dir": str(tmp_path / "cut")})
+    run_training(resumed, echo=lambda *a: None, resume=True)
+    import h5py
+
+    def factors(path):
+        found = []
+        with h5py.File(path, "r") as f:
+            f.visititems(lambda name, obj: found.append((name, np.asarray(obj))) if isinstance(obj, h5py.Dataset) else None)
+        return found
+
+    for (name, a), (_, b) in zip(factors(tmp_path / "whole" / "adapter.lora.h5"), factors(tmp_path / "cut" / "adapter.lora.h5")):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-8, err_msg=name)
+
+
+def test_recipe_mode_refuses_the_new_controls(make_config):
+    from gemma_lora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="drop --recipe to use lr_schedule, grad_accumulation"):
+        make_config(recipe=True, lr_schedule="cosine", grad_accumulation=2)
+
+
+def test_accumulation_longer_than_the_run_is_refused(tiny_lm, make_config):
+    from gemma_lora.errors import ConfigError
+
+    config = make_config(grad_accumulation=50)
+    with pytest.raises(ConfigError, match="grad_accumulation=50 needs that many batches"):
+        train.total_steps(tiny_rows(tiny_lm, config, 8), config)
+
+
+def test_no_import_circles():
+    tool = Path(REPO).parent / "shared" / "tools" / "import_circles.py"
+    if not tool.is_file():
+        pytest.skip(f"{tool} is not beside this checkout")
+    result = subprocess.run([sys.executable, str(tool), "gemma_lora"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
