@@ -311,7 +311,8 @@ def run_generate(args):
     from gemma_lora.sampling import generate
 
     preset_dir = model.resolve_preset(config.preset, config.preset_version)
-    causal_lm = model.load_causal_lm(preset_dir, config.resolved_precision(model.platform()), quantize=config.quantize)
+    causal_lm = model.load_causal_lm(preset_dir, config.resolved_precision(model.platform()), quantize=config.quantize,
+                                     frozen_base=True)
     if args.adapter:
         from gemma_lora.adapters import load_adapter
 

@@ -287,6 +287,7 @@ def extract_params(
     alpha=None,
     dtype="bfloat16",
     seed=0,
+    cast=True,
     **options,
 ):
     """Read a KerasHub Gemma causal LM into (config, frozen, lora) pytrees.
@@ -305,6 +306,10 @@ def extract_params(
         seed: int, default 0. Seeds the initial `lora_kernel_a` when the model
             has no LoRA enabled (he_uniform, as Keras does; `lora_kernel_b`
             starts at zero, so the initial model is the base model).
+        cast: bool, default True. False keeps each frozen array in the dtype
+            the Keras variable stores (no copy: the same buffer); the forward
+            pass casts where it computes. `train`'s fast engine passes False so
+            the base exists once (see `model.frozen_base_policy`).
         **options: other `FastConfig` fields (attention, mask_form, remat,
             loss_chunk).
 
@@ -352,12 +357,13 @@ def extract_params(
 
     initializer = keras.initializers.HeUniform(seed=seed)
     layers, lora = [], []
+    def frozen_array(variable):
+        return jnp.asarray(variable.value, dtype) if cast else jnp.asarray(variable.value)
+
     for block in blocks:
-        layer_params = {
-            name: jnp.asarray(norm_of(block).scale.value, dtype) for name, norm_of in _norms(config)
-        }
+        layer_params = {name: frozen_array(norm_of(block).scale) for name, norm_of in _norms(config)}
         for name in EQUATIONS:
-            layer_params[name] = jnp.asarray(_base_kernel(_layer_of(block, name)).value, dtype)
+            layer_params[name] = frozen_array(_base_kernel(_layer_of(block, name)))
         layers.append(layer_params)
         layer_lora = {}
         for target in lora_targets:
@@ -379,8 +385,8 @@ def extract_params(
             }
         lora.append(layer_lora)
     frozen = {
-        "embedding": jnp.asarray(backbone.token_embedding.embeddings.value, dtype),
-        "final_norm": jnp.asarray(backbone.layer_norm.scale.value, dtype),
+        "embedding": frozen_array(backbone.token_embedding.embeddings),
+        "final_norm": frozen_array(backbone.layer_norm.scale),
         "layers": _arrange(config, layers),
     }
     return config, frozen, _arrange(config, lora)
@@ -527,7 +533,7 @@ def _rope(x, positions, wavelength, scaling_factor):
 def _project(x, kernel, lora, equation, scale):
     # x @ W + s * (x @ A) @ B: the rank-r detour costs ~r/width of the main
     # product, where merging A @ B into W would rewrite W every step.
-    y = jnp.einsum(equation, x, kernel)
+    y = jnp.einsum(equation, x, kernel.astype(x.dtype))  # a no-op unless stored wider than x
     if lora is None:
         return y
     low = jnp.einsum(equation, x, lora["lora_kernel_a"].astype(x.dtype))
@@ -648,7 +654,7 @@ def logits(config, frozen, lora, token_ids, segment_ids, positions):
     """Full float32 logits, (batch, seq, vocab). For tests and small inputs."""
     h = hidden_states(config, frozen, lora, token_ids, segment_ids, positions)
     return jnp.einsum(
-        "btd,vd->btv", h, frozen["embedding"], preferred_element_type=jnp.float32
+        "btd,vd->btv", h, frozen["embedding"].astype(h.dtype), preferred_element_type=jnp.float32
     )
 
 
@@ -658,6 +664,9 @@ def logits(config, frozen, lora, token_ids, segment_ids, positions):
 def _chunk_nll(h, embedding, labels, weights, with_grad, logits_dtype):
     # One slice of tokens against the whole (tied) vocabulary; logits exist
     # only for this slice. Reductions run in float32 whatever logits_dtype.
+    # The table may be stored wider than the activations (a float32 Keras
+    # embedding under mixed precision): the product runs in the activations' dtype.
+    embedding = embedding.astype(h.dtype)
     logits = jnp.einsum("td,vd->tv", h, embedding, preferred_element_type=logits_dtype)
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)

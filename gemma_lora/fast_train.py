@@ -141,8 +141,9 @@ class FastEngine(StepEngine):
         # The layers LoRA is enabled on (the run's lora_targets, as the pipeline enabled them).
         enabled = {layer.name for layer in lora_layers(causal_lm)}
         targets = tuple(name for name in fast.EQUATIONS if name in enabled)
+        # The frozen arrays are the Keras variables' own (cast=False): one copy of the base.
         self.fast_config, self.frozen, _ = fast.extract_params(
-            causal_lm, targets, dtype=fast_dtype(precision), seed=config.seed
+            causal_lm, targets, dtype=fast_dtype(precision), seed=config.seed, cast=False
         )
         # Where each Keras trainable variable sits in the fast path's LoRA pytree.
         where = {}

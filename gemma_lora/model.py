@@ -6,6 +6,7 @@ file and probes optional files over the network even when cached, so it
 cannot run offline.
 """
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -280,7 +281,11 @@ def build_tiny_causal_lm(seed=1234):
     return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=preprocessor)
 
 
-def load_causal_lm(preset_dir, precision="float32", sequence_length=None, quantize=None):
+# The decoder blocks' projection matrices (the layers LoRA may target).
+PROJECTIONS = ("query", "key", "value", "attention_output", "ffw_gating", "ffw_gating_2", "ffw_linear")
+
+
+def load_causal_lm(preset_dir, precision="float32", sequence_length=None, quantize=None, frozen_base=False):
     """Load a KerasHub CausalLM from a local preset directory.
 
     Args:
@@ -289,9 +294,13 @@ def load_causal_lm(preset_dir, precision="float32", sequence_length=None, quanti
         sequence_length: int or None; set on the preprocessor (generation length cap).
         quantize: None, "int8" or "int4": store the (frozen) base weights
             quantized, before any LoRA is enabled (see quantize.py).
+        frozen_base: bool, default False. The base will not be trained (LoRA,
+            generation): under mixed_bfloat16 its projection matrices are
+            stored in bfloat16 instead of float32 (`frozen_base_policy`).
     """
+    dtype = frozen_base_policy(precision) if frozen_base else precision
     try:
-        causal_lm = keras_hub.models.CausalLM.from_preset(str(preset_dir), dtype=precision)
+        causal_lm = keras_hub.models.CausalLM.from_preset(str(preset_dir), dtype=dtype)
     except (ValueError, OSError, KeyError) as e:
         raise PresetError(f"Cannot load the preset in {preset_dir}: {e}") from None
     if sequence_length and causal_lm.preprocessor is not None:
@@ -301,6 +310,24 @@ def load_causal_lm(preset_dir, precision="float32", sequence_length=None, quanti
 
         quantize_base(causal_lm, quantize)
     return causal_lm
+
+
+def frozen_base_policy(precision):
+    """The dtype policy of a model whose base is frozen: `precision`, with projections stored in its compute dtype.
+
+    Under mixed_bfloat16 Keras keeps float32 variables and casts each
+    projection matrix to bfloat16 every time it is used, so storing them in
+    bfloat16 gives the same logits, bit for bit, from half their memory (a
+    gemma_2b_en base: 6.1 GB instead of 10; a fast-engine run no longer holds
+    a bfloat16 copy beside the float32 one). The token embedding and the norm
+    scales stay float32: KerasHub does not autocast them, so storing them in
+    bfloat16 would change the logits.
+    """
+    if precision != "mixed_bfloat16":
+        return precision
+    policy = keras.dtype_policies.DTypePolicyMap(default_policy=keras.dtype_policies.DTypePolicy(precision))
+    policy[f".*/({'|'.join(PROJECTIONS)})"] = keras.dtype_policies.DTypePolicy("bfloat16")
+    return policy
 
 
 def enable_lora(causal_lm, rank, alpha=None, targets=("query", "value"), seed=None):
@@ -327,12 +354,37 @@ def enable_lora(causal_lm, rank, alpha=None, targets=("query", "value"), seed=No
         )
     if seed is not None:
         keras.utils.set_random_seed(seed)  # LoRA A factors are randomly initialised.
-    backbone.enable_lora(rank, target_layer_names=list(targets))
+    with _float32_lora_variables(backbone, targets):
+        backbone.enable_lora(rank, target_layer_names=list(targets))
     layers = lora_layers(causal_lm)
     if alpha is not None:
         for layer in layers:
             layer.lora_alpha = float(alpha)
     return layers
+
+
+@contextlib.contextmanager
+def _float32_lora_variables(backbone, targets):
+    """LoRA factors in float32 even on projections stored in bfloat16 (`frozen_base_policy`).
+
+    Keras creates a layer's LoRA variables in the layer's variable dtype; for
+    the time of `enable_lora` a bfloat16-stored target layer gets the mixed
+    policy (float32 variables, the same bfloat16 compute), then its own back.
+    AdamW steps smaller than ~1/256 of a factor would round away in bfloat16
+    (docs/precision.md).
+    """
+    swapped = []
+    for layer in backbone._flatten_layers(include_self=False):
+        policy = layer.dtype_policy
+        if (layer.name in targets and isinstance(policy, keras.dtype_policies.DTypePolicyMap)
+                and layer.variable_dtype != "float32"):
+            layer.dtype_policy = keras.dtype_policies.DTypePolicy(f"mixed_{layer.compute_dtype}")
+            swapped.append((layer, policy))
+    try:
+        yield
+    finally:
+        for layer, policy in swapped:
+            del policy[layer.path]  # the map's pattern applies to the layer again
 
 
 def _einsum_names(backbone):

@@ -426,7 +426,7 @@ def _prepare(config, echo):
     # Variables take their device layout when created, so before the load.
     distribute.apply(config, preset_dir, precision, echo)
     echo(f"loading {config.preset} from {preset_dir}")
-    causal_lm = model.load_causal_lm(preset_dir, precision, config.sequence_length)
+    causal_lm = model.load_causal_lm(preset_dir, precision, config.sequence_length, frozen_base=not config.full_finetune)
     # Counted before quantizing: int4 packs two weights per stored number.
     base_parameters = model.parameter_summary(causal_lm)["base_parameters"]
     stored = precision
