@@ -1,4 +1,4 @@
-"""Find a preset (name, kaggle:// handle, directory or `tiny`), load it, add LoRA.
+"""Find a preset (name, kaggle:// handle, directory, `tiny` or `tiny_gemma2`), load it, add LoRA.
 
 Named presets are downloaded whole with kagglehub and then loaded from the
 local directory: KerasHub's own `from_preset("kaggle://...")` fetches file by
@@ -22,6 +22,10 @@ import keras  # noqa: E402
 import keras_hub  # noqa: E402
 
 TINY = "tiny"
+# The same offline test model with Gemma 2's architecture (post norms, soft
+# caps, sliding-window layers alternating with global ones, 2 KV heads).
+TINY_GEMMA2 = "tiny_gemma2"
+TINY_PRESETS = (TINY, TINY_GEMMA2)
 # Kaggle versions the classic recipe used, where KerasHub now maps the name to a newer one.
 RECIPE_VERSIONS = {"gemma_2b_en": 2}
 # The real Gemma 3 270M base model, from the PyPI package of its GGUF file,
@@ -100,7 +104,7 @@ def resolve_preset(preset, version=None):
     """Return a local preset directory for `preset`, downloading if needed.
 
     Args:
-        preset: "tiny", a KerasHub preset name such as "gemma_2b_en", a
+        preset: "tiny" or "tiny_gemma2", a KerasHub preset name such as "gemma_2b_en", a
             "kaggle://owner/model/framework/variation[/version]" handle, or a
             local preset directory.
         version: int or None; the Kaggle version for a named preset (None:
@@ -111,8 +115,8 @@ def resolve_preset(preset, version=None):
         PresetError: unknown name or a directory missing preset files.
         CredentialsError: a download needs Kaggle credentials or consent.
     """
-    if preset == TINY:
-        return tiny_preset_dir()
+    if preset in TINY_PRESETS:
+        return tiny_preset_dir(preset)
     if preset in DEMO_NAMES:
         return demo_preset_dir()
     if preset.startswith("kaggle://"):
@@ -126,8 +130,8 @@ def resolve_preset(preset, version=None):
         hint = f" Similar names: {', '.join(close)}." if close else ""
         raise PresetError(
             f"Unknown preset {preset!r}: not a KerasHub preset name, kaggle:// handle or existing "
-            f"directory.{hint} Use e.g. gemma_2b_en, 'demo' (the real Gemma 3 270M, offline from PyPI) or "
-            "'tiny' (the offline test model)."
+            f"directory.{hint} Use e.g. gemma_2b_en, gemma2_2b_en, 'demo' (the real Gemma 3 270M, offline "
+            "from PyPI) or 'tiny' / 'tiny_gemma2' (the offline test models)."
         )
     handle = presets[preset]["kaggle_handle"].removeprefix("kaggle://")
     version = version if version is not None else RECIPE_VERSIONS.get(preset)
@@ -199,20 +203,21 @@ def download_kaggle(handle):
     return check_preset_dir(path)
 
 
-def tiny_preset_dir():
-    """Build (once) and return the `tiny` preset: a 2-layer Gemma with random weights.
+def tiny_preset_dir(name=TINY):
+    """Build (once) and return a tiny preset: "tiny" (Gemma) or "tiny_gemma2", 2 layers, random weights.
 
     It tokenizes with a 1,024-piece SentencePiece vocabulary trained on the
     shipped Dolly sample (scripts/make_tiny_vocab.py), so it exercises the
     whole pipeline in seconds on a CPU. It knows nothing: its samples are noise.
     """
-    path = cache_dir() / "presets" / f"tiny-v{TINY_VERSION}"
+    build = {TINY: build_tiny_causal_lm, TINY_GEMMA2: build_tiny_gemma2_causal_lm}[name]
+    path = cache_dir() / "presets" / f"{name}-v{TINY_VERSION}"
     if path.is_dir():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tiny-"))
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{name}-"))
     try:
-        build_tiny_causal_lm().save_to_preset(str(staging))
+        build().save_to_preset(str(staging))
         os.replace(staging, path)  # Atomic: concurrent builders cannot see a half preset.
     except OSError:
         if not path.is_dir():
@@ -261,12 +266,15 @@ def demo_preset_dir():
         raise
 
 
-def build_tiny_causal_lm(seed=1234):
-    """The tiny Gemma (random weights, fixed seed) with its tokenizer and preprocessor."""
+def build_tiny_causal_lm(seed=1234, **architecture):
+    """The tiny Gemma (random weights, fixed seed) with its tokenizer and preprocessor.
+
+    `architecture`: GemmaBackbone arguments over the tiny defaults.
+    """
     proto = (resources.files("gemma_lora") / "resources" / "tiny_vocab.spm").read_bytes()
     tokenizer = keras_hub.models.GemmaTokenizer(proto=proto)
     keras.utils.set_random_seed(seed)
-    backbone = keras_hub.models.GemmaBackbone(
+    settings = dict(
         vocabulary_size=tokenizer.vocabulary_size(),
         num_layers=2,
         num_query_heads=4,
@@ -276,8 +284,20 @@ def build_tiny_causal_lm(seed=1234):
         head_dim=16,
         dtype="float32",
     )
+    backbone = keras_hub.models.GemmaBackbone(**{**settings, **architecture})
     preprocessor = keras_hub.models.GemmaCausalLMPreprocessor(tokenizer, sequence_length=128)
     return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=preprocessor)
+
+
+def build_tiny_gemma2_causal_lm(seed=1234):
+    """The tiny Gemma with Gemma 2's architecture, as KerasHub builds gemma2_2b_en: post norms,
+    soft caps 50 (attention) and 30 (final), layer 0 sliding (window 16, shorter than most
+    Dolly rows) and layer 1 global, and 2 KV heads for the 4 query heads."""
+    return build_tiny_causal_lm(
+        seed, num_key_value_heads=2, use_post_ffw_norm=True, use_post_attention_norm=True,
+        attention_logit_soft_cap=50.0, final_logit_soft_cap=30.0, use_sliding_window_attention=True,
+        sliding_window_size=16,
+    )
 
 
 def load_causal_lm(preset_dir, precision="float32", sequence_length=None, quantize=None):

@@ -308,7 +308,7 @@ def _time_part(part, config, frozen, lora, data, steps, warmup):
             return fast._lm_nll(
                 h, frozen["embedding"], data["labels"].reshape(-1),
                 data["loss_weights"].reshape(-1), config.loss_chunk,
-                jnp.dtype(config.logits_dtype),
+                jnp.dtype(config.logits_dtype), config.final_logit_soft_cap,
             )
 
         fn = jax.jit(jax.grad(head))
