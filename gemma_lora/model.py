@@ -338,12 +338,14 @@ def enable_lora(causal_lm, rank, alpha=None, targets=("query", "value"), seed=No
         ConfigError: a target name matches no layer of this model.
     """
     backbone = causal_lm.backbone
-    names = {layer.name for layer in backbone._flatten_layers(include_self=False)}
+    # Only layers that take LoRA count: KerasHub skips any other named layer
+    # silently (Gemma 2's and 3's post_attention_norm / post_ffw_norm are layers too).
+    names = _einsum_names(backbone)
     unknown = [t for t in targets if t not in names]
     if unknown:
         raise ConfigError(
-            f"lora_targets {unknown} match no layer of this {type(backbone).__name__}. "
-            f"LoRA-able layers here: {', '.join(sorted(n for n in names if n in _einsum_names(backbone)))}."
+            f"lora_targets {unknown} match no LoRA-able layer of this {type(backbone).__name__}. "
+            f"LoRA-able layers here: {', '.join(sorted(names))}."
         )
     if seed is not None:
         keras.utils.set_random_seed(seed)  # LoRA A factors are randomly initialised.

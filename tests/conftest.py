@@ -69,6 +69,14 @@ def tiny_preset():
     return tiny_preset_dir()
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma2_preset():
+    """Directory of the tiny_gemma2 preset (Gemma 2's architecture; built once per test session)."""
+    from gemma_lora.model import TINY_GEMMA2, tiny_preset_dir
+
+    return tiny_preset_dir(TINY_GEMMA2)
+
+
 @pytest.fixture
 def tiny_lm(tiny_preset):
     """A fresh tiny GemmaCausalLM (float32) loaded from the preset."""

@@ -44,7 +44,7 @@ def test_alpha_is_applied_on_each_layer_and_scales_the_update(tiny_lm):
 
 
 def test_unknown_target_layer(tiny_lm):
-    with pytest.raises(ConfigError, match=r"lora_targets \['qkv'\] match no layer.*query"):
+    with pytest.raises(ConfigError, match=r"lora_targets \['qkv'\] match no LoRA-able layer.*query"):
         model.enable_lora(tiny_lm, 4, targets=("qkv",))
 
 
