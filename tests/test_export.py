@@ -99,6 +99,15 @@ def test_gemma2_config_says_what_keras_computes(shape, tmp_path):
         np.testing.assert_array_equal(weights[f"model.layers.1.{hf_name}.weight"], np.asarray(norm.scale))
 
 
+def test_gemma3_query_scale_is_the_one_keras_computes():
+    """KerasHub's Gemma 3 config writes the backbone's hidden/heads; its attention scales by head_dim."""
+    from gemma_lora.export.hf import hf_config
+
+    backbone = tiny_causal_lm("gemma3-query-scale").backbone
+    assert not backbone.query_head_dim_normalize and backbone.transformer_layers[0].attention.query_head_dim_normalize
+    assert hf_config(backbone)["query_pre_attn_scalar"] == backbone.head_dim != backbone.hidden_dim // backbone.num_query_heads
+
+
 def test_a_gemma_with_soft_caps_but_no_post_norms_is_refused_before_anything_is_written(tmp_path):
     _, _, plain = exportable("gemma-softcap-only", tmp_path)
     with pytest.raises(ExportError, match="some of Gemma 2's features \\(logit soft caps\\) but not both post norms"):

@@ -34,6 +34,8 @@ SHAPES = {
     "gemma-4kv": ("gemma", dict(num_query_heads=8, num_key_value_heads=4)),
     "gemma3": ("gemma3", {}),
     "gemma3-softcap": ("gemma3", dict(final_logit_soft_cap=3.0)),
+    # Gemma 3 27B's config (queries by hidden/heads = 16 here, head_dim 256), which keras-hub 0.32 ignores.
+    "gemma3-query-scale": ("gemma3", dict(query_head_dim_normalize=False)),
     # Gemma 2: layer 0 slides (window 8, shorter than the tests' sequences), layer 1 is global; 2 KV
     # heads; soft caps small enough to bind on these random weights (50 / 30 would change nothing).
     "gemma2": ("gemma", GEMMA2),

@@ -14,6 +14,8 @@ most tensors; where it is wrong, this module corrects it or refuses:
   written here from the whole kernels;
 - its Gemma config leaves out the RMSNorm epsilon and the architecture name,
   its Gemma 3 config the attention and final logit soft caps: added here;
+  its Gemma 3 query scale is the backbone's setting, which keras-hub 0.32's
+  attention ignores (`export.query_scale_width`): the one used is written;
 - it writes Gemma 2 (a GemmaBackbone with post norms, soft caps and a
   sliding window) as Gemma 1 without them, and its norm map puts the pre-FFW
   norm where transformers' Gemma 2 reads the post-attention one: a Gemma 2 is
@@ -155,6 +157,8 @@ def hf_config(backbone, tokenizer=None):
     if name == "Gemma3Backbone":
         config["attn_logit_softcapping"] = backbone.attention_logit_soft_cap
         config["final_logit_softcapping"] = backbone.final_logit_soft_cap
+        # KerasHub writes the backbone's setting (hidden/heads for gemma3_27b), not what its attention computes.
+        config["query_pre_attn_scalar"] = query_scale_width(backbone)
     elif gemma2_features(backbone):
         config.update(gemma2_config(backbone))
     if tokenizer is not None:
