@@ -121,8 +121,9 @@ class FastConfig:
     loss_chunk: int = 1024  # tokens per slice of the vocabulary projection
     # Queries per slice of the soft-capped attention: each slice's
     # (heads, slice, seq) float32 logits exist only while it is computed,
-    # and are recomputed in the backward pass instead of kept.
-    attention_chunk: int = 512
+    # and are recomputed in the backward pass instead of kept. 128 was the
+    # fastest of 64-512 on this project's CPU (docs/perf.md); not yet timed on a GPU.
+    attention_chunk: int = 128
     # dtype the vocabulary projection writes its logits in. "bfloat16" halves
     # the loss' memory traffic at the price of ~3 significant digits.
     logits_dtype: str = "float32"
