@@ -36,8 +36,9 @@ DEMO_GGUF = "gemma-3-270m-q4_k_m.gguf"
 # Bump when the tiny architecture or vocabulary changes, so caches rebuild.
 TINY_VERSION = 1
 PRESET_FILES = ("config.json", "metadata.json", "tokenizer.json", "preprocessor.json")
+# Each Kaggle model (keras/gemma, keras/gemma2, keras/gemma3, ...) has its own consent form.
 CONSENT_HELP = (
-    "Open https://www.kaggle.com/models/keras/gemma while signed in, accept the Gemma "
+    "Open https://www.kaggle.com/models/{owner}/{model} while signed in, accept the Gemma "
     "license (the consent form), then run again with the same credentials."
 )
 CREDENTIALS_HELP = (
@@ -187,7 +188,8 @@ def download_kaggle(handle):
         status = getattr(e.response, "status_code", None)
         if status in (401, 403):
             raise CredentialsError(
-                f"Kaggle refused access to kaggle://{handle} (HTTP {status}). " + CONSENT_HELP
+                f"Kaggle refused access to kaggle://{handle} (HTTP {status}). "
+                + CONSENT_HELP.format(owner=parts[0], model=parts[1])
                 + " If you already did, check that your credentials are current."
             ) from None
         if status == 404:

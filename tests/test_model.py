@@ -129,7 +129,10 @@ def test_credentials_from_kaggle_json_and_consent_refusal_never_show_the_key(tmp
     with pytest.raises(CredentialsError) as error:
         model.resolve_preset("gemma_2b_en", version=7)
     assert "HTTP 403" in str(error.value) and "accept the Gemma license" in str(error.value)
+    assert "https://www.kaggle.com/models/keras/gemma " in str(error.value)
     assert SECRET not in str(error.value)
+    with pytest.raises(CredentialsError, match="https://www.kaggle.com/models/keras/gemma2 while signed in"):
+        model.resolve_preset("gemma2_2b_en", version=7)  # Gemma 2's own consent form
 
 
 def test_environment_credentials_are_found_and_not_echoed(monkeypatch):
