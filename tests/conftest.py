@@ -178,9 +178,10 @@ def build_tiny_gemma(seed=0, num_key_value_heads=1, num_query_heads=2):
     return lm
 
 
-def build_tiny_gemma3(seed=0):
+def build_tiny_gemma3(seed=0, **overrides):
     """Six layers: five sliding-window layers (window 4) and one global layer
-    with RoPE wavelength 1e6 scaled by 8, as KerasHub lays out Gemma 3."""
+    with RoPE wavelength 1e6 scaled by 8, as KerasHub lays out Gemma 3.
+    `overrides`: other Gemma3Backbone arguments (e.g. soft caps)."""
     import keras
     import keras_hub
     import numpy as np
@@ -201,6 +202,7 @@ def build_tiny_gemma3(seed=0):
         sliding_window_size=4,
         global_rope_scaling_factor=8.0,
         dtype="float32",
+        **overrides,
     )
     lm = keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=None)
     backbone.enable_lora(4)

@@ -289,6 +289,18 @@ def test_gemma3_packed_examples_match_each_alone(gemma3_lm):
         np.testing.assert_allclose(packed[start : start + len(example)], alone, rtol=1e-5, atol=1e-5)
 
 
+def test_gemma3_with_soft_caps_matches_kerashub_float32():
+    """Gemma3Backbone takes Gemma 2's soft caps too (no preset sets them); the same code applies them."""
+    lm = build_tiny_gemma3(attention_logit_soft_cap=5.0, final_logit_soft_cap=3.0)
+    config, frozen, lora = fast.extract_params(lm, dtype="float32")
+    assert (config.attention_logit_soft_cap, config.final_logit_soft_cap) == (5.0, 3.0)
+    batch = _unpacked_batch(np.random.default_rng(15), [SEQ, 11])
+    real = batch["segment_ids"] > 0
+    ref = _keras_logits(lm, batch["token_ids"], real.astype("int32"))
+    got = np.asarray(_logits(config, frozen, lora, batch["token_ids"], batch["segment_ids"], batch["positions"]))
+    assert np.abs(got - ref)[real].max() / np.abs(ref[real]).max() < 1e-5
+
+
 def test_gemma3_layers_that_differ_cannot_be_scanned(gemma3_lm):
     with pytest.raises(ConfigError, match="scan_layers needs every layer to attend alike"):
         fast.extract_params(gemma3_lm, dtype="float32", scan_layers=True)
