@@ -663,7 +663,8 @@ def _sliced_soft_capped_attention(config, q, k, v, segment_ids, window):
     # `soft_capped_attention` over slices of `attention_chunk` queries, each
     # under jax.checkpoint: the backward pass recomputes a slice's float32
     # logits and weights from q, k and v instead of keeping (heads, seq, seq)
-    # of them per layer, which is what cuDNN's flash attention saves elsewhere.
+    # of them per layer, as cuDNN's flash attention avoids keeping them for
+    # uncapped layers. Only one slice's logits exist at a time.
     b, t = segment_ids.shape
     chunk = min(config.attention_chunk, t)
     pad = -t % chunk
