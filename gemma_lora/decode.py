@@ -146,15 +146,13 @@ def _forward(config, frozen, caches, rows, token_ids, positions, valid):
             v_cache = v_cache.at[slot_index[:, None], write_at].set(v, mode="drop")
             new_caches.append((k_cache, v_cache))
             # Each query sees the keys at or before its position (and within the
-            # sliding window on Gemma 3's local layers), as KerasHub's mask.
+            # sliding window on Gemma 2 and 3's local layers), as KerasHub's mask.
             see = keys[None, None, :] <= positions[:, :, None]
             if window:
                 see &= positions[:, :, None] - keys[None, None, :] < window
             kc, vc = (k_cache, v_cache) if rows is None else (k_cache[rows], v_cache[rows])
-            return jax.nn.dot_product_attention(
-                q, kc.astype(q.dtype), vc.astype(q.dtype), mask=see[:, None], scale=config.attention_scale,
-                implementation="xla",
-            )
+            # Gemma 2's attention soft cap included, where the model has one.
+            return fast.masked_attention(config, q, kc.astype(q.dtype), vc.astype(q.dtype), see[:, None])
 
         return attend
 
@@ -167,6 +165,9 @@ def _forward(config, frozen, caches, rows, token_ids, positions, valid):
 
 def _next_token(config, frozen, h, greedy, top_k, key):
     logits = jnp.einsum("rd,vd->rv", h, frozen["embedding"].astype(h.dtype), preferred_element_type=jnp.float32)
+    # Gemma 2's final soft cap: it keeps the order (greedy is unchanged) but
+    # narrows the top-k softmax, as KerasHub's sampler sees it.
+    logits = fast.soft_cap(logits, config.final_logit_soft_cap)
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     # KerasHub's TopKSampler: sample from the softmax of the k largest logits.

@@ -127,14 +127,16 @@ def make_distribution(plan, backbone_config, devices=None):
 
 
 def gemma_layout_map(mesh, backbone_config):
-    """A `LayoutMap` for any Gemma / Gemma 3 backbone (and its LoRA factors) on `mesh`.
+    """A `LayoutMap` for any Gemma 1, 2 or 3 backbone (and its LoRA factors) on `mesh`.
 
     Megatron-style, as KerasHub's: query heads, FFW width and vocabulary go on
     the model axis; the hidden dimension on the batch axis (weights sharded
     across replicas as well). Each dimension is sharded only if its mesh axis
     divides it, otherwise replicated along that axis: so gemma_2b_en's single
-    KV head stays whole (keras-hub #1613) while its 8 query heads split.
-    Unmatched variables (norm scales, the vision tower) are replicated.
+    KV head stays whole (keras-hub #1613) while its 8 query heads split, and
+    Gemma 2's several KV heads (4, 8, 16) split as its query heads do.
+    Unmatched variables (norm scales, Gemma 2/3's post norms, the vision
+    tower) are replicated.
 
     A LoRA factor follows its kernel: A (kernel shape[:-1] + rank) shards its
     leading dims as the kernel does, B (rank, out) shards its output dim as the

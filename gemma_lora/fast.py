@@ -1,4 +1,4 @@
-"""A functional Gemma (1 and 3, text) forward pass and LoRA train step in pure JAX.
+"""A functional Gemma (1, 2 and 3, text) forward pass and LoRA train step in pure JAX.
 
 KerasHub's causal LMs train through Keras: they merge every LoRA factor into
 its kernel each step, materialise float32 logits for the whole batch and
@@ -21,6 +21,14 @@ jitted step:
 A batch is a dict of (batch, seq) arrays: `token_ids`, `segment_ids` (0 =
 padding, 1..k = the packed examples of a row), `positions` (restarting at 0 for
 each example), `labels` (the next token) and `loss_weights`.
+
+Gemma 2 is a `GemmaBackbone` with Gemma 3's post norms, sliding-window layers
+alternating with global ones (layer 0 slides) and two soft caps,
+`cap * tanh(x / cap)`: on every attention logit (before the mask and the
+softmax) and on every final logit (before the loss). cuDNN's fused attention
+cannot apply the first, so soft-capped layers take this module's own
+attention (`soft_capped_attention`, slices of queries whose logits are
+recomputed in the backward pass instead of kept).
 """
 
 import dataclasses
@@ -47,7 +55,10 @@ EQUATIONS = {
     "ffw_linear": "btf,fd->btd",
 }
 
-# "auto" picks cuDNN flash attention on GPU and XLA elsewhere.
+# "auto" picks cuDNN flash attention on GPU and XLA elsewhere, for layers
+# without an attention-logit soft cap; soft-capped layers (Gemma 2) always take
+# `soft_capped_attention`, since neither of jax.nn.dot_product_attention's
+# implementations can apply the cap (see `attention_path`).
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 # How packing reaches attention. "dense": a (batch, 1, seq, seq) boolean mask of
 # same-segment-and-causal pairs. "causal": `is_causal=True` plus a same-segment
@@ -91,6 +102,10 @@ class FastConfig:
     # sliding_window 0 means global attention. Empty: every layer global with
     # wavelength 10,000 and no scaling (Gemma 1).
     layer_attention: tuple = ()
+    # Gemma 2: cap * tanh(x / cap) on every attention logit and on every
+    # final (vocabulary) logit; None = no cap (Gemma 1 and 3 presets).
+    attention_logit_soft_cap: float | None = None
+    final_logit_soft_cap: float | None = None
     lora_targets: tuple = ("query", "value")
     lora_rank: int = 4
     lora_alpha: float = 4.0
@@ -104,6 +119,11 @@ class FastConfig:
     # passes, which cost 16% of the step at gemma_2b's shape.
     scan_layers: bool = False
     loss_chunk: int = 1024  # tokens per slice of the vocabulary projection
+    # Queries per slice of the soft-capped attention: each slice's
+    # (heads, slice, seq) float32 logits exist only while it is computed,
+    # and are recomputed in the backward pass instead of kept. 128 was the
+    # fastest of 64-512 on this project's CPU (docs/perf.md); not yet timed on a GPU.
+    attention_chunk: int = 128
     # dtype the vocabulary projection writes its logits in. "bfloat16" halves
     # the loss' memory traffic at the price of ~3 significant digits.
     logits_dtype: str = "float32"
@@ -147,6 +167,14 @@ class FastConfig:
             )
         if self.loss_chunk < 1:
             problems.append(f"loss_chunk must be >= 1. Received: {self.loss_chunk}")
+        if self.attention_chunk < 1:
+            problems.append(f"attention_chunk must be >= 1. Received: {self.attention_chunk}")
+        if self.attention == "cudnn" and self.attention_logit_soft_cap:
+            problems.append(
+                "attention='cudnn' cannot apply this model's attention-logit soft cap "
+                f"({self.attention_logit_soft_cap:g}; cuDNN's fused attention has none). "
+                "Use attention='auto', which gives soft-capped layers their own path"
+            )
         if self.layer_attention and len(self.layer_attention) != self.num_layers:
             problems.append(
                 f"layer_attention needs one entry per layer ({self.num_layers}). "
@@ -188,43 +216,43 @@ def _base_kernel(layer):
 def architecture(backbone):
     """The `FastConfig` fields that describe `backbone`'s architecture.
 
+    Everything is read off the Keras layers that compute it (a block's
+    attention for its window, RoPE and query scaling, the embedding for the
+    final soft cap), not off the backbone's config: keras-hub 0.32's
+    `GemmaDecoderBlock` builds its attention with `query_head_dim_normalize=True`
+    whatever the backbone says, so gemma2_27b_en (config False) scales its
+    queries by 1/sqrt(head_dim) in KerasHub, and so does this path.
+
     Raises:
         ConfigError: the backbone uses something the fast path does not
-            implement (Gemma 2's soft caps, dropout, a vision encoder,
-            bidirectional or embedding-model attention), naming each.
+            implement (dropout, a vision encoder, bidirectional or
+            embedding-model attention, soft caps that differ by layer),
+            naming each.
     """
     kind = type(backbone).__name__
     if kind not in ("GemmaBackbone", "Gemma3Backbone"):
         raise ConfigError(
-            f"The fast path implements Gemma 1 and Gemma 3 (text) only; this is a {kind}. "
+            f"The fast path implements Gemma 1, 2 and 3 (text) only; this is a {kind}. "
             "Train it with the Keras path instead."
         )
-    unsupported = {
-        "attention_logit_soft_cap": backbone.attention_logit_soft_cap,
-        "final_logit_soft_cap": backbone.final_logit_soft_cap,
-        "dropout": backbone.dropout,
-    }
-    if kind == "GemmaBackbone":
-        # Post norms and sliding windows on a GemmaBackbone mean Gemma 2,
-        # whose soft caps cuDNN attention cannot take.
-        unsupported.update(
-            use_post_ffw_norm=backbone.use_post_ffw_norm,
-            use_post_attention_norm=backbone.use_post_attention_norm,
-            use_sliding_window_attention=backbone.use_sliding_window_attention,
-        )
-    else:
+    blocks = backbone.transformer_layers
+    unsupported = {"dropout": backbone.dropout}
+    if kind == "Gemma3Backbone":
         unsupported.update(
             vision_encoder=backbone.vision_encoder,
             use_bidirectional_attention=backbone.use_bidirectional_attention,
             is_embedding_model=backbone.is_embedding_model,
         )
+    caps = {b.attention.logit_soft_cap for b in blocks}
+    unsupported["per-layer attention soft caps"] = len(caps) > 1
     used = {k: v for k, v in unsupported.items() if v}
     if used:
         raise ConfigError(
-            f"The fast path implements Gemma 1 and Gemma 3 (text) only; this {kind} sets "
+            f"The fast path implements Gemma 1, 2 and 3 (text) only; this {kind} sets "
             f"{sorted(used)}. Train it with the Keras path instead."
         )
-    blocks = backbone.transformer_layers
+    attention_cap = caps.pop()
+    final_cap = backbone.token_embedding.logit_soft_cap
     fields = dict(
         vocabulary_size=backbone.vocabulary_size,
         num_layers=backbone.num_layers,
@@ -232,18 +260,18 @@ def architecture(backbone):
         num_key_value_heads=backbone.num_key_value_heads,
         hidden_dim=backbone.hidden_dim,
         head_dim=backbone.head_dim,
-        # Each GeGLU half: intermediate_dim // 2 in Gemma 1, intermediate_dim in Gemma 3.
+        # Each GeGLU half: intermediate_dim // 2 in Gemma 1 and 2, intermediate_dim in Gemma 3.
         ffw_dim=int(_base_kernel(blocks[0].gating_ffw).shape[-1]),
         layer_norm_epsilon=float(backbone.layer_norm_epsilon),
-        query_head_dim_normalize=bool(backbone.query_head_dim_normalize),
+        query_head_dim_normalize=bool(blocks[0].attention.query_head_dim_normalize),
+        post_attention_norm=bool(backbone.use_post_attention_norm),
+        post_ffw_norm=bool(backbone.use_post_ffw_norm),
+        attention_logit_soft_cap=None if attention_cap is None else float(attention_cap),
+        final_logit_soft_cap=None if final_cap is None else float(final_cap),
     )
     if kind == "Gemma3Backbone":
         fields.update(
-            # Gemma3DecoderBlock always scales queries by 1/sqrt(head_dim).
-            query_head_dim_normalize=True,
             query_key_norm=bool(backbone.use_query_key_norm),
-            post_attention_norm=bool(backbone.use_post_attention_norm),
-            post_ffw_norm=bool(backbone.use_post_ffw_norm),
             layer_attention=tuple(
                 (
                     int(b.attention.sliding_window_size) if b.attention.use_sliding_window_attention else 0,
@@ -252,6 +280,17 @@ def architecture(backbone):
                 )
                 for b in blocks
             ),
+        )
+    elif any(b.attention.use_sliding_window_attention for b in blocks):
+        # Gemma 2: every other layer slides (KerasHub: layers 0, 2, 4, ...); all
+        # take GemmaAttention's fixed RoPE (wavelength 10,000, no scaling).
+        fields["layer_attention"] = tuple(
+            (
+                int(b.attention.sliding_window_size) if b.attention.use_sliding_window_attention else 0,
+                float(b.attention.rope_layer.max_wavelength),
+                float(b.attention.rope_layer.scaling_factor),
+            )
+            for b in blocks
         )
     return fields
 
@@ -547,13 +586,68 @@ def _attention_impl(config):
     return "cudnn" if jax.default_backend() == "gpu" else "xla"
 
 
+def attention_path(config, index):
+    """Which attention layer `index` runs: "soft-capped" (`soft_capped_attention`,
+    for a layer with an attention-logit soft cap, which no implementation of
+    jax.nn.dot_product_attention applies), else "cudnn" or "xla"."""
+    del index  # every layer of a KerasHub Gemma has the same cap (see `architecture`)
+    return "soft-capped" if config.attention_logit_soft_cap else _attention_impl(config)
+
+
+def soft_cap(x, cap):
+    """cap * tanh(x / cap), in x's dtype; x unchanged when cap is None."""
+    if not cap:
+        return x
+    return jnp.tanh(x / cap) * cap
+
+
+def soft_capped_attention(q, k, v, mask, scale, cap):
+    """Grouped-query attention with Gemma 2's soft cap on the logits, as KerasHub's GemmaAttention.
+
+    Logits (q * scale) . k in float32, then `soft_cap`, then the mask (after
+    the cap: a masked logit must not be squashed to -cap), then the softmax
+    in float32, rounded to v's dtype before the product with v.
+
+    Args:
+        q: (batch, t, query_heads, head_dim).
+        k, v: (batch, s, kv_heads, head_dim); query head j reads kv head
+            j // (query_heads / kv_heads), as KerasHub and jax.nn do.
+        mask: bool, broadcastable to (batch, 1, t, s): True where a query may
+            see a key. A row with no True key gets uniform weights (its
+            output is garbage and must be ignored, as padding is).
+        scale: float, the query scale.
+        cap: float, the soft cap.
+    Returns:
+        (batch, t, query_heads, head_dim) in q's dtype.
+    """
+    b, t, n, h = q.shape
+    groups = n // k.shape[2]
+    q = (q * jnp.asarray(scale, q.dtype)).reshape(b, t, k.shape[2], groups, h)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = soft_cap(logits, cap)
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", weights, v)
+    return out.reshape(b, t, n, h)
+
+
+def masked_attention(config, q, k, v, mask):
+    """Attention of q over k/v under a boolean `mask` (batch, 1, t, s), for decoding:
+    soft-capped where the model caps its attention logits, else XLA's."""
+    if config.attention_logit_soft_cap:
+        return soft_capped_attention(q, k, v, mask, config.attention_scale, config.attention_logit_soft_cap)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=config.attention_scale, implementation="xla")
+
+
 def _attention(config, q, k, v, segment_ids, window):
     # Packed examples must not see each other: a query attends to keys of its
     # own segment only. Padding (segment 0) attends to padding, so no row of
     # the mask is empty (an empty row gives NaN in some kernels). A sliding
-    # window (Gemma 3's local layers) keeps keys less than `window` tokens
+    # window (Gemma 2 and 3's local layers) keeps keys less than `window` tokens
     # back, as KerasHub's mask does; within a segment that distance is the
     # same in the packed row and in the example alone.
+    if config.attention_logit_soft_cap:
+        return _sliced_soft_capped_attention(config, q, k, v, segment_ids, window)
     same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
     causal = config.mask_form != "dense"
     if not causal:
@@ -569,6 +663,43 @@ def _attention(config, q, k, v, segment_ids, window):
         local_window_size=(window - 1, 0) if window else None,
         implementation=_attention_impl(config),
     )
+
+
+def _sliced_soft_capped_attention(config, q, k, v, segment_ids, window):
+    # `soft_capped_attention` over slices of `attention_chunk` queries, each
+    # under jax.checkpoint: the backward pass recomputes a slice's float32
+    # logits and weights from q, k and v instead of keeping (heads, seq, seq)
+    # of them per layer, as cuDNN's flash attention avoids keeping them for
+    # uncapped layers. Only one slice's logits exist at a time.
+    b, t = segment_ids.shape
+    chunk = min(config.attention_chunk, t)
+    pad = -t % chunk
+    rows = jnp.arange(t + pad)
+    keys = jnp.arange(t)
+    # Padding queries (segment -1) see no key; their outputs are cut off below.
+    query_segments = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    slices = (t + pad) // chunk
+
+    @jax.checkpoint
+    def one(q_slice, segment_slice, row_slice):
+        see = row_slice[:, None] >= keys[None, :]  # causal, in row order = position order within a segment
+        if window:
+            see = see & (row_slice[:, None] - keys[None, :] < window)
+        see = see[None]
+        if config.mask_form != "none":
+            see = see & (segment_slice[:, :, None] == segment_ids[:, None, :])
+        return soft_capped_attention(
+            q_slice, k, v, see[:, None], config.attention_scale, config.attention_logit_soft_cap
+        )
+
+    def by_slice(x):  # (b, slices * chunk, ...) -> (slices, b, chunk, ...)
+        return jnp.moveaxis(x.reshape(b, slices, chunk, *x.shape[2:]), 1, 0)
+
+    out = jax.lax.map(
+        lambda xs: one(*xs), (by_slice(q), by_slice(query_segments), rows.reshape(slices, chunk))
+    )
+    return jnp.moveaxis(out, 0, 1).reshape(b, t + pad, *q.shape[2:])[:, :t]
 
 
 def _decoder_layer(config, x, layer, lora, positions, index, attend):
@@ -651,24 +782,23 @@ def hidden_states(config, frozen, lora, token_ids, segment_ids, positions):
 
 
 def logits(config, frozen, lora, token_ids, segment_ids, positions):
-    """Full float32 logits, (batch, seq, vocab). For tests and small inputs."""
+    """Full float32 logits, (batch, seq, vocab), final soft cap applied. For tests and small inputs."""
     h = hidden_states(config, frozen, lora, token_ids, segment_ids, positions)
-    return jnp.einsum(
-        "btd,vd->btv", h, frozen["embedding"].astype(h.dtype), preferred_element_type=jnp.float32
-    )
+    out = jnp.einsum("btd,vd->btv", h, frozen["embedding"].astype(h.dtype), preferred_element_type=jnp.float32)
+    return soft_cap(out, config.final_logit_soft_cap)
 
 
 # ---------------------------------------------------------------------- loss
 
 
-def _chunk_nll(h, embedding, labels, weights, with_grad, logits_dtype):
+def _chunk_nll(h, embedding, labels, weights, with_grad, logits_dtype, cap):
     # One slice of tokens against the whole (tied) vocabulary; logits exist
     # only for this slice. Reductions run in float32 whatever logits_dtype.
     # The table may be stored wider than the activations (a float32 Keras
     # embedding under mixed precision): the product runs in the activations' dtype.
     embedding = embedding.astype(h.dtype)
-    logits = jnp.einsum("td,vd->tv", h, embedding, preferred_element_type=logits_dtype)
-    logits = logits.astype(jnp.float32)
+    raw = jnp.einsum("td,vd->tv", h, embedding, preferred_element_type=logits_dtype)
+    logits = soft_cap(raw.astype(jnp.float32), cap)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
     weights = jnp.where(weights > 0, weights, 0.0)
@@ -679,6 +809,9 @@ def _chunk_nll(h, embedding, labels, weights, with_grad, logits_dtype):
     vocab = jax.lax.broadcasted_iota(labels.dtype, logits.shape, 1)
     probs = jnp.exp(logits - lse[:, None])
     dlogits = (jnp.where(vocab == labels[:, None], probs - 1.0, probs) * weights[:, None])
+    if cap:
+        # Through the soft cap: d(cap * tanh(x / cap)) / dx = 1 - (capped / cap)^2.
+        dlogits = dlogits * (1.0 - jnp.square(logits / cap))
     dh = jnp.einsum(
         "tv,vd->td",
         dlogits.astype(embedding.dtype),
@@ -704,19 +837,19 @@ def _chunked(h, labels, weights, chunk):
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _lm_nll(h, embedding, labels, weights, chunk, logits_dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _lm_nll(h, embedding, labels, weights, chunk, logits_dtype, cap):
     hs, ls, ws = _chunked(h, labels, weights, chunk)
 
     def body(total, xs):
-        nll, _ = _chunk_nll(xs[0], embedding, xs[1], xs[2], False, logits_dtype)
+        nll, _ = _chunk_nll(xs[0], embedding, xs[1], xs[2], False, logits_dtype, cap)
         return total + nll, None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, ls, ws))
     return total
 
 
-def _lm_nll_fwd(h, embedding, labels, weights, chunk, logits_dtype):
+def _lm_nll_fwd(h, embedding, labels, weights, chunk, logits_dtype, cap):
     # The gradient with respect to h is computed alongside the loss, slice by
     # slice, so the backward pass neither keeps nor recomputes any logits:
     # two vocabulary-sized matmuls per token instead of three.
@@ -724,14 +857,14 @@ def _lm_nll_fwd(h, embedding, labels, weights, chunk, logits_dtype):
     hs, ls, ws = _chunked(h, labels, weights, chunk)
 
     def body(total, xs):
-        nll, dh = _chunk_nll(xs[0], embedding, xs[1], xs[2], True, logits_dtype)
+        nll, dh = _chunk_nll(xs[0], embedding, xs[1], xs[2], True, logits_dtype, cap)
         return total + nll, dh
 
     total, dh = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, ls, ws))
     return total, dh.reshape(-1, h.shape[-1])[:n]
 
 
-def _lm_nll_bwd(chunk, logits_dtype, dh, g):
+def _lm_nll_bwd(chunk, logits_dtype, cap, dh, g):
     # The embedding is frozen and labels/weights are data: no cotangents.
     return (dh * g.astype(dh.dtype), None, None, None)
 
@@ -761,6 +894,7 @@ def loss_sums(config, frozen, lora, batch):
         weights,
         config.loss_chunk,
         jnp.dtype(config.logits_dtype),
+        config.final_logit_soft_cap,
     )
     return nll, jnp.sum(weights)
 

@@ -54,7 +54,9 @@ def resolve_engine(causal_lm, config, platform):
     the default: on the real Gemma 3 270M the fast engine trained to the same
     validation loss 1.3-1.4x sooner, but its steps hold packed rows, so
     switching would change what every CPU user's batch_size and max_steps
-    mean (docs/perf.md).
+    mean (docs/perf.md). Gemma 2 goes the same way; its soft-capped attention
+    has not been timed on a GPU against KerasHub's (which cannot use cuDNN's
+    fused attention for it either).
 
     Raises:
         ConfigError: engine="fast" where the fast engine cannot run, naming why.

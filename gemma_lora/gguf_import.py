@@ -1,4 +1,4 @@
-"""Turn a Gemma 3 or Gemma (1) GGUF checkpoint (llama.cpp's format) into a KerasHub preset.
+"""Turn a Gemma 3, Gemma 2 or Gemma (1) GGUF checkpoint (llama.cpp's format) into a KerasHub preset.
 
     from gemma_lora.gguf_import import convert_gguf
     convert_gguf("gemma-3-270m-q4_k_m.gguf", "presets/gemma3-270m")
@@ -8,7 +8,8 @@ A `gemma3` file becomes a `Gemma3CausalLM` whose preprocessor is a
 `GemmaCausalLMPreprocessor` around a text-only `Gemma3Tokenizer`:
 `Gemma3CausalLMPreprocessor` needs TensorFlow at run time, the Gemma one does
 not, and `task.json` records the pair so `CausalLM.from_preset` rebuilds it.
-A `gemma` file becomes a `GemmaCausalLM`.
+A `gemma` file becomes a `GemmaCausalLM`, and so does a `gemma2` file (a
+GemmaBackbone with Gemma 2's post norms, soft caps and sliding window).
 
 `tensor_layout` pairs every GGUF tensor name with its KerasHub variable and
 the layout change between them; `gemma_lora.export.gguf` writes files with
@@ -38,7 +39,7 @@ runtime.ensure_runtime()
 
 import keras_hub  # noqa: E402
 
-ARCHITECTURES = ("gemma", "gemma3")  # llama.cpp's names for Gemma (1) and Gemma 3 text models
+ARCHITECTURES = ("gemma", "gemma2", "gemma3")  # llama.cpp's names for Gemma (1), Gemma 2 and Gemma 3 text models
 # KerasHub's Gemma3Backbone hard-codes these (keras-hub 0.32): rope base 1e6 on
 # global layers, 1e4 on sliding ones, and 5 sliding layers then 1 global.
 GLOBAL_ROPE_BASE = 1_000_000.0
@@ -50,15 +51,18 @@ SPIECE_SPACE = "\u2581"  # SentencePiece's visible space, "▁".
 TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
 # Gemma (1)'s fixed rope base (KerasHub's GemmaAttention and llama.cpp's default).
 GEMMA_ROPE_BASE = 10_000.0
+# What llama.cpp's gemma2 takes when a file omits the key (llama-hparams.h, llama-model.cpp).
+GEMMA2_DEFAULTS = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "attention.sliding_window": 4096}
+GEMMA2_27B_LAYERS = 46  # llama.cpp scales this gemma2's queries by 1/sqrt(hidden/heads)
 _MISSING = object()  # `_field`'s default: the key is required.
 
 
 def convert_gguf(gguf_path, output_dir):
-    """Write the Gemma 3 or Gemma model in a GGUF file as a KerasHub preset directory.
+    """Write the Gemma 3, Gemma 2 or Gemma model in a GGUF file as a KerasHub preset directory.
 
     Args:
-        gguf_path: str or Path; a llama.cpp GGUF file of a Gemma 3 text model
-            or a Gemma (1) model (any quantization `gguf.quants.dequantize` reads).
+        gguf_path: str or Path; a llama.cpp GGUF file of a Gemma 3 text model,
+            a Gemma 2 or a Gemma (1) model (any quantization `gguf.quants.dequantize` reads).
         output_dir: str or Path; the preset directory to create. It must not
             exist or be empty; it appears whole or not at all.
 
@@ -67,7 +71,7 @@ def convert_gguf(gguf_path, output_dir):
 
     Raises:
         PresetError: the file is missing or not GGUF, its architecture is not
-            gemma3 or gemma, a tensor is missing or misshapen, or a quantization type
+            gemma3, gemma2 or gemma, a tensor is missing or misshapen, or a quantization type
             cannot be dequantized.
         OutputError: output_dir already holds files.
     """
@@ -86,7 +90,7 @@ def convert_gguf(gguf_path, output_dir):
 
 
 def read_gguf(gguf_path):
-    """Open a GGUF file (memory-mapped) and check it holds a Gemma 3 or Gemma model."""
+    """Open a GGUF file (memory-mapped) and check it holds a Gemma 3, Gemma 2 or Gemma model."""
     import gguf
 
     path = Path(gguf_path)
@@ -99,8 +103,8 @@ def read_gguf(gguf_path):
     arch = _field(reader, "general.architecture", path)
     if arch not in ARCHITECTURES:
         raise PresetError(
-            f"Unsupported GGUF architecture {arch!r} in {path}: only 'gemma3' (Gemma 3 text models) "
-            "and 'gemma' (Gemma) can be converted."
+            f"Unsupported GGUF architecture {arch!r} in {path}: only 'gemma3' (Gemma 3 text models), "
+            "'gemma2' (Gemma 2) and 'gemma' (Gemma) can be converted."
         )
     return reader
 
@@ -112,9 +116,11 @@ def architecture(reader):
 def build_causal_lm(reader, path):
     """The Gemma3CausalLM or GemmaCausalLM, with GGUF weights and tokenizer, for `reader`."""
     proto = spm_proto(reader, path)
-    if architecture(reader) == "gemma":
+    arch = architecture(reader)
+    if arch in ("gemma", "gemma2"):
         tokenizer = keras_hub.models.GemmaTokenizer(proto=proto)
-        backbone = keras_hub.models.GemmaBackbone(**gemma_backbone_config(reader, path), dtype="float32")
+        config = gemma_backbone_config(reader, path) if arch == "gemma" else gemma2_backbone_config(reader, path)
+        backbone = keras_hub.models.GemmaBackbone(**config, dtype="float32")
         task = keras_hub.models.GemmaCausalLM
     else:
         tokenizer = keras_hub.models.Gemma3Tokenizer(proto=proto, has_vision_tokens=False)
@@ -125,15 +131,15 @@ def build_causal_lm(reader, path):
     return task(backbone=backbone, preprocessor=preprocessor)
 
 
-def gemma_backbone_config(reader, path):
-    """GemmaBackbone arguments from the metadata of a `gemma` (Gemma 1) file.
+def gemma_backbone_config(reader, path, arch="gemma"):
+    """GemmaBackbone arguments from the metadata of a `gemma` (Gemma 1) file, or the Gemma part of a `gemma2` one.
 
     llama.cpp's Gemma graph has a fixed shape (no soft caps, post norms or
     sliding window; queries scaled by head_dim), which is GemmaBackbone's
     default; only a rope base other than GemmaAttention's fixed one is refused.
     """
     def get(key, default=_MISSING):
-        return _field(reader, f"gemma.{key}", path, default)
+        return _field(reader, f"{arch}.{key}", path, default)
 
     heads, head_dim = get("attention.head_count"), get("attention.key_length")
     for key, found, wanted in (
@@ -142,7 +148,7 @@ def gemma_backbone_config(reader, path):
     ):
         if found != wanted:
             raise PresetError(
-                f"{path} sets gemma.{key}={found}; KerasHub's GemmaBackbone only supports {wanted}, "
+                f"{path} sets {arch}.{key}={found}; KerasHub's GemmaBackbone only supports {wanted}, "
                 "so this model cannot be converted."
             )
     return dict(
@@ -156,6 +162,36 @@ def gemma_backbone_config(reader, path):
         intermediate_dim=2 * get("feed_forward_length"),
         head_dim=head_dim,
         layer_norm_epsilon=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+    )
+
+
+def gemma2_backbone_config(reader, path):
+    """GemmaBackbone arguments from the metadata of a `gemma2` file: Gemma's, plus Gemma 2's post
+    norms, soft caps and sliding window (layers 0, 2, 4, ... slide in both llama.cpp and KerasHub).
+
+    Raises PresetError for Gemma 2 27B, whose queries llama.cpp scales by
+    1/sqrt(hidden/heads) where keras-hub 0.32's GemmaDecoderBlock always
+    scales by 1/sqrt(head_dim).
+    """
+    config = gemma_backbone_config(reader, path, "gemma2")
+    hidden, heads = config["hidden_dim"], config["num_query_heads"]
+    if config["num_layers"] == GEMMA2_27B_LAYERS and hidden // heads != config["head_dim"]:
+        raise PresetError(
+            f"{path} is a Gemma 2 27B model: llama.cpp scales its queries by 1/sqrt({hidden // heads}), "
+            f"KerasHub 0.32's GemmaBackbone by 1/sqrt({config['head_dim']}), so it cannot be converted exactly."
+        )
+
+    def get(key):
+        return _field(reader, f"gemma2.{key}", path, GEMMA2_DEFAULTS[key])
+
+    return dict(
+        config,
+        use_post_ffw_norm=True,
+        use_post_attention_norm=True,
+        attention_logit_soft_cap=float(get("attn_logit_softcapping")),
+        final_logit_soft_cap=float(get("final_logit_softcapping")),
+        use_sliding_window_attention=True,
+        sliding_window_size=int(get("attention.sliding_window")),
     )
 
 
@@ -214,13 +250,14 @@ def backbone_config(reader, path):
 
 
 def tensor_layout(backbone):
-    """(GGUF tensor name, KerasHub variable, layout) for every weight of a Gemma or Gemma 3 backbone.
+    """(GGUF tensor name, KerasHub variable, layout) for every weight of a Gemma (1 or 2) or Gemma 3 backbone.
 
-    llama.cpp's names (gguf-py's tensor map for `gemma` and `gemma3`); the
-    layout names the change between the two conventions (`TO_KERAS`,
-    `TO_GGUF`). Gemma ties the output projection to the embedding, so there
-    is no `output.weight`. Gemma (1) blocks have neither post norms nor
-    query/key norms; Gemma 3 blocks have all four.
+    llama.cpp's names (gguf-py's tensor map for `gemma`, `gemma2` and
+    `gemma3`); the layout names the change between the two conventions
+    (`TO_KERAS`, `TO_GGUF`). Gemma ties the output projection to the
+    embedding, so there is no `output.weight`. Gemma (1) blocks have neither
+    post norms nor query/key norms; Gemma 2 blocks have the post norms;
+    Gemma 3 blocks have all four.
     """
     yield "token_embd.weight", backbone.token_embedding.embeddings, None
     yield "output_norm.weight", backbone.layer_norm.scale, "norm"
@@ -238,10 +275,12 @@ def tensor_layout(backbone):
             ("ffn_up", block.gating_ffw_2.kernel, "transpose"),
             ("ffn_down", block.ffw_linear.kernel, "transpose"),
         ]
+        if block.use_post_attention_norm:  # Gemma 2 and 3
+            entries.append(("post_attention_norm", block.post_attention_norm.scale, "norm"))
+        if block.use_post_ffw_norm:
+            entries.append(("post_ffw_norm", block.post_ffw_norm.scale, "norm"))
         if gemma3:
             entries += [
-                ("post_attention_norm", block.post_attention_norm.scale, "norm"),
-                ("post_ffw_norm", block.post_ffw_norm.scale, "norm"),
                 ("attn_q_norm", attention.query_norm.scale, "norm"),
                 ("attn_k_norm", attention.key_norm.scale, "norm"),
             ]

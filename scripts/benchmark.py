@@ -1,8 +1,9 @@
 """Time the classic KerasHub LoRA recipe against the fast JAX path.
 
-    python scripts/benchmark.py --shape tiny                  # CPU smoke, < 1 min (also tiny_gemma3)
+    python scripts/benchmark.py --shape tiny                  # CPU smoke, < 1 min (also tiny_gemma3, tiny_gemma2)
     python scripts/benchmark.py --shape gemma_2b --data dolly # on a GPU
     python scripts/benchmark.py --shape gemma3_1b             # Gemma 3 (also gemma3_270m)
+    python scripts/benchmark.py --shape gemma2_2b             # Gemma 2: soft-capped attention vs none
 
 Every variant runs in its own subprocess, so each one's peak device memory
 (`memory_stats()["peak_bytes_in_use"]`, which cannot be reset) is its own, and
@@ -23,6 +24,10 @@ vocabulary, a proxy: the real Gemma vocabulary gives shorter sequences.
 
 The `part_*` variants time pieces of the fast step (forward only; backbone
 forward+backward; loss head and its gradient) to show where its time goes.
+On a Gemma 2 shape, `fast_no_attention_cap` drops the attention-logit soft
+cap, so its layers take jax.nn.dot_product_attention (cuDNN on a GPU)
+instead of the fast path's own soft-capped attention: the difference to
+`fast` is what the soft-capped path costs (the model it times is not Gemma 2).
 The KerasHub variants need keras-hub's input pipeline: without TensorFlow,
 install `grain` (keras-hub 0.32 refuses `fit` on dict inputs otherwise).
 Results and the GPU commands used: docs/perf.md.
@@ -99,7 +104,35 @@ SHAPES = {
         head_dim=256,
         sliding_window_size=512,
     ),
+    # A tiny Gemma 2 (post norms, both soft caps, window 64 on layers 0, 2, ...), for CPU smoke.
+    "tiny_gemma2": dict(
+        arch="gemma2",
+        vocabulary_size=256,
+        num_layers=2,
+        num_query_heads=4,
+        num_key_value_heads=2,
+        hidden_dim=64,
+        intermediate_dim=128,
+        head_dim=32,
+        sliding_window_size=64,
+    ),
+    # gemma2_2b_en's exact shape (KerasHub's GemmaBackbone with Gemma 2's features:
+    # soft caps 50 / 30, window 4096 on every other layer, post norms).
+    "gemma2_2b": dict(
+        arch="gemma2",
+        vocabulary_size=256000,
+        num_layers=26,
+        num_query_heads=8,
+        num_key_value_heads=4,
+        hidden_dim=2304,
+        intermediate_dim=18432,
+        head_dim=256,
+        sliding_window_size=4096,
+    ),
 }
+# KerasHub's Gemma 2 settings beyond the shape (gemma2_2b_en's config).
+GEMMA2_FEATURES = dict(use_post_ffw_norm=True, use_post_attention_norm=True, attention_logit_soft_cap=50.0,
+                       final_logit_soft_cap=30.0, use_sliding_window_attention=True)
 
 
 def keras_causal_lm(shape, dtype):
@@ -107,12 +140,15 @@ def keras_causal_lm(shape, dtype):
     import keras_hub
 
     dims = dict(SHAPES[shape])
-    if dims.pop("arch", "gemma") == "gemma3":
+    arch = dims.pop("arch", "gemma")
+    if arch == "gemma3":
         backbone = keras_hub.models.Gemma3Backbone(
             **dims, image_size=None, use_post_ffw_norm=True, use_post_attention_norm=True,
             use_sliding_window_attention=True, dtype=dtype,
         )
         return keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=None)
+    if arch == "gemma2":
+        dims.update(GEMMA2_FEATURES)
     backbone = keras_hub.models.GemmaBackbone(**dims, dtype=dtype)
     return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
 
@@ -120,7 +156,16 @@ def keras_causal_lm(shape, dtype):
 def fast_dims(shape):
     """`FastConfig`'s architecture fields for `shape`, as `fast.architecture` reads them."""
     dims = dict(SHAPES[shape])
-    if dims.pop("arch", "gemma") != "gemma3":
+    arch = dims.pop("arch", "gemma")
+    if arch == "gemma2":
+        window = dims.pop("sliding_window_size")
+        dims["ffw_dim"] = dims.pop("intermediate_dim") // 2
+        # GemmaBackbone's Gemma 2 layout: layers 0, 2, 4, ... slide; all take RoPE 1e4.
+        layers = [(window if i % 2 == 0 else 0, 10_000.0, 1.0) for i in range(dims["num_layers"])]
+        return dict(dims, post_attention_norm=True, post_ffw_norm=True, layer_attention=tuple(layers),
+                    attention_logit_soft_cap=GEMMA2_FEATURES["attention_logit_soft_cap"],
+                    final_logit_soft_cap=GEMMA2_FEATURES["final_logit_soft_cap"])
+    if arch != "gemma3":
         dims["ffw_dim"] = dims.pop("intermediate_dim") // 2
         return dims
     window = dims.pop("sliding_window_size")
@@ -139,6 +184,8 @@ VARIANTS = {
     "fast_warm_cache": ("fast", 8, {"cache": "warm"}),
     "fast_scan_layers": ("fast", 8, {"scan_layers": True}),
     "fast_xla_attention": ("fast", 8, {"attention": "xla"}),
+    "fast_no_attention_cap": ("fast", 8, {"attention_logit_soft_cap": None}),
+    "fast_attention_chunk_512": ("fast", 8, {"attention_chunk": 512}),
     "fast_dense_mask": ("fast", 8, {"mask_form": "dense"}),
     "fast_no_segment_mask": ("fast", 8, {"mask_form": "none"}),
     "fast_remat_gate": ("fast", 8, {"remat": "gate"}),
@@ -158,7 +205,9 @@ VARIANTS = {
 }
 # The CPU smoke run times one variant of each kind; a GPU run times them all.
 DEFAULT_VARIANTS = {"tiny": "classic,fast", "gemma_2b": ",".join(VARIANTS),
-                    "tiny_gemma3": "classic,fast", "gemma3_270m": "classic,keras_bf16,fast", "gemma3_1b": "classic,keras_bf16,fast"}
+                    "tiny_gemma3": "classic,fast", "gemma3_270m": "classic,keras_bf16,fast", "gemma3_1b": "classic,keras_bf16,fast",
+                    "tiny_gemma2": "classic,fast,fast_no_attention_cap",
+                    "gemma2_2b": "classic,keras_bf16,fast,fast_no_attention_cap,fast_attention_chunk_512,fast_remat_layer"}
 
 
 def _peak_gib():
@@ -235,7 +284,7 @@ def _run_fast(shape, batch, seq, steps, warmup, options):
     dims = fast_dims(shape)
     options.pop("xla_flags", None)  # read by XLA from the environment
     part = options.pop("part", None)
-    config = fast.FastConfig(**dims, **options).validate()
+    config = fast.FastConfig(**{**dims, **options}).validate()  # a variant may override the shape's cap
     frozen, lora = fast.init_params(config, jax.random.key(0))
     ids, labels = _random_rows(batch, seq, dims["vocabulary_size"], 0)
     # Four packed examples per row, no padding: the segment mask is in play.
@@ -308,7 +357,7 @@ def _time_part(part, config, frozen, lora, data, steps, warmup):
             return fast._lm_nll(
                 h, frozen["embedding"], data["labels"].reshape(-1),
                 data["loss_weights"].reshape(-1), config.loss_chunk,
-                jnp.dtype(config.logits_dtype),
+                jnp.dtype(config.logits_dtype), config.final_logit_soft_cap,
             )
 
         fn = jax.jit(jax.grad(head))

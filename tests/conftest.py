@@ -69,6 +69,14 @@ def tiny_preset():
     return tiny_preset_dir()
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma2_preset():
+    """Directory of the tiny_gemma2 preset (Gemma 2's architecture; built once per test session)."""
+    from gemma_lora.model import TINY_GEMMA2, tiny_preset_dir
+
+    return tiny_preset_dir(TINY_GEMMA2)
+
+
 @pytest.fixture
 def tiny_lm(tiny_preset):
     """A fresh tiny GemmaCausalLM (float32) loaded from the preset."""
@@ -170,9 +178,10 @@ def build_tiny_gemma(seed=0, num_key_value_heads=1, num_query_heads=2):
     return lm
 
 
-def build_tiny_gemma3(seed=0):
+def build_tiny_gemma3(seed=0, **overrides):
     """Six layers: five sliding-window layers (window 4) and one global layer
-    with RoPE wavelength 1e6 scaled by 8, as KerasHub lays out Gemma 3."""
+    with RoPE wavelength 1e6 scaled by 8, as KerasHub lays out Gemma 3.
+    `overrides`: other Gemma3Backbone arguments (e.g. soft caps)."""
     import keras
     import keras_hub
     import numpy as np
@@ -193,11 +202,47 @@ def build_tiny_gemma3(seed=0):
         sliding_window_size=4,
         global_rope_scaling_factor=8.0,
         dtype="float32",
+        **overrides,
     )
     lm = keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=None)
     backbone.enable_lora(4)
     rng = np.random.default_rng(seed)
     # Every norm scale (pre, post, query, key) and LoRA B non-zero.
+    for weight in backbone.weights:
+        if weight.name in ("scale", "lora_kernel_b"):
+            weight.assign(rng.normal(0, 0.3, weight.shape).astype("float32"))
+    return lm
+
+
+def build_tiny_gemma2(seed=0, attention_logit_soft_cap=5.0, final_logit_soft_cap=3.0):
+    """A 4-layer Gemma 2 (GemmaBackbone): layers 0 and 2 slide (window 4), 1 and 3 are global;
+    post norms; 4 query heads over 2 KV heads; both soft caps, small enough to bind on these
+    random weights (a cap far above every logit would change nothing and test nothing)."""
+    import keras
+    import keras_hub
+    import numpy as np
+
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.GemmaBackbone(
+        vocabulary_size=TINY_VOCAB,
+        num_layers=4,
+        num_query_heads=4,
+        num_key_value_heads=2,
+        hidden_dim=32,
+        intermediate_dim=64,
+        head_dim=16,
+        use_post_ffw_norm=True,
+        use_post_attention_norm=True,
+        attention_logit_soft_cap=attention_logit_soft_cap,
+        final_logit_soft_cap=final_logit_soft_cap,
+        use_sliding_window_attention=True,
+        sliding_window_size=4,
+        dtype="float32",
+    )
+    lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+    backbone.enable_lora(4)
+    rng = np.random.default_rng(seed)
+    # Every norm scale (pre and post) and LoRA B non-zero, so a dropped one shows.
     for weight in backbone.weights:
         if weight.name in ("scale", "lora_kernel_b"):
             weight.assign(rng.normal(0, 0.3, weight.shape).astype("float32"))

@@ -4,6 +4,9 @@ Run by tests/test_distribute.py in a subprocess: JAX fixes its device count
 when it starts, and the test process already started it with one device.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/distributed_worker.py none data model:2
+
+A setup is `[preset@]kind[:model_parallel]`, the preset "tiny" unless named
+(e.g. tiny_gemma2@model:2).
 """
 
 import json
@@ -28,9 +31,12 @@ OVERRIDES = dict(preset="tiny", sequence_length=32, limit=16, validation_rows=0,
 
 
 def run(setup):
-    kind, _, m = setup.partition(":")
-    config = resolve_config(overrides=dict(OVERRIDES, distribution=kind, **({"model_parallel": int(m)} if m else {})))
-    preset = model.tiny_preset_dir()
+    name, _, layout = setup.rpartition("@")
+    kind, _, m = layout.partition(":")
+    name = name or "tiny"
+    config = resolve_config(overrides=dict(OVERRIDES, preset=name, distribution=kind,
+                                           **({"model_parallel": int(m)} if m else {})))
+    preset = model.tiny_preset_dir(name)
     plan = distribute.choose_plan(config, preset)
     keras.distribution.set_distribution(distribute.make_distribution(plan, distribute.backbone_config(preset)))
     causal_lm = model.load_causal_lm(preset, "float32", config.sequence_length)

@@ -20,7 +20,7 @@ def benchmark():
     return module
 
 
-@pytest.mark.parametrize("shape", ["tiny", "tiny_gemma3"])
+@pytest.mark.parametrize("shape", ["tiny", "tiny_gemma3", "tiny_gemma2"])
 def test_fast_dims_describe_the_keras_model_of_the_shape(benchmark, shape):
     causal_lm = benchmark.keras_causal_lm(shape, "float32")
     read_off_keras = fast.FastConfig(**fast.architecture(causal_lm.backbone))
@@ -30,3 +30,4 @@ def test_fast_dims_describe_the_keras_model_of_the_shape(benchmark, shape):
 def test_tiny_gemma3_mixes_sliding_and_global_layers(benchmark):
     windows = [spec[0] for spec in benchmark.fast_dims("tiny_gemma3")["layer_attention"]]
     assert windows == [64, 64, 64, 64, 64, 0, 64]
+

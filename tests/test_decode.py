@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from conftest import TINY_VOCAB, build_tiny_gemma, build_tiny_gemma3
+from conftest import TINY_VOCAB, build_tiny_gemma, build_tiny_gemma2, build_tiny_gemma3
 from gemma_lora import decode, model
 from gemma_lora.sampling import keras_hub_batch
 
@@ -19,6 +19,11 @@ def gemma():
 @pytest.fixture(scope="module")
 def gemma3():
     return build_tiny_gemma3(seed=3)
+
+
+@pytest.fixture(scope="module")
+def gemma2():
+    return build_tiny_gemma2(seed=3)
 
 
 def prompts(seed, lengths):
@@ -37,13 +42,14 @@ def assert_same_greedy_tokens(lm, mine, theirs, prompts):
         assert abs(logits[a[step]] - logits[b[step]]) < 1e-5, (step, a, b)
 
 
-@pytest.mark.parametrize("which", ["gemma", "gemma3"])
-def test_greedy_tokens_equal_kerashub_generate(which, gemma, gemma3):
+@pytest.mark.parametrize("which", ["gemma", "gemma3", "gemma2"])
+def test_greedy_tokens_equal_kerashub_generate(which, gemma, gemma3, gemma2):
     """Same prompts, same batch layout: the decoder writes the tokens KerasHub's generate writes.
 
-    Gemma 3's local layers see 4 tokens back, far fewer than a prompt and its answer.
+    Gemma 2 and 3's local layers see 4 tokens back, far fewer than a prompt and
+    its answer; Gemma 2's attention soft cap binds on its tiny weights.
     """
-    lm = {"gemma": gemma, "gemma3": gemma3}[which]
+    lm = {"gemma": gemma, "gemma3": gemma3, "gemma2": gemma2}[which]
     batch = prompts(0, [5, 17, 9, 33])
     mine = decode.decode_tokens(lm, batch, MAX_NEW, [EOS], slots=4)
     theirs = keras_hub_batch(lm, batch, MAX_NEW, EOS)
@@ -84,6 +90,25 @@ def test_a_row_the_host_ends_stops_early(gemma):
     cut = decode.decode_tokens(gemma, rows, MAX_NEW, [], slots=2, ended=lambda row, tokens: row == 0 and len(tokens) >= 2)
     assert cut[1] == full[1]
     assert 2 <= len(cut[0]) < MAX_NEW and cut[0] == full[0][: len(cut[0])]
+
+
+def test_gemma2_decoding_applies_both_soft_caps(gemma2):
+    """Each decoded step's logits are the model's: the attention cap inside, the final cap outside."""
+    import jax.numpy as jnp
+
+    config, frozen = decode.inference_params(gemma2)
+    assert (config.attention_logit_soft_cap, config.final_logit_soft_cap) == (5.0, 3.0)
+    prompt = prompts(8, [12])[0]
+    caches = decode.empty_cache(config, 1, decode.CACHE_MULTIPLE)
+    ids = np.asarray([prompt], np.int32)
+    positions = jnp.arange(len(prompt))[None]
+    h, _ = decode._forward(config, frozen, caches, None, jnp.asarray(ids), positions, jnp.ones(ids.shape, bool))
+    raw = np.asarray(h[0], np.float64) @ np.asarray(frozen["embedding"], np.float64).T
+    logits = config.final_logit_soft_cap * np.tanh(raw / config.final_logit_soft_cap)
+    want = np.asarray(gemma2({"token_ids": ids, "padding_mask": np.ones_like(ids, bool)}))[0]
+    np.testing.assert_allclose(logits, want, atol=1e-5 * np.abs(want).max())
+    top = decode._next_token(config, frozen, h[0, -1:], False, 3, decode.jax.random.key(0))
+    assert int(top[0]) in np.argsort(want[-1])[-3:]
 
 
 def test_top_k_samples_only_from_the_top_k(gemma):

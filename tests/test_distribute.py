@@ -1,4 +1,4 @@
-"""Several devices: the auto rule, clear errors, a layout for every Gemma, and real sharded training.
+"""Several devices: the auto rule, clear errors, a layout for every Gemma (2 included), and real sharded training.
 
 The training tests run tests/distributed_worker.py in a subprocess with 4
 virtual CPU devices (XLA_FLAGS must be set before JAX starts, and this process
@@ -137,6 +137,51 @@ def test_gemma_2b_layout_divides_every_sharded_dimension(shape):
     assert key[0] is None  # ... the one KV head cannot be (keras-hub #1613)
 
 
+# KerasHub's Gemma 2 presets (hidden, heads, KV heads, head_dim, intermediate_dim = 2 x FFN width):
+# several KV heads each, and a hidden size (2304, 3584, 4608) that is no power of two.
+GEMMA2 = {
+    "gemma2_2b_en": dict(GEMMA_2B, num_query_heads=8, num_key_value_heads=4, hidden_dim=2304, intermediate_dim=18432),
+    "gemma2_9b_en": dict(GEMMA_2B, num_query_heads=16, num_key_value_heads=8, hidden_dim=3584, intermediate_dim=28672),
+    "gemma2_27b_en": dict(GEMMA_2B, num_query_heads=32, num_key_value_heads=16, hidden_dim=4608,
+                          intermediate_dim=73728, head_dim=128),
+}
+
+
+def gemma_shapes(c, block=3):
+    """Every kernel's and the embedding's shape of a GemmaBackbone config `c` (one block stands for all)."""
+    n, k, d, h, f = (c["num_query_heads"], c["num_key_value_heads"], c["hidden_dim"], c["head_dim"],
+                     c["intermediate_dim"] // 2)
+    prefix = f"decoder_block_{block}"
+    return {
+        "token_embedding/embeddings": (c["vocabulary_size"], d),
+        f"{prefix}/attention/query/kernel": (n, d, h),
+        f"{prefix}/attention/key/kernel": (k, d, h),
+        f"{prefix}/attention/value/kernel": (k, d, h),
+        f"{prefix}/attention/attention_output/kernel": (n, h, d),
+        f"{prefix}/ffw_gating/kernel": (d, f),
+        f"{prefix}/ffw_gating_2/kernel": (d, f),
+        f"{prefix}/ffw_linear/kernel": (f, d),
+    }
+
+
+@pytest.mark.parametrize("preset", sorted(GEMMA2))
+@pytest.mark.parametrize("shape", [(1, 4), (2, 2), (4, 1), (2, 4)])
+def test_gemma2_layouts_cover_every_kernel_and_shard_its_kv_heads(preset, shape):
+    c = GEMMA2[preset]
+    layout_map = distribute.gemma_layout_map(mesh(*shape), c)
+    sizes = dict(zip(("batch", "model"), shape))
+    for path, dims in gemma_shapes(c).items():
+        layout = layout_map[path]
+        assert layout is not None and len(layout.axes) == len(dims), path
+        for axis, dim in zip(layout.axes, dims):
+            assert axis is None or dim % sizes[axis] == 0, (path, layout.axes, dims)
+    # Several KV heads: split over the model axis like the query heads (KerasHub's map would too,
+    # and Gemma 2's post norms, unmatched, are replicated).
+    for layer in ("query", "key", "value"):
+        assert layout_map[f"decoder_block_0/attention/{layer}/kernel"].axes[0] == "model"
+    assert layout_map["decoder_block_0/post_ffw_norm/scale"] is None
+
+
 def test_layout_shards_kv_heads_when_they_divide():
     gemma_7b = dict(GEMMA_2B, num_query_heads=16, num_key_value_heads=16, hidden_dim=3072)
     assert distribute.gemma_layout_map(mesh(1, 4), gemma_7b)["decoder_block_0/attention/value/kernel"].axes[0] == "model"
@@ -159,7 +204,7 @@ def trained():
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}",
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     worker = os.path.join(REPO, "tests", "distributed_worker.py")
-    done = subprocess.run([sys.executable, worker, "none", "data", "model:2"],
+    done = subprocess.run([sys.executable, worker, "none", "data", "model:2", "tiny_gemma2@none", "tiny_gemma2@model:2"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
@@ -176,9 +221,13 @@ def test_worker_saw_the_devices_and_trained(trained):
     assert all(run["iterations"] == STEPS for run in trained.values())
 
 
-@pytest.mark.parametrize("setup", ["data", "model:2"])
+# Each distributed setup and the one-device run of the same preset it must match.
+ONE_DEVICE = {"data": "none", "model:2": "none", "tiny_gemma2@model:2": "tiny_gemma2@none"}
+
+
+@pytest.mark.parametrize("setup", sorted(ONE_DEVICE))
 def test_distributed_loss_matches_one_device(trained, setup):
-    single, other = trained["none"], trained[setup]
+    single, other = trained[ONE_DEVICE[setup]], trained[setup]
     tolerance = 1e-5 * abs(single["after"])  # float32 sums in another order
     # The steps moved the loss by far more than the tolerance, so a layout that
     # trained differently (a lost gradient reduction, a skipped shard) would show.
@@ -208,6 +257,20 @@ def test_model_parallel_shards_as_planned(trained, tiny_preset):
     lora = variables["decoder_block_0/attention/query/lora_kernel_a"]
     assert lora["spec"] == query["spec"][:2] + [None]
     assert any(path.endswith("lora_kernel_a_momentum") for path in variables)
+
+
+def test_gemma2_model_parallel_splits_its_kv_heads(trained, tiny_gemma2_preset):
+    """tiny_gemma2's 2 KV heads split over the 2-device model axis (tiny's single one cannot)."""
+    variables = trained["tiny_gemma2@model:2"]["variables"]
+    layout_map = distribute.gemma_layout_map(mesh(2, 2), distribute.backbone_config(tiny_gemma2_preset))
+    for path, v in variables.items():
+        axes = _planned_axes(path, v["shape"], layout_map, variables)
+        assert v["spec"] + [None] * (len(axes) - len(v["spec"])) == axes, path
+    for layer in ("key", "value"):
+        kernel = variables[f"decoder_block_0/attention/{layer}/kernel"]
+        assert kernel["shape"][0] == 2 and kernel["shard_shapes"][0][0] == 1
+    norm = variables["decoder_block_1/post_attention_norm/scale"]
+    assert norm["devices"] == DEVICES and all(a is None for a in norm["spec"])  # replicated
 
 
 def _planned_axes(path, shape, layout_map, variables):

@@ -3,7 +3,8 @@
 KerasHub's Gemma exporter keeps only the first key/value head and drops
 Gemma 2's soft caps and post norms; each architecture the package trains is
 loaded by transformers here (Gemma with one and with four KV heads, Gemma 3,
-Gemma 3 with a final soft cap), and Gemma 2 is refused.
+Gemma 3 with a final soft cap, Gemma 2, Gemma 2 with 27B's query-scale
+config), and a Gemma with soft caps but no post norms is refused.
 """
 
 import json
@@ -15,7 +16,7 @@ import pytest
 from gemma_lora import adapters, model
 from gemma_lora.errors import ExportError
 from gemma_lora.export import export_transformers
-from tiny_models import exportable, token_ids
+from tiny_models import exportable, tiny_causal_lm, token_ids
 from tiny_models import logits as tiny_logits
 
 TOKEN_IDS = np.array([[2, 300, 301, 302, 4, 5, 6, 7]], "int32")
@@ -57,7 +58,7 @@ def test_transformers_gives_the_keras_models_logits(exported):
     assert tokenizer("Hello").input_ids[0] == 2  # <bos>, as KerasHub's preprocessor adds
 
 
-@pytest.fixture(scope="module", params=["gemma-4kv", "gemma3", "gemma3-softcap"])
+@pytest.fixture(scope="module", params=["gemma-4kv", "gemma3", "gemma3-softcap", "gemma2", "gemma2-query-scale"])
 def architecture_export(request, tmp_path_factory):
     """(architecture, token ids, LoRA model's logits, exported folder) per architecture."""
     tmp = tmp_path_factory.mktemp(request.param)
@@ -67,7 +68,7 @@ def architecture_export(request, tmp_path_factory):
 
 
 def test_every_trained_architecture_gives_the_keras_logits_in_transformers(architecture_export):
-    """Several KV heads (each its own k/v rows), Gemma 3 sliding/global layers, soft caps."""
+    """Several KV heads (each its own k/v rows), Gemma 2 and 3 sliding/global layers, soft caps, post norms."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     name, ids, want, out = architecture_export
@@ -78,9 +79,38 @@ def test_every_trained_architecture_gives_the_keras_logits_in_transformers(archi
     np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), err_msg=name)
 
 
-def test_gemma2_is_refused_before_anything_is_written(tmp_path):
-    _, _, plain = exportable("gemma2", tmp_path)
-    with pytest.raises(ExportError, match="is a Gemma 2 .*post-attention/post-FFW norms, logit soft caps, sliding"):
+@pytest.mark.parametrize("shape", ["gemma2", "gemma2-query-scale"])
+def test_gemma2_config_says_what_keras_computes(shape, tmp_path):
+    """model_type gemma2, both caps, the window and its layers, the query scale KerasHub uses, four norms."""
+    from gemma_lora.export.hf import hf_config, hf_weights
+
+    backbone = tiny_causal_lm(shape).backbone
+    config = hf_config(backbone)
+    assert config["model_type"] == "gemma2" and config["architectures"] == ["Gemma2ForCausalLM"]
+    assert (config["attn_logit_softcapping"], config["final_logit_softcapping"]) == (5.0, 3.0)
+    assert config["sliding_window"] == 8 and config["layer_types"] == ["sliding_attention", "full_attention"]
+    assert config["num_key_value_heads"] == 2
+    # keras-hub 0.32 scales by head_dim even where the backbone's config asks for hidden/heads (16).
+    assert config["query_pre_attn_scalar"] == (32 if shape == "gemma2-query-scale" else 16)
+    weights = hf_weights(backbone)
+    block = backbone.transformer_layers[1]
+    for hf_name, norm in (("input_layernorm", block.pre_attention_norm), ("post_attention_layernorm", block.post_attention_norm),
+                          ("pre_feedforward_layernorm", block.pre_ffw_norm), ("post_feedforward_layernorm", block.post_ffw_norm)):
+        np.testing.assert_array_equal(weights[f"model.layers.1.{hf_name}.weight"], np.asarray(norm.scale))
+
+
+def test_gemma3_query_scale_is_the_one_keras_computes():
+    """KerasHub's Gemma 3 config writes the backbone's hidden/heads; its attention scales by head_dim."""
+    from gemma_lora.export.hf import hf_config
+
+    backbone = tiny_causal_lm("gemma3-query-scale").backbone
+    assert not backbone.query_head_dim_normalize and backbone.transformer_layers[0].attention.query_head_dim_normalize
+    assert hf_config(backbone)["query_pre_attn_scalar"] == backbone.head_dim != backbone.hidden_dim // backbone.num_query_heads
+
+
+def test_a_gemma_with_soft_caps_but_no_post_norms_is_refused_before_anything_is_written(tmp_path):
+    _, _, plain = exportable("gemma-softcap-only", tmp_path)
+    with pytest.raises(ExportError, match="some of Gemma 2's features \\(logit soft caps\\) but not both post norms"):
         export_transformers(plain, tmp_path / "hf")
     assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf*"))
 

@@ -1,13 +1,15 @@
-"""GGUF export: tiny Gemma and Gemma 3 (adapter merged) written, read back three ways, refusals.
+"""GGUF export: tiny Gemma, Gemma 2 and Gemma 3 (adapter merged) written, read back three ways, refusals.
 
 Read back with the gguf package's reader (metadata and tensor types), with
 the package's importer (logits, tokenization) and, for Gemma 3, with
 transformers' GGUF loader, code nobody here wrote (needs torch: skipped
 without it; CI runs this file in its Python 3.11 venv). transformers has no
-GGUF loader for llama.cpp's `gemma` (Gemma 1) architecture; llama.cpp itself
-reads both, through llama-cpp-python where it is installed (it compiles
-llama.cpp from source, about 12 minutes here, so CI skips that test:
-`pip install llama-cpp-python` to run it).
+GGUF loader for llama.cpp's `gemma` (Gemma 1) architecture, and its `gemma2`
+loader reads neither soft cap nor the query scale from the file (it takes
+Gemma2Config's defaults), so it is not a check of these tiny models;
+llama.cpp itself reads all three, through llama-cpp-python where it is
+installed (it compiles llama.cpp from source, about 12 minutes here, so CI
+skips that test: `pip install llama-cpp-python` to run it).
 """
 
 import gguf
@@ -28,7 +30,7 @@ from tiny_models import dolly_texts, exportable, logits, token_ids, with_adapter
 # (measured on these tiny random models, Gemma / Gemma 3: f32 0 / 0,
 # f16 1.1e-3 / 2.5e-3, bf16 7.6e-3 / 1.5e-2, q8_0 2.7e-2 / 3.9e-2).
 TOLERANCE = {"f32": 1e-6, "f16": 5e-3, "bf16": 3e-2, "q8_0": 8e-2}
-ARCHITECTURES = ("gemma-1kv", "gemma3")
+ARCHITECTURES = ("gemma-1kv", "gemma2", "gemma3")
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +87,10 @@ def test_gguf_reader_sees_llama_cpp_conventions(shape, exported):
     reader = gguf.GGUFReader(exported[shape, "q8_0"])
     field = lambda key: reader.get_field(key).contents()  # noqa: E731
     arch = field("general.architecture")
-    assert arch == {"gemma-1kv": "gemma", "gemma3": "gemma3"}[shape]
+    assert arch == {"gemma-1kv": "gemma", "gemma2": "gemma2", "gemma3": "gemma3"}[shape]
+    if arch == "gemma2":  # what llama.cpp's gemma2 reads (it would take 50 / 30 / 4096 without them)
+        assert (field("gemma2.attn_logit_softcapping"), field("gemma2.final_logit_softcapping")) == (5.0, 3.0)
+        assert field("gemma2.attention.sliding_window") == 8 and field("gemma2.attention.head_count_kv") == 2
     assert field("general.base_model.0.name") == "tiny-base"
     assert "adapter.lora.h5 (rank 4, alpha 8, targets query/value) merged in" in field("general.description")
     assert field("general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
@@ -93,6 +98,7 @@ def test_gguf_reader_sees_llama_cpp_conventions(shape, exported):
     assert reader.get_field("tokenizer.chat_template") is None  # trained on an instruction template, not chat
     types = {t.name: t.tensor_type for t in reader.tensors}
     assert "output.weight" not in types  # tied
+    assert ("blk.1.post_ffw_norm.weight" in types) == (arch != "gemma")
     assert types["output_norm.weight"] == gguf.GGMLQuantizationType.F32
     assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
     tokens = field("tokenizer.ggml.tokens")
@@ -146,7 +152,7 @@ def test_transformers_gguf_loader_gives_the_keras_logits(models, exported):
 
 @pytest.mark.parametrize("shape", ARCHITECTURES)
 def test_llama_cpp_gives_the_keras_logits_and_tokens(shape, models, exported):
-    """llama.cpp's own loader, graph and tokenizer (llama-cpp-python), Gemma and Gemma 3."""
+    """llama.cpp's own loader, graph and tokenizer (llama-cpp-python), Gemma, Gemma 2 and Gemma 3."""
     llama_cpp = pytest.importorskip("llama_cpp")
     lora, _, _, ids = models[shape]
     # f32 KV cache; ggml still evaluates GELU from a float16 table, about 1e-3 of the logits' scale.
@@ -170,9 +176,10 @@ def test_refusals_leave_nothing_on_disk(models, tmp_path, tiny_preset):
         export_gguf(models["gemma3"][0], tmp_path / "a.gguf")
     with pytest.raises(ExportError, match="stored as int8"):
         export_gguf(model.load_causal_lm(tiny_preset, "float32", quantize="int8"), tmp_path / "a.gguf")
-    _, _, gemma2 = exportable("gemma2", tmp_path / "m")
-    with pytest.raises(ExportError, match="is a Gemma 2"):
-        export_gguf(gemma2, tmp_path / "a.gguf")
+    _, _, partial = exportable("gemma-softcap-only", tmp_path / "m")
+    with pytest.raises(ExportError, match="some of Gemma 2's features .* no post-attention norms, post-FFW norms, "
+                                          "sliding-window layers; llama.cpp's gemma2 graph always has them"):
+        export_gguf(partial, tmp_path / "a.gguf")
     other = keras_hub.models.GPTNeoXCausalLM(
         backbone=keras_hub.models.GPTNeoXBackbone(vocabulary_size=16, num_layers=1, num_heads=2, hidden_dim=8,
                                                   intermediate_dim=16, max_sequence_length=8), preprocessor=None)
@@ -182,6 +189,18 @@ def test_refusals_leave_nothing_on_disk(models, tmp_path, tiny_preset):
     with pytest.raises(OutputError, match="b.gguf already exists"):
         export_gguf(plain, tmp_path / "b.gguf", "f16")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.Modelfile", "b.gguf", "m"]
+
+
+def test_gemma2_27b_query_scale_is_refused():
+    """46 layers: llama.cpp would scale queries by 1/sqrt(hidden/heads), KerasHub scales by 1/sqrt(head_dim)."""
+    from gemma_lora.export.gguf import refusal
+
+    backbone = keras_hub.models.GemmaBackbone(
+        vocabulary_size=16, num_layers=46, num_query_heads=2, num_key_value_heads=1, hidden_dim=8, intermediate_dim=8,
+        head_dim=8, use_post_ffw_norm=True, use_post_attention_norm=True, attention_logit_soft_cap=50.0,
+        final_logit_soft_cap=30.0, use_sliding_window_attention=True, query_head_dim_normalize=False)
+    assert refusal(backbone) == ("This gemma2 model scales queries by 1/sqrt(8) in KerasHub; llama.cpp would scale them "
+                                 "by 1/sqrt(4) (it takes a 46-layer gemma2 for the 27B model), which gives other logits.")
 
 
 def test_cli_exports_gguf_and_refuses_in_one_line(tmp_path, tiny_preset, make_config, capsys):

@@ -1,7 +1,7 @@
 """PEFT adapter export: exact for KerasHub's per-head LoRA, checked by PEFT itself.
 
 A tiny adapter at rank 8 on all seven projections with alpha != rank, on a
-Gemma (4 query heads, 1 KV head) and a Gemma 3 (4 query heads, 2 KV heads):
+Gemma (4 query heads, 1 KV head), a Gemma 3 and a Gemma 2 (4 query heads, 2 KV heads):
 `peft.PeftModel.from_pretrained` on the exported base gives the Keras
 adapter model's logits, unmerged and after `merge_and_unload` (needs torch
 and peft: skipped without them; CI runs this file in its Python 3.11 venv).
@@ -21,7 +21,7 @@ from gemma_lora.export.peft import CONFIG_FILE, WEIGHTS_FILE, export_peft, peft_
 from tiny_models import ALL_PROJECTIONS, exportable, logits, token_ids, with_adapter
 
 RANK, ALPHA = 8, 20.0
-SHAPES = ("gemma-1kv", "gemma3")
+SHAPES = ("gemma-1kv", "gemma3", "gemma2")
 
 
 @pytest.fixture(scope="module", params=SHAPES)
@@ -93,8 +93,8 @@ def test_refuses_a_quantized_base_and_no_lora_and_leaves_nothing(tmp_path, tiny_
     model.enable_lora(embedding, 4, None, ("query", "token_embedding"))
     with pytest.raises(ExportError, match="token_embedding has no PEFT counterpart"):
         export_peft(embedding, tmp_path / "c", Provenance("tiny"))
-    lora, _, _ = exportable("gemma2", tmp_path / "m", targets=("query",))
-    with pytest.raises(ExportError, match="is a Gemma 2"):
+    lora, _, _ = exportable("gemma-softcap-only", tmp_path / "m", targets=("query",))
+    with pytest.raises(ExportError, match="some of Gemma 2's features .* not both post norms"):
         export_peft(lora, tmp_path / "d", Provenance("tiny"))
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
@@ -127,4 +127,7 @@ def test_google_presets_point_at_their_hub_checkpoints():
 
     config = {"r": 4, "lora_alpha": 4, "target_modules": ["q_proj"], "rank_pattern": {}, "base_model_name_or_path": "x"}
     assert "google/gemma-2b" in readme(Provenance("gemma_2b_en", "a.lora.h5"), config, False)
+    assert "`google/gemma-2-2b-it`" in readme(Provenance("gemma2_instruct_2b_en", "a.lora.h5"), config, False)
+    # KerasHub's 27B scales queries unlike Google's checkpoint: no Hub base is promised for it.
+    assert "has no Hub checkpoint" in readme(Provenance("gemma2_27b_en", "a.lora.h5"), config, False)
     assert "not Google's google/gemma-3-270m" in readme(Provenance("demo", "a.lora.h5"), config, False)

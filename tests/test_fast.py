@@ -1,9 +1,11 @@
 """The fast JAX path computes what KerasHub's GemmaCausalLM and Gemma3CausalLM compute.
 
-A tiny GemmaBackbone (vocab 128, 2 layers, hidden 32) and a tiny text-only
-Gemma3Backbone (6 layers: sliding-window and global) in float32 are the
-references; the fast path runs in float32 for exact comparisons and in bfloat16
-where the check is only about behaviour.
+A tiny GemmaBackbone (vocab 128, 2 layers, hidden 32), a tiny text-only
+Gemma3Backbone (6 layers: sliding-window and global) and a tiny Gemma 2 (a
+GemmaBackbone with post norms, alternating window-4 and global layers, 2 KV
+heads and both soft caps) in float32 are the references; the fast path runs in
+float32 for exact comparisons and in bfloat16 where the check is only about
+behaviour.
 """
 
 import dataclasses
@@ -21,7 +23,7 @@ import pytest  # noqa: E402
 from gemma_lora import fast  # noqa: E402
 from gemma_lora.errors import ConfigError  # noqa: E402
 from gemma_lora.packing import pack, real_token_fraction  # noqa: E402
-from conftest import TINY_VOCAB as VOCAB, build_tiny_gemma, build_tiny_gemma3  # noqa: E402
+from conftest import TINY_VOCAB as VOCAB, build_tiny_gemma, build_tiny_gemma2, build_tiny_gemma3  # noqa: E402
 
 SEQ = 16
 
@@ -183,8 +185,9 @@ def test_packed_example_does_not_see_its_neighbour(lm, params):
     np.testing.assert_allclose(packed, alone, rtol=1e-5, atol=1e-5)
 
 
-def test_training_lowers_loss_compiles_once_keeps_base_and_writes_back():
-    lm = build_tiny_gemma(seed=7)
+@pytest.mark.parametrize("build", [build_tiny_gemma, build_tiny_gemma2], ids=["gemma", "gemma2"])
+def test_training_lowers_loss_compiles_once_keeps_base_and_writes_back(build):
+    lm = build(seed=7)
     config, frozen, lora = fast.extract_params(lm, dtype="float32", loss_chunk=16)
     frozen_before = jax.tree.map(np.array, frozen)
     lora_before = jax.tree.map(np.array, lora)
@@ -286,17 +289,131 @@ def test_gemma3_packed_examples_match_each_alone(gemma3_lm):
         np.testing.assert_allclose(packed[start : start + len(example)], alone, rtol=1e-5, atol=1e-5)
 
 
+def test_gemma3_with_soft_caps_matches_kerashub_float32():
+    """Gemma3Backbone takes Gemma 2's soft caps too (no preset sets them); the same code applies them."""
+    lm = build_tiny_gemma3(attention_logit_soft_cap=5.0, final_logit_soft_cap=3.0)
+    config, frozen, lora = fast.extract_params(lm, dtype="float32")
+    assert (config.attention_logit_soft_cap, config.final_logit_soft_cap) == (5.0, 3.0)
+    batch = _unpacked_batch(np.random.default_rng(15), [SEQ, 11])
+    real = batch["segment_ids"] > 0
+    ref = _keras_logits(lm, batch["token_ids"], real.astype("int32"))
+    got = np.asarray(_logits(config, frozen, lora, batch["token_ids"], batch["segment_ids"], batch["positions"]))
+    assert np.abs(got - ref)[real].max() / np.abs(ref[real]).max() < 1e-5
+
+
 def test_gemma3_layers_that_differ_cannot_be_scanned(gemma3_lm):
     with pytest.raises(ConfigError, match="scan_layers needs every layer to attend alike"):
         fast.extract_params(gemma3_lm, dtype="float32", scan_layers=True)
 
 
-def test_gemma2_soft_caps_are_refused():
+def test_dropout_is_refused_with_the_reason():
     backbone = keras_hub.models.GemmaBackbone(
         vocabulary_size=VOCAB, num_layers=1, num_query_heads=2, num_key_value_heads=1,
-        hidden_dim=16, intermediate_dim=32, head_dim=8, attention_logit_soft_cap=50.0,
-        final_logit_soft_cap=30.0, use_post_ffw_norm=True, use_post_attention_norm=True,
+        hidden_dim=16, intermediate_dim=32, head_dim=8, dropout=0.1,
     )
     lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
-    with pytest.raises(ConfigError, match=r"Gemma 1 and Gemma 3 \(text\) only.*attention_logit_soft_cap"):
+    with pytest.raises(ConfigError, match=r"Gemma 1, 2 and 3 \(text\) only.*dropout.*Keras path"):
         fast.extract_params(lm)
+
+
+# ------------------------------------------------------------------ Gemma 2
+
+
+@pytest.fixture(scope="module")
+def gemma2_lm():
+    return build_tiny_gemma2()
+
+
+@pytest.fixture(scope="module")
+def gemma2_params(gemma2_lm):
+    return fast.extract_params(gemma2_lm, dtype="float32", loss_chunk=7)
+
+
+def test_gemma2_is_read_as_kerashub_builds_it(gemma2_params):
+    config, frozen, lora = gemma2_params
+    assert [spec[0] for spec in config.layer_attention] == [4, 0, 4, 0]  # layer 0 slides, then every other
+    assert config.post_attention_norm and config.post_ffw_norm and not config.query_key_norm
+    assert (config.attention_logit_soft_cap, config.final_logit_soft_cap) == (5.0, 3.0)
+    assert config.num_key_value_heads == 2
+    assert {"post_attention_norm", "post_ffw_norm"} <= set(frozen["layers"][0])
+    assert [fast.attention_path(config, i) for i in range(4)] == ["soft-capped"] * 4
+
+
+def test_gemma2_logits_match_kerashub_float32_and_need_every_feature(gemma2_lm, gemma2_params):
+    """Within 1e-5; leaving out either soft cap, the window or the post norms breaks the match."""
+    config, frozen, lora = gemma2_params
+    batch = _unpacked_batch(np.random.default_rng(11), [SEQ, 11, 5])
+    real = batch["segment_ids"] > 0
+    ref = _keras_logits(gemma2_lm, batch["token_ids"], real.astype("int32"))
+
+    def relative_error(config):
+        got = np.asarray(
+            _logits(config, frozen, lora, batch["token_ids"], batch["segment_ids"], batch["positions"])
+        )
+        return np.abs(got - ref)[real].max() / np.abs(ref[real]).max()
+
+    assert relative_error(config) < 1e-5
+    # Slices of 5 queries (not dividing 16): the sliced attention gives the same logits.
+    assert relative_error(dataclasses.replace(config, attention_chunk=5)) < 1e-5
+    for broken in (
+        dict(attention_logit_soft_cap=None),
+        dict(final_logit_soft_cap=None),
+        dict(layer_attention=((0, 10_000.0, 1.0),) * 4),
+        dict(post_attention_norm=False, post_ffw_norm=False),
+    ):
+        assert relative_error(dataclasses.replace(config, **broken)) > 1e-3, broken
+
+
+def test_gemma2_packed_examples_match_each_alone(gemma2_lm, gemma2_params):
+    config, frozen, lora = gemma2_params
+    config = dataclasses.replace(config, attention_chunk=6)  # slices that straddle the examples
+    rng = np.random.default_rng(12)
+    first, second = rng.integers(1, VOCAB, 9), rng.integers(1, VOCAB, 6)
+    rows = pack([(first, np.ones(9)), (second, np.ones(6))], SEQ)
+    packed = np.asarray(
+        _logits(config, frozen, lora, rows["token_ids"], rows["segment_ids"], rows["positions"])
+    )[0]
+    for example, start in ((first, 0), (second, 9)):
+        alone = _keras_logits(gemma2_lm, example[None].astype("int32"), np.ones((1, len(example)), "int32"))[0]
+        np.testing.assert_allclose(packed[start : start + len(example)], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_gemma2_loss_matches_kerashub_and_its_gradient_autodiff(gemma2_lm, gemma2_params):
+    """The loss head's hand-written gradient goes through the final soft cap; the sliced
+    attention's recomputation gives autodiff's gradient."""
+    config, frozen, lora = gemma2_params
+    rng = np.random.default_rng(13)
+    batch = _unpacked_batch(rng, [SEQ, 9, 13])
+    batch["loss_weights"] *= rng.uniform(0.5, 2.0, batch["loss_weights"].shape)
+    ref_logits = _keras_logits(gemma2_lm, batch["token_ids"], (batch["segment_ids"] > 0).astype("int32"))
+    ref_nll, _ = _reference_nll(ref_logits, batch["labels"], batch["loss_weights"])
+    nll, weight = _loss_sums(config, frozen, lora, batch)
+    np.testing.assert_allclose(float(nll), float(ref_nll), rtol=1e-5)
+
+    sliced = dataclasses.replace(config, attention_chunk=5)
+
+    def fused(lora):
+        nll, weight = _loss_sums(sliced, frozen, lora, batch)
+        return nll / weight
+
+    def plain(lora):
+        out = _logits(config, frozen, lora, batch["token_ids"], batch["segment_ids"], batch["positions"])
+        nll, weight = _reference_nll(out, batch["labels"], batch["loss_weights"])
+        return nll / weight
+
+    got, want = jax.jit(jax.grad(fused))(lora), jax.jit(jax.grad(plain))(lora)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-7)
+
+
+def test_gemma2_bfloat16_path_is_close_to_float32(gemma2_lm):
+    config, frozen, lora = fast.extract_params(gemma2_lm, dtype="bfloat16")
+    batch = _unpacked_batch(np.random.default_rng(14), [SEQ, SEQ])
+    ref = _keras_logits(gemma2_lm, batch["token_ids"], np.ones((2, SEQ), "int32"))
+    got = np.asarray(_logits(config, frozen, lora, batch["token_ids"], batch["segment_ids"], batch["positions"]))
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 3e-2
+
+
+def test_cudnn_attention_is_refused_for_soft_capped_layers(gemma2_lm):
+    with pytest.raises(ConfigError, match=r"attention='cudnn' cannot apply .* soft cap \(5;.*attention='auto'"):
+        fast.extract_params(gemma2_lm, attention="cudnn")

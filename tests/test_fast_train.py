@@ -111,12 +111,12 @@ def test_engine_fast_is_refused_where_it_cannot_run():
     with pytest.raises(ConfigError, match=r"quantize.*--engine keras"):
         fast_train.resolve_engine(lm, quantized, "gpu")
     assert fast_train.resolve_engine(lm, resolve_config(overrides=dict(preset="tiny", quantize="int8")), "gpu") == "keras"
-    backbone = keras_hub.models.GemmaBackbone(  # Gemma 2's layout: soft caps
+    backbone = keras_hub.models.GemmaBackbone(  # dropout: the fast path has none
         vocabulary_size=64, num_layers=1, num_query_heads=2, num_key_value_heads=1, hidden_dim=16,
-        intermediate_dim=32, head_dim=8, attention_logit_soft_cap=50.0, final_logit_soft_cap=30.0)
-    gemma2 = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
-    with pytest.raises(ConfigError, match=r"Gemma 3 \(text\) only.*soft_cap.*--engine keras"):
-        fast_train.resolve_engine(gemma2, resolve_config(overrides=dict(preset="tiny", engine="fast")), "gpu")
-    assert fast_train.resolve_engine(gemma2, resolve_config(overrides=dict(preset="tiny")), "gpu") == "keras"
+        intermediate_dim=32, head_dim=8, dropout=0.1)
+    dropout = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+    with pytest.raises(ConfigError, match=r"Gemma 1, 2 and 3 \(text\) only.*dropout.*--engine keras"):
+        fast_train.resolve_engine(dropout, resolve_config(overrides=dict(preset="tiny", engine="fast")), "gpu")
+    assert fast_train.resolve_engine(dropout, resolve_config(overrides=dict(preset="tiny")), "gpu") == "keras"
     with pytest.raises(ConfigError, match="engine='turbo' must be one of auto, keras, fast"):
         resolve_config(overrides=dict(preset="tiny", engine="turbo"))

@@ -1,7 +1,7 @@
-"""GGUF import: a tiny Gemma 3 or Gemma written the way llama.cpp writes it comes back exact.
+"""GGUF import: a tiny Gemma 3, Gemma 2 or Gemma written the way llama.cpp writes it comes back exact.
 
 The writer below mirrors llama.cpp's convert_hf_to_gguf.py for Gemma 3 (and,
-without post and query/key norms, for Gemma): norm
+without query/key norms, for Gemma 2; without post norms too, for Gemma): norm
 weights stored as 1 + w, matrices as (out, in), tied embeddings, and the
 tokenizer as token/score/type lists with llama.cpp's three edits (`<unk>` and
 the turn markers typed CONTROL, user-defined "▁" written as a space).
@@ -64,12 +64,14 @@ def llama_cpp_tensors(backbone):
                "output_norm.weight": plus_one(backbone.layer_norm.scale)}
     for i, block in enumerate(backbone.transformer_layers):
         att = block.attention
-        gemma3_norms = () if not hasattr(att, "query_norm") else (
+        post_norms = () if not block.use_post_attention_norm else (
             ("post_attention_norm", plus_one(block.post_attention_norm.scale)),
             ("post_ffw_norm", plus_one(block.post_ffw_norm.scale)),
+        )
+        gemma3_norms = post_norms + (() if not hasattr(att, "query_norm") else (
             ("attn_q_norm", plus_one(att.query_norm.scale)),
             ("attn_k_norm", plus_one(att.key_norm.scale)),
-        )
+        ))
         for name, value in gemma3_norms + (
             ("attn_norm", plus_one(block.pre_attention_norm.scale)),
             ("ffn_norm", plus_one(block.pre_ffw_norm.scale)),
@@ -101,20 +103,25 @@ def llama_cpp_vocab(proto):
     return tokens, scores, types
 
 
-def write_gguf(path, backbone, proto, arch="gemma3", raw=()):
+def write_gguf(path, backbone, proto, arch="gemma3", raw=(), block_count=LAYOUT["num_layers"],
+               head_dim=LAYOUT["head_dim"]):
     """Write `backbone` and `proto` as llama.cpp would; `raw` = (name, bytes, qtype) overrides."""
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(LAYOUT["num_layers"])
+    writer.add_block_count(block_count)
     writer.add_context_length(128)
     writer.add_embedding_length(LAYOUT["hidden_dim"])
     # transformers' (and llama.cpp's) Gemma counts one gated half, KerasHub's both.
     halves = 2 if isinstance(backbone, keras_hub.models.GemmaBackbone) else 1
     writer.add_feed_forward_length(LAYOUT["intermediate_dim"] // halves)
     writer.add_head_count(LAYOUT["num_query_heads"])
-    writer.add_head_count_kv(LAYOUT["num_key_value_heads"])
-    writer.add_key_length(LAYOUT["head_dim"])
-    writer.add_value_length(LAYOUT["head_dim"])
+    writer.add_head_count_kv(backbone.num_key_value_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(1e-6)
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(backbone.attention_logit_soft_cap)
+        writer.add_final_logit_softcapping(backbone.final_logit_soft_cap)
+        writer.add_sliding_window(backbone.sliding_window_size)
     if arch == "gemma3":
         writer.add_rope_freq_base(1e6)
         writer.add_sliding_window(LAYOUT["sliding_window_size"])
@@ -217,6 +224,47 @@ def test_gemma_file_round_trips_into_a_gemma_causal_lm(tmp_path):
     x = {"token_ids": ids[None].astype("int32"), "padding_mask": np.ones((1, len(ids)), "int32")}
     expected = backbone.token_embedding(backbone(x), reverse=True)
     np.testing.assert_allclose(np.asarray(causal_lm(x)), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def gemma2_backbone(vocabulary_size, seed=4):
+    """A tiny Gemma 2: post norms, soft caps that bind, layer 0 sliding (window 8), 2 KV heads."""
+    keras.utils.set_random_seed(seed)
+    shape = {k: v for k, v in LAYOUT.items() if k != "num_key_value_heads"}
+    backbone = keras_hub.models.GemmaBackbone(
+        vocabulary_size=vocabulary_size, num_key_value_heads=2, use_post_ffw_norm=True, use_post_attention_norm=True,
+        attention_logit_soft_cap=5.0, final_logit_soft_cap=3.0, use_sliding_window_attention=True, dtype="float32",
+        **shape)
+    rng = np.random.default_rng(seed)
+    for weight in backbone.weights:
+        if weight.path.endswith("scale"):
+            weight.assign(rng.normal(0, 0.5, weight.shape).astype("float32"))
+    return backbone
+
+
+def test_gemma2_file_round_trips_into_a_gemma2_causal_lm(tmp_path):
+    """llama.cpp's `gemma2`: post norms, both soft caps and the window read from the file's metadata."""
+    proto = gemma3_style_proto()
+    backbone = gemma2_backbone(len(proto.pieces))
+    path = write_gguf(tmp_path / "gemma2.gguf", backbone, proto, arch="gemma2")
+    causal_lm = keras_hub.models.CausalLM.from_preset(str(convert_gguf(path, tmp_path / "preset")))
+    assert type(causal_lm) is keras_hub.models.GemmaCausalLM
+    converted = causal_lm.backbone
+    assert (converted.attention_logit_soft_cap, converted.final_logit_soft_cap) == (5.0, 3.0)
+    assert converted.sliding_window_size == 8 and converted.num_key_value_heads == 2
+    ids = np.asarray(causal_lm.preprocessor.tokenizer.tokenize(dolly_texts(1)[0]))[:24]
+    x = {"token_ids": ids[None].astype("int32"), "padding_mask": np.ones((1, len(ids)), "int32")}
+    expected = backbone.token_embedding(backbone(x), reverse=True)
+    np.testing.assert_allclose(np.asarray(causal_lm(x)), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_gemma2_27b_file_is_refused_for_its_query_scale(tmp_path):
+    proto = gemma3_style_proto()
+    path = write_gguf(tmp_path / "27b.gguf", gemma2_backbone(len(proto.pieces)), proto, arch="gemma2",
+                      block_count=46, head_dim=32)  # hidden / heads = 16, not 32
+    with pytest.raises(PresetError, match=r"Gemma 2 27B model: llama.cpp scales its queries by 1/sqrt\(16\), "
+                                          r"KerasHub 0.32's GemmaBackbone by 1/sqrt\(32\)"):
+        convert_gguf(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_existing_output_directory_is_refused(round_trip):

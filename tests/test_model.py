@@ -44,7 +44,7 @@ def test_alpha_is_applied_on_each_layer_and_scales_the_update(tiny_lm):
 
 
 def test_unknown_target_layer(tiny_lm):
-    with pytest.raises(ConfigError, match=r"lora_targets \['qkv'\] match no layer.*query"):
+    with pytest.raises(ConfigError, match=r"lora_targets \['qkv'\] match no LoRA-able layer.*query"):
         model.enable_lora(tiny_lm, 4, targets=("qkv",))
 
 
@@ -65,9 +65,9 @@ def test_preset_directory_missing_files(tmp_path, tiny_preset):
         model.resolve_preset(str(tmp_path / "nothing"))
 
 
-def fill_kagglehub_cache(tiny_preset, version):
-    """Lay the tiny preset out as kagglehub caches keras/gemma/keras/gemma_2b_en/<version>."""
-    root = os.path.join(os.environ["KAGGLEHUB_CACHE"], "models", "keras", "gemma", "keras", "gemma_2b_en")
+def fill_kagglehub_cache(tiny_preset, version, model_name="gemma", variation="gemma_2b_en"):
+    """Lay a tiny preset out as kagglehub caches keras/<model_name>/keras/<variation>/<version>."""
+    root = os.path.join(os.environ["KAGGLEHUB_CACHE"], "models", "keras", model_name, "keras", variation)
     shutil.copytree(tiny_preset, os.path.join(root, str(version)), dirs_exist_ok=True)
     open(os.path.join(root, f"{version}.complete"), "w").close()
     return os.path.join(root, str(version))
@@ -84,6 +84,25 @@ def test_named_preset_loads_from_the_kagglehub_cache_offline(tiny_preset):
     assert os.path.samefile(model.resolve_preset("gemma_2b_en"), cached)
     # A kaggle:// handle with an explicit version resolves the same way.
     assert os.path.samefile(model.resolve_preset("kaggle://keras/gemma/keras/gemma_2b_en/2"), cached)
+
+
+GEMMA2_PRESETS = ("gemma2_2b_en", "gemma2_instruct_2b_en", "gemma2_9b_en", "gemma2_instruct_9b_en",
+                  "gemma2_27b_en", "gemma2_instruct_27b_en")
+
+
+def test_gemma2_presets_resolve_from_the_kagglehub_cache_offline(tiny_gemma2_preset):
+    """Each Gemma 2 name KerasHub lists resolves through kagglehub's cache at KerasHub's version, no network."""
+    import keras_hub
+
+    for name in GEMMA2_PRESETS:
+        handle = keras_hub.models.CausalLM.presets[name]["kaggle_handle"]  # kaggle://keras/gemma2/keras/<name>/<v>
+        _, model_name, _, variation, version = handle.removeprefix("kaggle://").split("/")
+        cached = fill_kagglehub_cache(tiny_gemma2_preset, version, model_name, variation)
+        assert os.path.samefile(model.resolve_preset(name), cached), name
+    causal_lm = model.load_causal_lm(model.resolve_preset("gemma2_2b_en"))
+    assert causal_lm.backbone.final_logit_soft_cap == 30.0  # the Gemma 2 placed there, loaded as one
+    with pytest.raises(CredentialsError, match="kaggle://keras/gemma2/keras/gemma2_2b_en/99 needs Kaggle credentials"):
+        model.resolve_preset("gemma2_2b_en", version=99)  # not cached: a download, refused without credentials
 
 
 def test_missing_credentials_say_what_to_do():
@@ -110,7 +129,10 @@ def test_credentials_from_kaggle_json_and_consent_refusal_never_show_the_key(tmp
     with pytest.raises(CredentialsError) as error:
         model.resolve_preset("gemma_2b_en", version=7)
     assert "HTTP 403" in str(error.value) and "accept the Gemma license" in str(error.value)
+    assert "https://www.kaggle.com/models/keras/gemma " in str(error.value)
     assert SECRET not in str(error.value)
+    with pytest.raises(CredentialsError, match="https://www.kaggle.com/models/keras/gemma2 while signed in"):
+        model.resolve_preset("gemma2_2b_en", version=7)  # Gemma 2's own consent form
 
 
 def test_environment_credentials_are_found_and_not_echoed(monkeypatch):

@@ -26,15 +26,24 @@ ALL_PROJECTIONS = ("query", "key", "value", "attention_output", "ffw_gating", "f
 GEMMA3 = dict(num_layers=6, num_query_heads=4, num_key_value_heads=2, hidden_dim=64, intermediate_dim=128,
               head_dim=256, sliding_window_size=8)
 GEMMA = dict(num_layers=2, num_query_heads=4, num_key_value_heads=1, hidden_dim=64, intermediate_dim=256, head_dim=16)
+GEMMA2 = dict(num_key_value_heads=2, use_post_ffw_norm=True, use_post_attention_norm=True, final_logit_soft_cap=3.0,
+              attention_logit_soft_cap=5.0, use_sliding_window_attention=True, sliding_window_size=8)
 # Architecture name → backbone settings (over GEMMA / GEMMA3).
 SHAPES = {
     "gemma-1kv": ("gemma", {}),
     "gemma-4kv": ("gemma", dict(num_query_heads=8, num_key_value_heads=4)),
     "gemma3": ("gemma3", {}),
     "gemma3-softcap": ("gemma3", dict(final_logit_soft_cap=3.0)),
-    "gemma2": ("gemma", dict(use_post_ffw_norm=True, use_post_attention_norm=True, final_logit_soft_cap=30.0,
-                             attention_logit_soft_cap=50.0, use_sliding_window_attention=True,
-                             sliding_window_size=8)),
+    # Gemma 3 27B's config (queries by hidden/heads = 16 here, head_dim 256), which keras-hub 0.32 ignores.
+    "gemma3-query-scale": ("gemma3", dict(query_head_dim_normalize=False)),
+    # Gemma 2: layer 0 slides (window 8, shorter than the tests' sequences), layer 1 is global; 2 KV
+    # heads; soft caps small enough to bind on these random weights (50 / 30 would change nothing).
+    "gemma2": ("gemma", GEMMA2),
+    # Gemma 2 27B's config asks for queries scaled by hidden/heads (16 here) with head_dim 32;
+    # keras-hub 0.32's attention scales by head_dim anyway (see export.query_scale_width).
+    "gemma2-query-scale": ("gemma", dict(GEMMA2, head_dim=32, query_head_dim_normalize=False)),
+    # Some of Gemma 2's features without its post norms: transformers has no such model.
+    "gemma-softcap-only": ("gemma", dict(final_logit_soft_cap=3.0, attention_logit_soft_cap=5.0)),
 }
 
 

@@ -122,6 +122,33 @@ def check_plain(causal_lm, what):
         )
 
 
+def gemma2_features(backbone):
+    """The Gemma 2 features a GemmaBackbone uses ([] = a Gemma 1): post norms, soft caps, sliding window."""
+    return [
+        feature for feature, on in (
+            ("post-attention/post-FFW norms", backbone.use_post_attention_norm or backbone.use_post_ffw_norm),
+            ("logit soft caps", backbone.attention_logit_soft_cap or backbone.final_logit_soft_cap),
+            ("sliding-window attention", backbone.use_sliding_window_attention),
+        ) if on
+    ]
+
+
+def query_scale_width(backbone):
+    """w in the 1/sqrt(w) that scales queries, as the Keras model computes it: head_dim, or hidden/heads.
+
+    Read off the attention layer, not the backbone's config: keras-hub 0.32's
+    `GemmaDecoderBlock` and `Gemma3DecoderBlock` build their attention with
+    `query_head_dim_normalize=True` whatever the backbone says, so
+    gemma2_27b_en (config False, head_dim 128, hidden/heads 144) scales by
+    1/sqrt(128) in KerasHub, where Google's reference scales by 1/sqrt(144).
+    An export gives the Keras model's logits, so it writes 128.
+    """
+    attention = backbone.transformer_layers[0].attention
+    if attention.query_head_dim_normalize:
+        return backbone.head_dim
+    return backbone.hidden_dim // backbone.num_query_heads
+
+
 def check_new(path, what="exported model"):
     """Raise OutputError if `path` exists (exports never overwrite)."""
     path = Path(path)

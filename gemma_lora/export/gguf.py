@@ -1,4 +1,4 @@
-"""Export a merged Gemma 3 (text) or Gemma model as one GGUF file for llama.cpp and Ollama.
+"""Export a merged Gemma, Gemma 2 or Gemma 3 (text) model as one GGUF file for llama.cpp and Ollama.
 
     gemma-lora export runs/<run>/adapter.lora.h5 model.gguf --to gguf --gguf-type q8_0
     llama-cli -m model.gguf -p "..."          # or: ollama create mine -f model.Modelfile
@@ -20,14 +20,20 @@ from pathlib import Path
 import numpy as np
 
 from gemma_lora.errors import ExportError
-from gemma_lora.export import CHAT_TEMPLATES, GGUF_TYPES, OLLAMA_CHAT, Provenance, check_new, check_plain
+from gemma_lora.export import (
+    CHAT_TEMPLATES, GGUF_TYPES, OLLAMA_CHAT, Provenance, check_new, check_plain, gemma2_features, query_scale_width,
+)
 from gemma_lora.gguf_import import SPIECE_SPACE, TO_GGUF, TURN_TOKENS, tensor_layout
 from gemma_lora.io import atomic_path, write_text_atomic
 
-ARCHITECTURES = {"GemmaBackbone": "gemma", "Gemma3Backbone": "gemma3"}
+ARCHITECTURES = {"GemmaBackbone": "gemma", "Gemma3Backbone": "gemma3"}  # a GemmaBackbone may be gemma2
 # Neither backbone records a context length; these are the shortest of each
-# family (Gemma: 8K; Gemma 3 270M and 1B: 32K), so no size is over-promised.
-CONTEXT_LENGTH = {"gemma": 8192, "gemma3": 32768}
+# family (Gemma and Gemma 2: 8K; Gemma 3 270M and 1B: 32K), so no size is over-promised.
+CONTEXT_LENGTH = {"gemma": 8192, "gemma2": 8192, "gemma3": 32768}
+# llama.cpp takes a 46-layer gemma2 (Gemma 2 27B) and a 62-layer gemma3
+# (Gemma 3 27B) to scale queries by 1/sqrt(hidden/heads), any other by
+# 1/sqrt(head_dim) (llama-model.cpp, f_attention_scale).
+WIDE_QUERY_SCALE_LAYERS = {"gemma2": 46, "gemma3": 62}
 GEMMA3_ROPE_BASE = 1_000_000.0  # global layers; llama.cpp's sliding layers use 10K, as KerasHub does
 
 
@@ -35,8 +41,8 @@ def export_gguf(causal_lm, output_path, gguf_type="f32", provenance=None):
     """Write `causal_lm` as a llama.cpp GGUF file and an Ollama Modelfile beside it, atomically.
 
     Args:
-        causal_lm: a plain (merged, float) GemmaCausalLM or text-only Gemma3CausalLM
-            with its preprocessor (the vocabulary goes into the file).
+        causal_lm: a plain (merged, float) GemmaCausalLM (Gemma 1 or 2) or text-only
+            Gemma3CausalLM with its preprocessor (the vocabulary goes into the file).
         output_path: str or Path ending in .gguf; must not exist, nor its
             `<stem>.Modelfile`.
         gguf_type: "f32", "f16", "bf16" or "q8_0": the type of the matrices
@@ -78,37 +84,60 @@ def export_gguf(causal_lm, output_path, gguf_type="f32", provenance=None):
     return output_path
 
 
+def gguf_architecture(backbone):
+    """llama.cpp's name for `backbone`: gemma, gemma2 (a GemmaBackbone with Gemma 2's features) or gemma3."""
+    arch = ARCHITECTURES[type(backbone).__name__]
+    return "gemma2" if arch == "gemma" and gemma2_features(backbone) else arch
+
+
+def llama_query_scale_width(arch, backbone):
+    """w in the 1/sqrt(w) llama.cpp scales this model's queries by (see WIDE_QUERY_SCALE_LAYERS)."""
+    if backbone.num_layers == WIDE_QUERY_SCALE_LAYERS.get(arch):
+        return backbone.hidden_dim // backbone.num_query_heads
+    return backbone.head_dim
+
+
 def refusal(backbone):
     """Why llama.cpp would compute something else for `backbone`, or None when the file is right."""
     name = type(backbone).__name__
     if name not in ARCHITECTURES:
-        return f"gemma-lora cannot write a {name} as GGUF; it writes {', '.join(ARCHITECTURES)} (llama.cpp's gemma, gemma3)."
-    heads, hidden, head_dim = backbone.num_query_heads, backbone.hidden_dim, backbone.head_dim
-    if name == "GemmaBackbone":
-        if (backbone.use_post_attention_norm or backbone.use_post_ffw_norm or backbone.attention_logit_soft_cap
-                or backbone.final_logit_soft_cap or backbone.use_sliding_window_attention):
-            return ("This GemmaBackbone is a Gemma 2 (post norms, soft caps or sliding window); GGUF export of "
-                    "Gemma 2 is not supported yet.")
-        if not backbone.query_head_dim_normalize and hidden // heads != head_dim:
+        return (f"gemma-lora cannot write a {name} as GGUF; it writes {', '.join(ARCHITECTURES)} "
+                "(llama.cpp's gemma, gemma2, gemma3).")
+    arch = gguf_architecture(backbone)
+    if arch == "gemma":
+        if query_scale_width(backbone) != backbone.head_dim:
             return "This GemmaBackbone scales queries by hidden/heads; llama.cpp's Gemma scales them by head_dim."
         return None
-    if backbone.vision_encoder is not None or getattr(backbone, "is_embedding_model", False):
-        return "Only text-only Gemma 3 causal LMs are written as GGUF (llama.cpp keeps vision in a separate file)."
-    missing = [what for what, on in (("query/key norms", backbone.use_query_key_norm),
-                                     ("post-attention norms", backbone.use_post_attention_norm),
-                                     ("post-FFW norms", backbone.use_post_ffw_norm),
-                                     ("sliding-window layers", backbone.use_sliding_window_attention)) if not on]
-    if missing:
-        return f"This Gemma3Backbone has no {', '.join(missing)}; llama.cpp's gemma3 graph always has them."
-    if backbone.attention_logit_soft_cap:
-        return "This Gemma3Backbone caps attention logits; llama.cpp's gemma3 graph has no such cap."
-    if backbone.local_rope_scaling_factor != 1.0:
-        return "This Gemma3Backbone scales the rope of sliding-window layers; llama.cpp's gemma3 cannot express it."
-    # llama.cpp scales queries by hidden/heads for the 62-layer 27B model, by head_dim otherwise.
-    keras_scale = head_dim if backbone.query_head_dim_normalize else hidden // heads
-    llama_scale = hidden // heads if backbone.num_layers == 62 else head_dim
+    if arch == "gemma2":
+        missing = [what for what, on in (("post-attention norms", backbone.use_post_attention_norm),
+                                         ("post-FFW norms", backbone.use_post_ffw_norm),
+                                         ("attention-logit soft cap", backbone.attention_logit_soft_cap),
+                                         ("final-logit soft cap", backbone.final_logit_soft_cap),
+                                         ("sliding-window layers", backbone.use_sliding_window_attention)) if not on]
+        if missing:
+            return (f"This GemmaBackbone has some of Gemma 2's features ({', '.join(gemma2_features(backbone))}) but "
+                    f"no {', '.join(missing)}; llama.cpp's gemma2 graph always has them.")
+    else:
+        if backbone.vision_encoder is not None or getattr(backbone, "is_embedding_model", False):
+            return "Only text-only Gemma 3 causal LMs are written as GGUF (llama.cpp keeps vision in a separate file)."
+        missing = [what for what, on in (("query/key norms", backbone.use_query_key_norm),
+                                         ("post-attention norms", backbone.use_post_attention_norm),
+                                         ("post-FFW norms", backbone.use_post_ffw_norm),
+                                         ("sliding-window layers", backbone.use_sliding_window_attention)) if not on]
+        if missing:
+            return f"This Gemma3Backbone has no {', '.join(missing)}; llama.cpp's gemma3 graph always has them."
+        if backbone.attention_logit_soft_cap:
+            return "This Gemma3Backbone caps attention logits; llama.cpp's gemma3 graph has no such cap."
+        if backbone.local_rope_scaling_factor != 1.0:
+            return "This Gemma3Backbone scales the rope of sliding-window layers; llama.cpp's gemma3 cannot express it."
+    # What Keras computes (the attention layer's own setting: keras-hub 0.32 ignores the
+    # backbone's for Gemma 2 and 3, see export.query_scale_width) against what llama.cpp would.
+    keras_scale, llama_scale = query_scale_width(backbone), llama_query_scale_width(arch, backbone)
     if keras_scale != llama_scale:
-        return f"This Gemma3Backbone scales queries by {keras_scale}; llama.cpp would scale them by {llama_scale}."
+        rule = (f" (it takes a {backbone.num_layers}-layer {arch} for the 27B model)"
+                if backbone.num_layers == WIDE_QUERY_SCALE_LAYERS[arch] else "")
+        return (f"This {arch} model scales queries by 1/sqrt({keras_scale}) in KerasHub; llama.cpp would scale "
+                f"them by 1/sqrt({llama_scale}){rule}, which gives other logits.")
     return None
 
 
@@ -117,7 +146,7 @@ def write_gguf(causal_lm, path, gguf_type, provenance):
     import gguf
 
     backbone = causal_lm.backbone
-    arch = ARCHITECTURES[type(backbone).__name__]
+    arch = gguf_architecture(backbone)
     tensor_type, file_type = GGUF_TYPES[gguf_type]
     writer = gguf.GGUFWriter(str(path), arch)
     write_general(writer, provenance, getattr(gguf.LlamaFileType, file_type))
@@ -153,17 +182,22 @@ def write_general(writer, provenance, file_type):
 
 
 def write_hyperparameters(writer, backbone, arch):
-    """The shape under llama.cpp's names (its converter writes these for gemma / gemma3)."""
+    """The shape under llama.cpp's names (its converter writes these for gemma / gemma2 / gemma3)."""
     writer.add_context_length(CONTEXT_LENGTH[arch])
     writer.add_embedding_length(backbone.hidden_dim)
     writer.add_block_count(backbone.num_layers)
-    # KerasHub's Gemma counts both gated halves; llama.cpp (like transformers) one.
-    writer.add_feed_forward_length(backbone.intermediate_dim // 2 if arch == "gemma" else backbone.intermediate_dim)
+    # KerasHub's Gemma (1 and 2) counts both gated halves; llama.cpp (like transformers) one.
+    writer.add_feed_forward_length(backbone.intermediate_dim if arch == "gemma3" else backbone.intermediate_dim // 2)
     writer.add_head_count(backbone.num_query_heads)
     writer.add_head_count_kv(backbone.num_key_value_heads)
     writer.add_key_length(backbone.head_dim)
     writer.add_value_length(backbone.head_dim)
     writer.add_layer_norm_rms_eps(backbone.layer_norm_epsilon)
+    if arch == "gemma2":
+        # llama.cpp's gemma2 slides on layers 0, 2, 4, ... as KerasHub does; no rope key (10,000 for both).
+        writer.add_attn_logit_softcapping(backbone.attention_logit_soft_cap)
+        writer.add_final_logit_softcapping(backbone.final_logit_soft_cap)
+        writer.add_sliding_window(backbone.sliding_window_size)
     if arch == "gemma3":
         import gguf
 

@@ -14,10 +14,17 @@ most tensors; where it is wrong, this module corrects it or refuses:
   written here from the whole kernels;
 - its Gemma config leaves out the RMSNorm epsilon and the architecture name,
   its Gemma 3 config the attention and final logit soft caps: added here;
-- Gemma 2 (a GemmaBackbone with post norms, soft caps or a sliding window)
-  would be written as Gemma 1 without them: refused, as are Gemma 3 shapes
-  transformers' Gemma3ForCausalLM cannot express, and every other
-  architecture (no logit test here covers them).
+  its Gemma 3 query scale is the backbone's setting, which keras-hub 0.32's
+  attention ignores (`export.query_scale_width`): the one used is written;
+- it writes Gemma 2 (a GemmaBackbone with post norms, soft caps and a
+  sliding window) as Gemma 1 without them, and its norm map puts the pre-FFW
+  norm where transformers' Gemma 2 reads the post-attention one: a Gemma 2 is
+  written here as `Gemma2ForCausalLM` (model type gemma2: both soft caps,
+  the four norms of each layer, every KV head, the query scale the Keras model
+  uses, the sliding window and which layers slide);
+- shapes transformers' Gemma2ForCausalLM or Gemma3ForCausalLM cannot
+  express are refused, as is every other architecture (no logit test here
+  covers them).
 The weights come from the model's variables as they are, so a model with
 LoRA still attached or quantized weights is refused (see export.check_plain).
 """
@@ -28,12 +35,20 @@ from pathlib import Path
 import numpy as np
 
 from gemma_lora.errors import ExportError
-from gemma_lora.export import check_new, check_plain
+from gemma_lora.export import check_new, check_plain, gemma2_features, query_scale_width
 from gemma_lora.io import atomic_dir
 
 # Backbones whose export is checked against transformers' logits (tests/test_export.py).
 SUPPORTED = ("Gemma3Backbone", "GemmaBackbone")
 ARCHITECTURES = {"GemmaBackbone": "GemmaForCausalLM", "Gemma3Backbone": "Gemma3ForCausalLM"}
+GEMMA2_ARCHITECTURE = "Gemma2ForCausalLM"  # a GemmaBackbone with Gemma 2's features
+# KerasHub's Gemma (1) map names the pre-FFW norm `post_attention_layernorm`
+# (Gemma 1's name for it); transformers' Gemma 2 has four norms per layer.
+GEMMA2_NORMS = {
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "pre_ffw_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
 # KerasHub layer name → the Hugging Face module it becomes (inside model.layers.{i}),
 # and how its kernel is laid out (see `hf_weight`).
 HF_MODULES = {
@@ -58,19 +73,13 @@ def refusal(backbone):
     if name not in SUPPORTED:
         return f"gemma-lora cannot export a {name} to transformers; it can export {', '.join(SUPPORTED)}."
     if name == "GemmaBackbone":
-        gemma2 = [
-            feature for feature, on in (
-                ("post-attention/post-FFW norms", backbone.use_post_attention_norm or backbone.use_post_ffw_norm),
-                ("logit soft caps", backbone.attention_logit_soft_cap or backbone.final_logit_soft_cap),
-                ("sliding-window attention", backbone.use_sliding_window_attention),
-            ) if on
-        ]
-        if gemma2:
+        gemma2 = gemma2_features(backbone)
+        if gemma2 and not (backbone.use_post_attention_norm and backbone.use_post_ffw_norm):
             return (
-                f"This GemmaBackbone is a Gemma 2 ({', '.join(gemma2)}); KerasHub's exporter would write it as "
-                "Gemma 1 without them, which gives other logits. Gemma 2 export is not supported yet."
+                f"This GemmaBackbone has some of Gemma 2's features ({', '.join(gemma2)}) but not both post norms; "
+                "transformers' Gemma2ForCausalLM always applies them, and its Gemma has none of these."
             )
-        if not backbone.query_head_dim_normalize:
+        if not gemma2 and query_scale_width(backbone) != backbone.head_dim:
             return "This GemmaBackbone scales queries by hidden/heads; transformers' Gemma scales them by head_dim."
         return None
     missing = [
@@ -96,7 +105,7 @@ def export_transformers(causal_lm, output_dir):
     """Write `causal_lm` (weights, config, tokenizer) as a transformers folder, atomically.
 
     Args:
-        causal_lm: a KerasHub GemmaCausalLM (Gemma 1) or text-only
+        causal_lm: a KerasHub GemmaCausalLM (Gemma 1 or 2) or text-only
             Gemma3CausalLM without LoRA and without quantized weights.
         output_dir: the new folder (must not exist).
 
@@ -148,6 +157,10 @@ def hf_config(backbone, tokenizer=None):
     if name == "Gemma3Backbone":
         config["attn_logit_softcapping"] = backbone.attention_logit_soft_cap
         config["final_logit_softcapping"] = backbone.final_logit_soft_cap
+        # KerasHub writes the backbone's setting (hidden/heads for gemma3_27b), not what its attention computes.
+        config["query_pre_attn_scalar"] = query_scale_width(backbone)
+    elif gemma2_features(backbone):
+        config.update(gemma2_config(backbone))
     if tokenizer is not None:
         # The ids of this vocabulary (KerasHub's Gemma 3 config hard-codes
         # bos 1 / eos 2, which are Gemma's eos / bos).
@@ -157,12 +170,36 @@ def hf_config(backbone, tokenizer=None):
     return config
 
 
+def gemma2_config(backbone):
+    """transformers' Gemma2Config fields for a GemmaBackbone with Gemma 2's features, as Keras computes them."""
+    blocks = backbone.transformer_layers
+    rope = blocks[0].attention.rope_layer
+    return {
+        "architectures": [GEMMA2_ARCHITECTURE],
+        "model_type": "gemma2",
+        "hidden_activation": "gelu_pytorch_tanh",  # KerasHub: gelu(approximate=True)
+        # transformers scales queries by query_pre_attn_scalar ** -0.5.
+        "query_pre_attn_scalar": query_scale_width(backbone),
+        "attn_logit_softcapping": backbone.attention_logit_soft_cap,
+        "final_logit_softcapping": backbone.token_embedding.logit_soft_cap,
+        "sliding_window": backbone.sliding_window_size,
+        # Which layers slide, as the Keras blocks do (KerasHub: 0, 2, 4, ...; none without a window).
+        "layer_types": [
+            "sliding_attention" if block.attention.use_sliding_window_attention else "full_attention"
+            for block in blocks
+        ],
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(rope.max_wavelength)},
+    }
+
+
 def hf_weights(backbone):
-    """{transformers tensor name: float array} for `backbone`: KerasHub's map, q/k/v projections corrected."""
+    """{transformers tensor name: float array} for `backbone`: KerasHub's map, q/k/v projections and
+    Gemma 2's norms corrected."""
     from keras_hub.src.utils.transformers.export import hf_exporter
 
     weights = hf_exporter.MODEL_EXPORTERS[type(backbone).__name__](backbone, include_lm_head=True)
     weights = {name: np.asarray(tensor) for name, tensor in weights.items()}
+    gemma2 = type(backbone).__name__ == "GemmaBackbone" and bool(gemma2_features(backbone))
     for i, block in enumerate(backbone.transformer_layers):
         attention = block.attention
         for layer in (attention.query_dense, attention.key_dense, attention.value_dense):
@@ -170,6 +207,9 @@ def hf_weights(backbone):
             # Every head, head-major (KerasHub's Gemma map keeps one k/v head, and
             # scrambles q unless heads x head_dim == hidden).
             weights[f"model.layers.{i}.{module}.weight"] = hf_weight(np.asarray(layer.kernel), layout)
+        if gemma2:
+            for hf_name, keras_name in GEMMA2_NORMS.items():
+                weights[f"model.layers.{i}.{hf_name}.weight"] = np.asarray(getattr(block, keras_name).scale)
     return weights
 
 

@@ -46,6 +46,13 @@ HUB_CHECKPOINTS = {
     "gemma_7b_en": "google/gemma-7b",
     "gemma_instruct_7b_en": "google/gemma-7b-it",
     "gemma_1.1_instruct_7b_en": "google/gemma-1.1-7b-it",
+    "gemma2_2b_en": "google/gemma-2-2b",
+    "gemma2_instruct_2b_en": "google/gemma-2-2b-it",
+    "gemma2_9b_en": "google/gemma-2-9b",
+    "gemma2_instruct_9b_en": "google/gemma-2-9b-it",
+    # Not gemma2_27b_en: keras-hub 0.32 scales its queries by 1/sqrt(128)
+    # (see export.query_scale_width), Google's google/gemma-2-27b by 1/sqrt(144);
+    # an adapter trained on the one is not for the other (use --with-base).
     "gemma3_270m": "google/gemma-3-270m",
     "gemma3_instruct_270m": "google/gemma-3-270m-it",
     "gemma3_1b": "google/gemma-3-1b-pt",
