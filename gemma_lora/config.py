@@ -269,11 +269,14 @@ class TrainConfig:
     def to_dict(self):
         return dataclasses.asdict(self)
 
-    def resolved_stop_strings(self):
-        """The stop strings in use: the given ones, else the template's (none with the chat format)."""
+    def resolved_stop_strings(self, chat=None):
+        """The stop strings in use: the given ones, else the template's (none with the chat format).
+
+        `chat`: whether the chat format is in use; None = `self.chat`.
+        """
         if self.stop_strings is not None:
             return list(self.stop_strings)
-        return [] if self.chat else list(TEMPLATE_STOP_STRINGS)
+        return [] if (self.chat if chat is None else chat) else list(TEMPLATE_STOP_STRINGS)
 
     def resolved_precision(self, platform):
         """The dtype policy to use on `platform` ("cpu", "gpu", "tpu")."""

@@ -84,17 +84,18 @@ def generate(causal_lm, instructions, config, batch_size=SLOTS, label=None):
     """
     tokenizer = causal_lm.preprocessor.tokenizer
     examples = [i if isinstance(i, Example) else Example(i, "") for i in instructions]
-    if chat.uses_chat(config, examples):
+    chat_format = chat.uses_chat(config, examples)
+    if chat_format:
         marks = chat.markers(tokenizer)
         stop_ids = marks.stop_ids
-        prompts = chat.prompt_ids([e if e.conversation else e.instruction for e in examples], tokenizer, marks)
+        prompts = chat.prompt_ids(examples, tokenizer, marks)
     else:
         stop_ids = [tokenizer.end_token_id]
         prompts = [
             [tokenizer.start_token_id, *map(int, ids)]
             for ids in _tokenize(tokenizer, [prompt_text(e, config) for e in examples])
         ]
-    stop_strings = config.resolved_stop_strings()
+    stop_strings = config.resolved_stop_strings(chat_format)
     progress = Progress(len(prompts), label, unit="row", enabled=bool(label and prompts))
 
     def ended(row, tokens):

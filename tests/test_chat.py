@@ -137,6 +137,13 @@ def test_prompts_ask_for_the_last_answer(tokenizer):
     assert tokenizer.detokenize([conversation])[0] == RENDERED[: RENDERED.rindex("model\n") + len("model\n")]
     assert tokenizer.detokenize([plain])[0] == "<start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n"
     assert plain[0] == conversation[0] == tokenizer.start_token_id
+    # Generation is asked exactly what training puts before each example's last answer.
+    examples = [conversation_example(), Example("Summarise it.", "Short.", context="A long text."),
+                Example("Q: Name a colour.\nA:", " Blue.", prompt="Q: Name a colour.\nA:")]
+    for example, prompt, row in zip(examples, chat.prompt_ids(examples, tokenizer, marks),
+                                    chat.encode(examples, tokenizer, marks)):
+        answer = row.ids[len(prompt):]
+        assert row.ids[: len(prompt)] == prompt and tokenizer.detokenize([answer])[0] == example.response.strip() + "<end_of_turn>"
 
 
 def write_chat_file(path, answer="OK.", rows=40):

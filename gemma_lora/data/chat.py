@@ -100,7 +100,7 @@ def conversation_problem(turns):
         None, or (problem, fix) strings for a `DataError`.
     """
     roles = [role for role, _ in turns]
-    listed = ", ".join(roles)
+    listed = ", ".join(roles) if len(roles) <= 8 else ", ".join(roles[:8]) + ", ..."
     if "system" in roles[1:]:
         number = roles.index("system", 1) + 1
         return (f"turn {number} of {len(turns)} ({listed}) is a system message; only the first turn may be one "
