@@ -141,8 +141,8 @@ class TrainConfig:
     chat: bool | None = _help(
         "Gemma's chat format: each example as <start_of_turn>user / <start_of_turn>model turns (a system "
         "message leads the first user turn), loss on every model turn and its <end_of_turn>, answers that stop "
-        "at <end_of_turn>; multi-turn conversations need it. The template and stop_strings are then unused. "
-        "None = on for conversation data (messages, sharegpt) and for instruction-tuned presets "
+        "at <end_of_turn>; multi-turn conversations need it. The template is then unused, and stop_strings "
+        "default to none. None = on for conversation data (messages, sharegpt) and for instruction-tuned presets "
         "(gemma_instruct_2b_en, gemma3_instruct_1b, ...), off otherwise.",
         default=None,
     )
