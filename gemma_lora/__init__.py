@@ -28,7 +28,9 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "run_training": "gemma_lora.pipeline",
+    "resolve_chat": "gemma_lora.pipeline",
     "resolve_preset": "gemma_lora.model",
+    "chat_format_of": "gemma_lora.model",
     "load_causal_lm": "gemma_lora.model",
     "enable_lora": "gemma_lora.model",
     "parameter_summary": "gemma_lora.model",

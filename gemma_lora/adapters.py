@@ -26,7 +26,7 @@ from gemma_lora.adapter_files import (  # noqa: F401  (re-exported: the adapter'
 )
 from gemma_lora.errors import AdapterError
 from gemma_lora.io import atomic_dir, atomic_path, write_text_atomic
-from gemma_lora.model import enable_lora, layers_with_weights, lora_layers
+from gemma_lora.model import CHAT_FORMAT_KEY, enable_lora, layers_with_weights, lora_layers
 from gemma_lora.quantize import float_embeddings, float_kernel, quantization_mode
 
 DEFAULT_TARGETS = ("query", "value")
@@ -74,13 +74,24 @@ def save_adapter(causal_lm, directory, config, extra=None):
         "stock_loader_compatible": alpha == config.lora_rank and sorted(config.lora_targets) == sorted(DEFAULT_TARGETS),
         "template": config.template,
         "context_template": config.context_template if config.include_context else None,
-        "stop_strings": list(config.stop_strings),
+        # How prompts are written for this adapter: "gemma" (Gemma's chat turns,
+        # answers ending at <end_of_turn>) or None (the template). generate,
+        # merge and the exporters read it.
+        "chat_format": recorded_chat_format(config),
+        "stop_strings": config.resolved_stop_strings(),
         "versions": versions(),
         "sha256": file_sha256(h5_path),
         **(extra or {}),
     }
     write_text_atomic(metadata_path(h5_path), json.dumps(info, indent=2) + "\n")
     return h5_path
+
+
+def recorded_chat_format(config):
+    """The `chat_format` a run with `config` records: "gemma" with Gemma's chat format, else None."""
+    from gemma_lora.data.chat import GEMMA
+
+    return GEMMA if config.chat else None
 
 
 def load_adapter(causal_lm, path, preset=None):
@@ -177,7 +188,7 @@ def _check_base(causal_lm, meta, path):
         )
 
 
-def merge_adapter(causal_lm, preset_dir, output_dir, precision="float32"):
+def merge_adapter(causal_lm, preset_dir, output_dir, precision="float32", chat_format=None):
     """Fold W + (alpha/rank)·A·B into a plain model and save it as a KerasHub preset.
 
     Args:
@@ -185,6 +196,8 @@ def merge_adapter(causal_lm, preset_dir, output_dir, precision="float32"):
         preset_dir: the base preset directory (a fresh copy without LoRA is loaded from it).
         output_dir: the new preset directory (must not exist).
         precision: dtype of the merged model's weights.
+        chat_format: the adapter's `chat_format` ("gemma" or None), recorded
+            in the preset's metadata.json so the merged model is used with it.
 
     Returns:
         The output directory; `keras_hub.models.CausalLM.from_preset(output_dir)`
@@ -199,11 +212,14 @@ def merge_adapter(causal_lm, preset_dir, output_dir, precision="float32"):
     if output_dir.exists():
         raise OutputError(f"{output_dir} already exists. Give a new directory for the merged model.")
     plain = merged_model(causal_lm, preset_dir, precision)
-    return save_preset(plain, output_dir)
+    return save_preset(plain, output_dir, chat_format)
 
 
-def save_preset(causal_lm, output_dir):
+def save_preset(causal_lm, output_dir, chat_format=None):
     """Save a whole model as a KerasHub preset directory, atomically (staged, then renamed).
+
+    A `chat_format` ("gemma") is added to the preset's metadata.json, where
+    `model.chat_format_of` finds it: KerasHub records no such thing itself.
 
     Raises:
         OutputError: `output_dir` exists or cannot be written (nothing partial is left).
@@ -215,6 +231,9 @@ def save_preset(causal_lm, output_dir):
         raise OutputError(f"{output_dir} already exists. Give a new directory for the model.")
     with atomic_dir(output_dir) as staging:
         causal_lm.save_to_preset(str(staging))
+        if chat_format:
+            metadata = staging / "metadata.json"
+            metadata.write_text(json.dumps({**json.loads(metadata.read_text()), CHAT_FORMAT_KEY: chat_format}, indent=4))
     return output_dir
 
 

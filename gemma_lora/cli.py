@@ -3,6 +3,7 @@
     gemma-lora train --preset tiny --sequence-length 128 --max-steps 20
     gemma-lora train --recipe                       # the classic KerasHub recipe
     gemma-lora generate --preset tiny --prompt "Name three colours."
+    gemma-lora generate --preset gemma3_instruct_1b --prompt "Hi!"   # chat turns: an instruction-tuned preset
     gemma-lora export runs/tiny-20261122-120000/adapter.lora.h5 hf_model/
     gemma-lora export runs/tiny-20261122-120000/adapter.lora.h5 model.gguf --to gguf
     gemma-lora export runs/tiny-20261122-120000/adapter.lora.h5 peft_adapter/ --to peft
@@ -29,14 +30,18 @@ from gemma_lora.errors import GemmaLoraError
 
 # Fields that make sense for `generate` (the rest only affect training).
 GENERATE_FIELDS = (
-    "preset", "preset_version", "precision", "quantize", "template", "max_new_tokens", "sampler",
+    "preset", "preset_version", "precision", "quantize", "chat", "template", "max_new_tokens", "sampler",
     "top_k", "stop_strings", "seed", "memory_fraction", "compilation_cache",
 )
 GENERATE_HELP = {
     "seed": "Seeds top-k sampling (--sampler top_k); greedy answers do not depend on it (default: 0).",
     "preset": "The model, as for train (default: the adapter's base model, else gemma_2b_en).",
+    "chat": "Write each prompt as a user turn of Gemma's chat format and stop answers at <end_of_turn> (default: as "
+            "the adapter was trained, else on for instruction-tuned presets such as gemma3_instruct_1b; --no-chat: "
+            "the template).",
     "template": "Prompt template; the prompt is everything before {response} (default: the adapter's, else the recipe's).",
-    "stop_strings": "Answers are cut at the first of these (default: the adapter's, else '\\nInstruction:').",
+    "stop_strings": "Answers are cut at the first of these (default: the adapter's, else '\\nInstruction:' with the "
+                    "template and none with the chat format).",
     "quantize": "int8 | int4 | none: store the base quantized (default: as the adapter was trained, else none).",
 }
 # The sweep sets rank, alpha and the method per variant; every other field is shared.
@@ -103,8 +108,9 @@ def build_parser():
 
     generate = commands.add_parser(
         "generate", help="Sample answers from a preset, optionally with an adapter.",
-        description="Answer prompts with a preset, or with an adapter on its base: then the base, template, stop "
-                    "strings and quantization come from the adapter's metadata unless a flag says otherwise.")
+        description="Answer prompts with a preset, or with an adapter on its base: then the base, chat format or "
+                    "template, stop strings and quantization come from the adapter's metadata unless a flag says "
+                    "otherwise.")
     add_field_flags(generate, GENERATE_FIELDS, helps=GENERATE_HELP)
     generate.add_argument("--prompt", action="append", required=True, help="An instruction (repeatable).")
     generate.add_argument("--adapter", help="A .lora.h5 adapter (e.g. RUN_DIR/adapter.lora.h5) to apply.")
@@ -163,7 +169,7 @@ def build_parser():
 
     info = commands.add_parser("info", help="Show what a run directory, adapter or preset holds.",
                                description="A short summary: base model, method, steps, losses before and after, "
-                                           "<eos> share and files of a run; rank, targets and base of an adapter; "
+                                           "share of answers that end and files of a run; rank, targets and base of an adapter; "
                                            "architecture and size of a preset.")
     info.add_argument("target", help="A run directory, a .lora.h5 adapter, a preset directory, or a preset name.")
     info.add_argument("--json", action="store_true", help="Print the raw JSON records instead of the summary.")
@@ -298,12 +304,12 @@ def run_generate(args):
     recorded = {"base_preset": "preset", "base_preset_version": "preset_version", "quantize": "quantize",
                 "template": "template", "stop_strings": "stop_strings"}
     defaults = {field: meta[key] for key, field in recorded.items() if key in meta}
-    if meta.get("data_format") in ("completion", "text"):
+    if "chat_format" in meta:
+        defaults["chat"] = meta["chat_format"] is not None
+    if meta.get("data_format") in ("completion", "text") and not meta.get("chat_format"):
         # Trained on prompts as written (no instruction template): give the prompt as it is.
         defaults["template"] = "{instruction}{response}"
     config = config_from_args(args, GENERATE_FIELDS, defaults)
-    if meta:
-        print(f"adapter {args.adapter}: base {config.preset}, its template and stop strings")
     from gemma_lora import runtime
 
     runtime.configure_runtime(config.memory_fraction, config.seed, config.compilation_cache)
@@ -311,6 +317,13 @@ def run_generate(args):
     from gemma_lora.sampling import generate
 
     preset_dir = model.resolve_preset(config.preset, config.preset_version)
+    if config.chat is None:
+        config = dataclasses.replace(config, chat=model.chat_format_of(config.preset, preset_dir) is not None)
+    if meta:
+        prompts = "Gemma's chat format" if config.chat else "its template and stop strings"
+        print(f"adapter {args.adapter}: base {config.preset}, {prompts}")
+    elif config.chat:
+        print(f"{config.preset}: prompts as user turns of Gemma's chat format, answers stop at <end_of_turn>")
     causal_lm = model.load_causal_lm(preset_dir, config.resolved_precision(model.platform()), quantize=config.quantize,
                                      frozen_base=True)
     if args.adapter:
@@ -354,10 +367,12 @@ def _merged(args):
 
 def run_merge(args):
     causal_lm, preset_dir, config, precision, described = _merged(args)
-    from gemma_lora.adapters import merge_adapter
+    from gemma_lora.adapters import merge_adapter, read_metadata
 
-    out = merge_adapter(causal_lm, preset_dir, args.output_dir, precision)
-    print(f"merged {args.adapter} into {config.preset}: {out} ({described})")
+    chat_format = (read_metadata(args.adapter) or {}).get("chat_format")
+    out = merge_adapter(causal_lm, preset_dir, args.output_dir, precision, chat_format=chat_format)
+    chat = f"; its metadata.json records chat_format {chat_format!r}" if chat_format else ""
+    print(f"merged {args.adapter} into {config.preset}: {out} ({described}{chat})")
 
 
 def run_export(args):

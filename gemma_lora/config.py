@@ -20,6 +20,8 @@ from gemma_lora.errors import ConfigError
 
 RECIPE_TEMPLATE = "Instruction:\n{instruction}\n\nResponse:\n{response}"
 CONTEXT_TEMPLATE = "Instruction:\n{instruction}\n\nContext:\n{context}\n\nResponse:\n{response}"
+# Where an answer is cut with the template: the start of a new templated block.
+TEMPLATE_STOP_STRINGS = ("\nInstruction:",)
 RECIPE_PROMPTS = (
     "What should I do on a trip to Europe?",
     "Explain the process of photosynthesis in a way that a child could understand.",
@@ -113,8 +115,8 @@ class TrainConfig:
         "auto | " + " | ".join(DATA_FORMATS[1:]) + ": how a record reads. auto: from the first record's keys. "
         "dolly: instruction, response, optional context; alpaca: instruction, output, optional input (as a "
         "context); completion: prompt, completion (the prompt as written, loss on the completion); messages: "
-        "[{role, content}...]; sharegpt: conversations [{from, value}...] (one user/assistant exchange each, "
-        "until the chat format); text: text (loss on every token).",
+        "[{role, content}...]; sharegpt: conversations [{from, value}...] (both in Gemma's chat format, see chat); "
+        "text: text (loss on every token).",
         default="auto",
     )
     fields: dict[str, str] = _help(
@@ -132,6 +134,20 @@ class TrainConfig:
         "Keep rows with a context (Dolly's context, Alpaca's non-empty input), formatted with "
         "context_template; the recipe drops them.",
         default=False,
+    )
+    skip_bad_rows: bool = _help(
+        "Leave out records that do not fit their format (a missing or empty field, a conversation that ends "
+        "with the user, an unknown role, ...) and count them, instead of stopping at the first. A file or line "
+        "that cannot be read still stops the run.",
+        default=False,
+    )
+    chat: bool | None = _help(
+        "Gemma's chat format: each example as <start_of_turn>user / <start_of_turn>model turns (a system "
+        "message leads the first user turn), loss on every model turn and its <end_of_turn>, answers that stop "
+        "at <end_of_turn>; multi-turn conversations need it. The template is then unused, and stop_strings "
+        "default to none. None = on for conversation data (messages, sharegpt) and for instruction-tuned presets "
+        "(gemma_instruct_2b_en, gemma3_instruct_1b, ...), off otherwise.",
+        default=None,
     )
     template: str = _help("Template for rows without context.", default=RECIPE_TEMPLATE)
     context_template: str = _help(
@@ -234,9 +250,10 @@ class TrainConfig:
     max_new_tokens: int = _help("Most tokens generated per sample.", default=128)
     sampler: str = _help("greedy | top_k.", default="greedy")
     top_k: int = _help("k for the top_k sampler.", default=5)
-    stop_strings: list[str] = _help(
-        "Generation is cut at the first of these (default: the start of a new templated block).",
-        default_factory=lambda: ["\nInstruction:"],
+    stop_strings: list[str] | None = _help(
+        "Generation is cut at the first of these. None = '\\nInstruction:' (the start of a new templated "
+        "block) with the template, none with the chat format (answers end at <end_of_turn>).",
+        default=None,
     )
     # Devices
     distribution: str = _help(
@@ -288,6 +305,15 @@ class TrainConfig:
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+    def resolved_stop_strings(self, chat=None):
+        """The stop strings in use: the given ones, else the template's (none with the chat format).
+
+        `chat`: whether the chat format is in use; None = `self.chat`.
+        """
+        if self.stop_strings is not None:
+            return list(self.stop_strings)
+        return [] if (self.chat if chat is None else chat) else list(TEMPLATE_STOP_STRINGS)
 
     def resolved_precision(self, platform):
         """The dtype policy to use on `platform` ("cpu", "gpu", "tpu")."""
@@ -472,6 +498,11 @@ def validate(config):
     )
     need(c.data_split is None or c.data_split.strip() != "", "data_split is empty: name a split, e.g. train.")
     need(
+        not (c.chat and c.data_format == "text"),
+        "chat=True writes prompts and answers as turns, and text data has neither; drop --chat or choose "
+        "another data_format.",
+    )
+    need(
         c.metric is None or c.metric in METRICS,
         f"metric={c.metric!r} must be one of {', '.join(METRICS)} or None.",
     )
@@ -552,7 +583,7 @@ def validate(config):
     need(c.max_new_tokens > 0, f"max_new_tokens={c.max_new_tokens} must be > 0.")
     need(c.sampler in SAMPLERS, f"sampler={c.sampler!r} must be one of {', '.join(SAMPLERS)}.")
     need(c.top_k > 0, f"top_k={c.top_k} must be > 0.")
-    need(all(s for s in c.stop_strings), "stop_strings must not contain an empty string.")
+    need(all(s for s in c.stop_strings or ()), "stop_strings must not contain an empty string.")
     need(
         c.distribution in DISTRIBUTIONS,
         f"distribution={c.distribution!r} must be one of {', '.join(DISTRIBUTIONS)}.",

@@ -1,6 +1,6 @@
 """What a run directory, an adapter or a preset holds, in a few lines (`gemma-lora info`).
 
-    gemma-lora info runs/demo-20261130-101500      # base, method, steps, losses, <eos> share, files
+    gemma-lora info runs/demo-20261130-101500      # base, method, steps, losses, share of answers that end, files
     gemma-lora info runs/.../adapter.lora.h5       # rank, alpha, targets, base, parameters
     gemma-lora info demo                           # a preset: architecture and size
     gemma-lora info runs/... --json                # the raw records instead
@@ -47,7 +47,7 @@ def run_lines(run_dir, as_json=False):
     config, summary, meta = records.get("config.json", {}), records.get("summary.json"), records.get("adapter.json")
     lines = [f"run: {run_dir}"]
     lines.append(f"  base model: {config.get('preset')}" + _version(config.get("preset_version")))
-    lines.append("  method: " + _method(config))
+    lines.append("  method: " + _method(config) + ("; Gemma's chat format" if config.get("chat") else ""))
     if summary is None:
         from_checkpoints = sorted((run_dir / "checkpoints").glob("step-*.npz"))
         state = f"last checkpoint {from_checkpoints[-1].name}" if from_checkpoints else "no checkpoint yet"
@@ -66,7 +66,7 @@ def run_lines(run_dir, as_json=False):
         answers_before, answers_after = summary.get("answers_before", {}), summary.get("answers_after", {})
         for split, a in answers_after.items():
             was = f"{a_share(answers_before[split])} → " if split in answers_before else ""
-            lines.append(f"  {split} answers ending with <eos>: {was}{a_share(a)}")
+            lines.append(f"  {split} answers ending with {a.get('stop_tokens', ['<eos>'])[0]}: {was}{a_share(a)}")
     if meta:
         lines.append(f"  adapter: {run_dir / 'adapter.lora.h5'} (rank {meta.get('rank')}, alpha {meta.get('alpha')})")
     lines.append("  files: " + ", ".join(_file_list(run_dir)))
@@ -89,6 +89,7 @@ def adapter_lines(path, as_json=False):
         f"({meta.get('backbone_class')}{', base ' + meta['quantize'] if meta.get('quantize') else ''})"
     )
     lines.append(f"  alpha {meta.get('alpha')} on {', '.join(meta.get('targets', []))}")
+    lines.append("  prompts: " + ("Gemma's chat format" if meta.get("chat_format") else "the template"))
     if meta.get("data"):
         lines.append(f"  trained on {meta['data']} (fingerprint {meta.get('data_fingerprint')}), split {meta.get('split')}")
     for split in ("validation", "test"):
@@ -127,7 +128,8 @@ def _resolve_name(name):
 
 def a_share(answers):
     n = answers.get("rows", 0)
-    share = answers.get("eos_share") or 0.0
+    # Runs written before the chat format recorded the share as eos_share.
+    share = answers.get("model_ended_share", answers.get("eos_share")) or 0.0
     return f"{round(share * n)}/{n} ({share:.0%})"
 
 

@@ -112,7 +112,15 @@ class StepEngine:
         self.synced = False
 
     def sync(self):
-        """Write the state into the Keras model's and optimizer's variables."""
+        """Write the state into the Keras model's and optimizer's variables (once per step).
+
+        Keras' `Callback.model` calls the model's `jax_state_sync` at every
+        access; a second write after the first would undo what a callback
+        assigned in between, so, like Keras' own trainer, sync only once
+        until the next step changes the state.
+        """
+        if self.synced:
+            return
         for variable, value in zip(self.causal_lm.trainable_variables, self.trainable):
             variable.assign(value)
         for variable, value in zip(self.optimizer.variables, self.optimizer_values):
@@ -219,6 +227,7 @@ def run(engine, config, callbacks=(), start=None, learning_rate=None, evaluate=N
                 if index == skip or done % accumulation == 0:
                     scale = accumulation / max(window_weight(done), 1.0)
                 step_nll, step_weight, step_loss = engine.step(batches[index], scale)
+                engine.synced = False  # the state moved on from what the Keras variables hold
                 done += 1
                 taken += 1
                 nll, weight, losses = nll + step_nll, weight + step_weight, losses + step_loss

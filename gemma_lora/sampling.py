@@ -1,12 +1,15 @@
-"""Prompts in, text out (the package's `generate`): greedy or top-k, stopping at <eos> and at stop strings.
+"""Prompts in, text out (the package's `generate`): greedy or top-k, stopping at the model's stop token and at stop strings.
 
-Prompts are templated and tokenized here. Gemma 1 and Gemma 3 text models
-decode with `gemma_lora.decode` (a key/value cache, continuous batching,
-compiled once per shape; why not KerasHub's `generate` is said there); other
-models (quantized bases, architectures the fast path does not implement)
-go through KerasHub's compiled `generate` in fixed-size batches. Either way
-the output tokens show whether the model itself ended its answer with
-`<eos>` (a string output would hide that).
+Prompts are templated (or written as a user turn of Gemma's chat format) and
+tokenized here. The model's own stop token is `<eos>` with the template, and
+`<end_of_turn>` (or `<eos>`) with the chat format.
+
+Gemma 1 and Gemma 3 text models decode with `gemma_lora.decode` (a key/value
+cache, continuous batching, compiled once per shape; why not KerasHub's
+`generate` is said there); other models (quantized bases, architectures the
+fast path does not implement) go through KerasHub's compiled `generate` in
+fixed-size batches. Either way the output tokens show whether the model
+itself ended its answer with its stop token (a string output would hide that).
 """
 
 import dataclasses
@@ -16,7 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from gemma_lora import decode, runtime
-from gemma_lora.data import Example, prompt_text
+from gemma_lora.data import Example, chat, prompt_text
 from gemma_lora.progress import Progress
 
 runtime.ensure_runtime()
@@ -32,29 +35,47 @@ _SAMPLERS = weakref.WeakKeyDictionary()  # model -> the sampler settings its Ker
 @dataclass
 class Sample:
     instruction: str
-    text: str  # the answer, cut at <eos> or the first stop string
-    ended_with_eos: bool  # the model ended the answer with <eos> (before any stop string)
+    text: str  # the answer, cut at the model's stop token or the first stop string
+    # The stop token the model ended the answer with (before any stop string):
+    # "<eos>", or "<end_of_turn>" with the chat format; None if it did not end it.
+    stop_token: str | None
     stop_string: str | None  # the stop string the answer was cut at, if any
     new_tokens: int
 
     @property
+    def ended_by_model(self):
+        """The model ended the answer itself, with its stop token."""
+        return self.stop_token is not None
+
+    @property
     def ended(self):
-        return self.ended_with_eos or self.stop_string is not None
+        return self.ended_by_model or self.stop_string is not None
 
     def to_dict(self):
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, record):
+        """A Sample from `to_dict`'s record, or from one written before `stop_token` (its `ended_with_eos`)."""
+        record = dict(record)
+        if "ended_with_eos" in record:
+            record["stop_token"] = "<eos>" if record.pop("ended_with_eos") else None
+        return cls(**record)
+
 
 def generate(causal_lm, instructions, config, batch_size=SLOTS, label=None):
-    """Answer each instruction with the configured template, sampler and limits.
+    """Answer each instruction with the configured template or chat format, sampler and limits.
 
     Args:
         causal_lm: a KerasHub CausalLM with a preprocessor (for its tokenizer).
-        instructions: list of str (templated as instructions), or of
-            `data.Example`s, answered from their whole prompt (`prompt_text`:
-            the context, or a completion's prompt as written).
-        config: a `TrainConfig` (template, sampler, top_k, seed,
-            max_new_tokens, stop_strings).
+        instructions: list of str (templated as instructions, or a user turn
+            with the chat format), or of `data.Example`s, answered from their
+            whole prompt (`prompt_text`: the context, or a completion's prompt
+            as written; with the chat format, a conversation's turns before
+            its last answer).
+        config: a `TrainConfig` (chat, template, sampler, top_k, seed,
+            max_new_tokens, stop_strings). With `config.chat` None, the chat
+            format is used for conversation examples (`chat.uses_chat`).
         batch_size: rows decoded together.
         label: str or None; with a label, progress (rows done / total) is shown.
 
@@ -62,39 +83,46 @@ def generate(causal_lm, instructions, config, batch_size=SLOTS, label=None):
         A list of `Sample`, one per instruction, in order.
     """
     tokenizer = causal_lm.preprocessor.tokenizer
-    eos = tokenizer.end_token_id
     examples = [i if isinstance(i, Example) else Example(i, "") for i in instructions]
-    prompts = [
-        [tokenizer.start_token_id, *map(int, ids)]
-        for ids in _tokenize(tokenizer, [prompt_text(e, config) for e in examples])
-    ]
+    chat_format = chat.uses_chat(config, examples)
+    if chat_format:
+        marks = chat.markers(tokenizer)
+        stop_ids = marks.stop_ids
+        prompts = chat.prompt_ids(examples, tokenizer, marks)
+    else:
+        stop_ids = [tokenizer.end_token_id]
+        prompts = [
+            [tokenizer.start_token_id, *map(int, ids)]
+            for ids in _tokenize(tokenizer, [prompt_text(e, config) for e in examples])
+        ]
+    stop_strings = config.resolved_stop_strings(chat_format)
     progress = Progress(len(prompts), label, unit="row", enabled=bool(label and prompts))
 
     def ended(row, tokens):
         # A stop string in the text so far ends the row now instead of at max_new_tokens.
-        return config.stop_strings and cut_at_stop_strings(_detokenize(tokenizer, tokens), config.stop_strings)[1]
+        return stop_strings and cut_at_stop_strings(_detokenize(tokenizer, tokens), stop_strings)[1]
 
     try:
         outputs = decode.decode_tokens(
-            causal_lm, prompts, config.max_new_tokens, [eos], greedy=config.sampler == "greedy",
+            causal_lm, prompts, config.max_new_tokens, stop_ids, greedy=config.sampler == "greedy",
             top_k=config.top_k, seed=config.seed, slots=batch_size, ended=ended,
             progress=lambda done, tokens: progress.update(done - progress.n, tokens=tokens),
         )
     except decode.Unsupported:
-        outputs = _keras_hub_generate(causal_lm, prompts, config, batch_size, progress)
+        outputs = _keras_hub_generate(causal_lm, prompts, config, batch_size, progress, stop_ids)
     progress.close()
-    return [_sample(tokenizer, e.instruction, new, config) for e, new in zip(examples, outputs)]
+    return [_sample(tokenizer, e.instruction, new, config, stop_ids, stop_strings) for e, new in zip(examples, outputs)]
 
 
-def _sample(tokenizer, instruction, new, config):
-    eos = tokenizer.end_token_id
+def _sample(tokenizer, instruction, new, config, stop_ids, stop_strings):
     new = list(new[: config.max_new_tokens])
-    ended = eos in new
-    if ended:
-        new = new[: new.index(eos)]
-    text, stop = cut_at_stop_strings(_detokenize(tokenizer, new), config.stop_strings)
-    # An answer cut at a stop string did not end with <eos> at its own end.
-    return Sample(instruction, text, ended and stop is None, stop, len(new) + int(ended))
+    at = next((i for i, token in enumerate(new) if token in stop_ids), None)
+    stop_token = None
+    if at is not None:
+        stop_token, new = tokenizer.id_to_token(new[at]), new[:at]
+    text, stop = cut_at_stop_strings(_detokenize(tokenizer, new), stop_strings)
+    # An answer cut at a stop string did not end with the stop token at its own end.
+    return Sample(instruction, text, stop_token if stop is None else None, stop, len(new) + int(at is not None))
 
 
 def _tokenize(tokenizer, texts):
@@ -114,7 +142,7 @@ def make_sampler(config):
     return keras_hub.samplers.TopKSampler(k=config.top_k, seed=config.seed)
 
 
-def _keras_hub_generate(causal_lm, prompts, config, batch_size, progress):
+def _keras_hub_generate(causal_lm, prompts, config, batch_size, progress, stop_ids):
     """New tokens per prompt from KerasHub's `generate`, in batches of exactly `batch_size` rows.
 
     The last batch is padded with copies of a prompt, and prompt room is
@@ -127,22 +155,25 @@ def _keras_hub_generate(causal_lm, prompts, config, batch_size, progress):
         causal_lm.sampler = make_sampler(config)
         causal_lm.generate_function = None
         _SAMPLERS[causal_lm] = sampler_key
-    tokenizer = causal_lm.preprocessor.tokenizer
-    eos, pad = tokenizer.end_token_id, tokenizer.pad_token_id
+    pad = causal_lm.preprocessor.tokenizer.pad_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # like lengths share a batch
     outputs = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         batch = [prompts[i] for i in rows]
         batch += [batch[-1]] * (batch_size - len(batch))
-        for i, new in zip(rows, keras_hub_batch(causal_lm, batch, config.max_new_tokens, eos, pad)):
+        for i, new in zip(rows, keras_hub_batch(causal_lm, batch, config.max_new_tokens, stop_ids, pad)):
             outputs[i] = new
         progress.update(len(rows))
     return outputs
 
 
-def keras_hub_batch(causal_lm, prompts, max_new_tokens, eos, pad=0):
-    """The new tokens KerasHub's compiled `generate` writes after each prompt (up to <eos>, kept)."""
+def keras_hub_batch(causal_lm, prompts, max_new_tokens, stop_ids, pad=0):
+    """The new tokens KerasHub's compiled `generate` writes after each prompt (up to the first of `stop_ids`, kept).
+
+    `stop_ids`: a list of token ids (or one id, e.g. `<eos>`'s).
+    """
+    stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
     length = -(-max(map(len, prompts)) // 64) * 64 + max_new_tokens
     token_ids = np.full((len(prompts), length), pad, dtype=np.int32)
     padding_mask = np.zeros((len(prompts), length), dtype=bool)
@@ -160,39 +191,53 @@ def keras_hub_batch(causal_lm, prompts, max_new_tokens, eos, pad=0):
     preprocessor = causal_lm.preprocessor
     causal_lm.preprocessor = None
     try:
-        output = causal_lm.generate(inputs, stop_token_ids=[eos])
+        output = causal_lm.generate(inputs, stop_token_ids=stop_ids)
     finally:
         causal_lm.preprocessor = preprocessor
     out_ids = np.asarray(output["token_ids"])
     results = []
     for row, ids in enumerate(prompts):
         new = out_ids[row, len(ids) : len(ids) + max_new_tokens].tolist()
-        results.append(new[: new.index(eos) + 1] if eos in new else new)
+        at = next((i for i, token in enumerate(new) if token in stop_ids), None)
+        results.append(new if at is None else new[: at + 1])
     return results
 
 
 def answer_endings(causal_lm, examples, config, batch_size=SLOTS, label=None):
     """Greedy-answer held-out rows (each from its whole prompt) and count how the answers end.
 
-    The share that the model itself ends with `<eos>` within
-    `max_new_tokens` is the measure that matters: a user's answer should stop
-    on its own, and stop strings only tidy up one that does not.
+    The share that the model itself ends with its stop token (`<eos>`, or
+    `<end_of_turn>` with the chat format) within `max_new_tokens` is the
+    measure that matters: a user's answer should stop on its own, and stop
+    strings only tidy up one that does not.
 
     Returns:
-        dict with `rows`, `eos_share` (ended by <eos>), `ended_share` (by
-        <eos> or a stop string) and `samples` (the `Sample`s, in row order).
+        `endings` of the answers.
     """
     greedy = dataclasses.replace(config, sampler="greedy")
-    samples = generate(causal_lm, list(examples), greedy, batch_size, label=label)
-    return endings(samples)
+    examples = list(examples)
+    samples = generate(causal_lm, examples, greedy, batch_size, label=label)
+    return endings(samples, chat.uses_chat(config, examples))
 
 
-def endings(samples):
-    """{rows, eos_share, ended_share, samples} of a list of `Sample`s."""
+def endings(samples, chat_format=False):
+    """How a list of `Sample`s ended.
+
+    Args:
+        samples: list of `Sample`.
+        chat_format: bool, default False; they were generated with the chat format.
+
+    Returns:
+        dict with `rows`, `model_ended_share` (the share the model ended with
+        its stop token), `ended_share` (by its stop token or a stop string),
+        `stop_tokens` (the tokens that count: ["<end_of_turn>", "<eos>"] with
+        the chat format, else ["<eos>"]) and `samples` (in row order).
+    """
     n = len(samples)
     return {
         "rows": n,
-        "eos_share": sum(s.ended_with_eos for s in samples) / n if n else float("nan"),
+        "stop_tokens": [chat.END_OF_TURN, "<eos>"] if chat_format else ["<eos>"],
+        "model_ended_share": sum(s.ended_by_model for s in samples) / n if n else float("nan"),
         "ended_share": sum(s.ended for s in samples) / n if n else float("nan"),
         "samples": samples,
     }

@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from gemma_lora.config import resolve_config
+from gemma_lora.config import TrainConfig, resolve_config
 from gemma_lora.errors import ConfigError, TrainingError
 from gemma_lora.io import atomic_path, prepare_output_dir, read_json, write_text_atomic
 
@@ -65,8 +65,9 @@ COLUMNS = {
     "validation_sem": "its standard error over rows",
     "test_loss": "test response-token loss after training",
     "test_sem": "its standard error over rows",
-    "eos_share": "share of greedy test answers the model ended with <eos> within max_new_tokens (n/a with answer_splits empty)",
-    "samples_eos": "after-training samples that ended with <eos>",
+    "model_ended_share": "share of greedy test answers the model ended with its stop token (<eos>, or <end_of_turn> "
+                         "with the chat format) within max_new_tokens (n/a with answer_splits empty)",
+    "samples_ended": "after-training samples the model ended with its stop token",
     "reason": "why a variant failed",
 }
 
@@ -254,7 +255,7 @@ def read_row(run_dir, variant):
         variant=variant.name,
         rank="full" if config.full_finetune else config.lora_rank,
         alpha=None if config.full_finetune else (config.lora_alpha if config.lora_alpha is not None else config.lora_rank),
-        eos_share="n/a",
+        model_ended_share="n/a",
     )
     run_dir = Path(run_dir)
     if not _finished(run_dir):
@@ -276,8 +277,8 @@ def read_row(run_dir, variant):
         validation_sem=sem.get("validation"),
         test_loss=after.get("test"),
         test_sem=sem.get("test"),
-        eos_share=_eos_share(summary),
-        samples_eos=_samples_eos(run_dir / "samples.json"),
+        model_ended_share=_model_ended_share(summary),
+        samples_ended=_samples_ended(run_dir / "samples.json"),
     )
     measured = run_dir / MEASURED_FILE
     if measured.is_file():
@@ -318,7 +319,7 @@ def load_results(series_dir):
 def markdown_table(rows):
     """The main columns as a Markdown table (every column is in results.csv)."""
     header = ["variant", "status", "trainable params", "saved MB", "train s", "tokens/s",
-              "peak MB", "final train loss", "validation loss", "test loss", "eos share", "samples eos"]
+              "peak MB", "final train loss", "validation loss", "test loss", "answers ended", "samples ended"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [
@@ -329,7 +330,7 @@ def markdown_table(rows):
             _fmt(r["final_train_loss"], "{:.4f}"),
             _with_error(r["validation_loss"], r["validation_sem"]),
             _with_error(r["test_loss"], r["test_sem"]),
-            _fmt(r["eos_share"], "{:.0%}"), _fmt(r["samples_eos"], "{}"),
+            _fmt(r["model_ended_share"], "{:.0%}"), _fmt(r["samples_ended"], "{}"),
         ]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
@@ -397,7 +398,8 @@ def samples_side_by_side(rows, series_dir):
         cells = [sample["instruction"], _answer(sample["before"])]
         cells += [_answer(records[r["variant"]][i]["after"]) for r in done]
         lines.append("| " + " | ".join(cells) + " |")
-    return "Answers ending in `<eos>` are marked ⏹; others stopped at a stop string or the length limit.\n\n" + "\n".join(lines) + "\n"
+    return ("Answers the model ended with its stop token (`<eos>`, or `<end_of_turn>` with the chat format) are "
+            "marked ⏹; others stopped at a stop string or the length limit.\n\n" + "\n".join(lines) + "\n")
 
 
 def default_series_dir(config, what):
@@ -466,12 +468,22 @@ def _changed_settings(saved, config):
 
     Not the output directory, nor answer_before: only the first variant of a
     series answers before training, and which one is first depends on the ranks.
+    Nor a field left to the run (chat and stop_strings None: config.json
+    records what the run chose), nor one added since the run was saved, at
+    its default.
     """
     want = json.loads(json.dumps(config.to_dict()))  # Tuples become lists, as in the saved file.
+    defaults = json.loads(json.dumps(TrainConfig().to_dict()))
+
+    def same(k):
+        if k in ("chat", "stop_strings") and want.get(k) is None:
+            return True
+        return saved.get(k, defaults.get(k)) == want.get(k)
+
     return {
         k: (saved.get(k), want.get(k))
         for k in sorted(set(saved) | set(want))
-        if k not in ("output_dir", "answer_before") and saved.get(k) != want.get(k)
+        if k not in ("output_dir", "answer_before") and not same(k)
     }
 
 
@@ -517,25 +529,31 @@ def _final_train_loss(metrics_csv):
     return float(value) if value not in (None, "") else None
 
 
-def _eos_share(summary):
-    """The share of held-out greedy answers the model ended with <eos> (test split preferred)."""
+def _model_ended_share(summary):
+    """The share of held-out greedy answers the model ended with its stop token (test split preferred)."""
     answers = summary.get("answers_after") or {}
     for split in ("test", "validation"):
         if split in answers:
-            return answers[split]["eos_share"]
+            # Runs written before the chat format recorded it as eos_share.
+            return answers[split].get("model_ended_share", answers[split].get("eos_share"))
     return "n/a"  # answer_splits was empty
 
 
-def _samples_eos(samples_json):
+def _samples_ended(samples_json):
     if not samples_json.is_file():
         return None
     records = read_json(samples_json, TrainingError, RERUN)
-    return f"{sum(r['after']['ended_with_eos'] for r in records)}/{len(records)}"
+    return f"{sum(_ended_by_model(r['after']) for r in records)}/{len(records)}"
+
+
+def _ended_by_model(sample):
+    # Samples written before the chat format have ended_with_eos instead of stop_token.
+    return sample.get("stop_token") is not None or bool(sample.get("ended_with_eos"))
 
 
 def _answer(sample):
     text = sample["text"].strip().replace("|", "\\|").replace("\n", "<br>")
-    return (text or "(empty)") + (" ⏹" if sample["ended_with_eos"] else "")
+    return (text or "(empty)") + (" ⏹" if _ended_by_model(sample) else "")
 
 
 def _fmt(value, pattern):

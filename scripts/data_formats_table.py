@@ -8,15 +8,18 @@ its prompt, messages, sharegpt, text) and each file type (JSONL, JSON array,
 CSV, Parquet, a Hugging Face dataset folder) into a temporary directory, reads
 each through the package as `gemma-lora train --data FILE` would (format
 detected), tokenizes it with the preset's tokenizer and prints a Markdown
-table. The four instruction formats and completion should carry the same loss
-tokens (the same responses after the same prompts); text carries loss on
-every token. "same arrays as dolly JSONL" means the file gave token ids,
-labels and loss weights identical to those of the dolly-format JSONL file
-(text: of the text JSONL file). Needs pyarrow and datasets (`.[test]`).
+table. dolly, alpaca and completion should carry the same loss tokens (the
+same responses after the same prompts); messages and sharegpt take Gemma's
+chat format (one exchange each), as the dolly file read with --chat; text
+carries loss on every token. "same arrays as dolly JSONL" means the file gave
+token ids, labels and loss weights identical to those of the dolly-format
+JSONL file (conversations: of that file with --chat; text: of the text JSONL
+file). Needs pyarrow and datasets (`.[test]`).
 """
 
 import argparse
 import csv
+import dataclasses
 import gzip
 import json
 import os
@@ -98,11 +101,11 @@ def main():
           "response-only loss (the package defaults)\n")
     print("| format | file type | records read | examples | loss tokens | result |")
     print("|---|---|---:|---:|---:|---|")
-    references = {}  # the arrays of dolly JSONL (text: of text JSONL)
+    references = {}  # the arrays of dolly JSONL (with --chat for conversations; text: of text JSONL)
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in data.FORMATS:
             rows = [shapes(i, r)[fmt] for i, r in sample]
-            group = "text" if fmt == "text" else "dolly"
+            group = {"text": "text", "messages": "dolly --chat", "sharegpt": "dolly --chat"}.get(fmt, "dolly")
             for file_type in FILE_TYPES:
                 spec = write(Path(tmp) / fmt / file_type.replace(" ", "-"), file_type, rows)
                 config = resolve_config(overrides=dict(data=spec, limit=len(rows), validation_rows=0, test_rows=0))
@@ -115,6 +118,9 @@ def main():
                     continue
                 seconds = time.perf_counter() - start
                 arrays = [tokenized.token_ids, tokenized.labels, tokenized.weights]
+                if fmt == "dolly" and file_type == "jsonl":
+                    chat = data.tokenize_rows(dataset.examples, tokenizer, dataclasses.replace(config, chat=True))
+                    references["dolly --chat"] = [chat.token_ids, chat.labels, chat.weights]
                 if group not in references:
                     references[group], same = arrays, "the reference arrays"
                 else:

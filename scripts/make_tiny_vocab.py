@@ -41,8 +41,11 @@ def main():
         bos_piece="<bos>",
         unk_piece="<unk>",
         byte_fallback=True,
-        # Keep "\n" as a piece so the template's line breaks survive.
-        user_defined_symbols=["\n"],
+        # Keep "\n" as a piece so the template's line breaks survive, and
+        # Gemma's turn markers as single pieces for the chat format (user-
+        # defined, as in Gemma's own vocabulary: text holding a marker
+        # tokenizes to it too).
+        user_defined_symbols=["\n", "<start_of_turn>", "<end_of_turn>"],
         remove_extra_whitespaces=False,
         normalization_rule_name="identity",
         add_dummy_prefix=False,

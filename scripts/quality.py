@@ -71,12 +71,12 @@ def quality_rows(series_dir, rows):
             "variant": "base (no training)", "trainable_parameters": 0, "train_seconds": None,
             "validation_loss": before["token_loss"].get("validation"), "validation_sem": None,
             "test_loss": before["token_loss"].get("test"), "test_sem": None,
-            "eos_share": base_answers.get("eos_share"),
+            "model_ended_share": base_answers.get("model_ended_share", base_answers.get("eos_share")),
         })
     for r in rows:
         table.append({key: r.get(key) for key in (
             "variant", "status", "reason", "trainable_parameters", "train_seconds",
-            "validation_loss", "validation_sem", "test_loss", "test_sem", "eos_share")})
+            "validation_loss", "validation_sem", "test_loss", "test_sem", "model_ended_share")})
     base_test = table[0]["test_loss"] if done else None
     for row in table:
         if base_test and isinstance(row.get("test_loss"), float):
@@ -93,7 +93,7 @@ def markdown(table, base):
     lines = [
         f"Settings: {settings}. Losses are mean cross-entropy per response token (nats), ± standard error over rows.",
         "",
-        "| variant | trainable params | train s | validation loss | test loss | test vs base | test answers ending in <eos> |",
+        "| variant | trainable params | train s | validation loss | test loss | test vs base | test answers the model ended (<eos>, or <end_of_turn> with chat) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in table:
@@ -103,7 +103,7 @@ def markdown(table, base):
         lines.append("| " + " | ".join([
             r["variant"], f"{r['trainable_parameters']:,}", _num(r["train_seconds"], "{:.0f}"),
             _with_sem(r["validation_loss"], r["validation_sem"]), _with_sem(r["test_loss"], r["test_sem"]),
-            _num(r.get("test_change"), "{:+.1%}"), _num(r["eos_share"], "{:.0%}"),
+            _num(r.get("test_change"), "{:+.1%}"), _num(r["model_ended_share"], "{:.0%}"),
         ]) + " |")
     return "\n".join(lines) + "\n"
 

@@ -44,12 +44,14 @@ def test_train_end_to_end_through_the_console_script(tmp_path):
     assert summary["train"]["steps"] == 2 and summary["data"]["rows"] == {"train": 8, "validation": 4, "test": 4}
     assert "validation_token_loss" in (run_dir / "metrics.csv").read_text()
     answers = json.loads((run_dir / "answers.json").read_text())["test"]
-    assert len(answers) == 4 and all(a["reference"] and "ended_with_eos" in a["after"] for a in answers)
-    ended = sum(a["after"]["ended_with_eos"] for a in answers) / 4
-    assert summary["answers_after"] == {"test": {"rows": 4, "eos_share": ended, "ended_share": summary["answers_after"]["test"]["ended_share"]}}
+    assert len(answers) == 4 and all(a["reference"] and a["after"]["stop_token"] in (None, "<eos>") for a in answers)
+    ended = sum(a["after"]["stop_token"] == "<eos>" for a in answers) / 4
+    assert summary["answers_after"] == {"test": {"rows": 4, "stop_tokens": ["<eos>"], "model_ended_share": ended,
+                                                 "ended_share": summary["answers_after"]["test"]["ended_share"]}}
+    assert summary["chat_format"] is None and json.loads((run_dir / "config.json").read_text())["chat"] is False
     assert "test answers ending with <eos> within 4 tokens (greedy)" in out
     meta = json.loads((run_dir / "adapter.json").read_text())
-    assert meta["rank"] == 4 and meta["alpha"] == 4 and meta["base_preset"] == "tiny"
+    assert meta["rank"] == 4 and meta["alpha"] == 4 and meta["base_preset"] == "tiny" and meta["chat_format"] is None
 
 
 def test_recipe_flag_prints_the_recipe_settings(tmp_path, capsys):
@@ -93,8 +95,13 @@ BAD_INPUTS = {
     "empty data file": (lambda t: ["--data", bad_file(t, [])], r"data.jsonl holds no records \(the file is empty"),
     "unknown data shape": (lambda t: ["--data", bad_file(t, ['{"question": "a", "answer": "b"}'])],
                            r"data.jsonl:1: cannot tell the data format .* would fit: --data-format completion --field prompt=question --field completion=answer"),
-    "multi-turn conversation": (lambda t: ["--data", bad_file(t, [{"messages": [{"role": r, "content": "x"} for r in ("user", "assistant") * 2]}])],
-                                r"data.jsonl:1: a conversation of 4 turns .* needs Gemma's chat format .*\(messages format; keys found: messages\)"),
+    "multi-turn conversation without chat": (
+        lambda t: ["--no-chat", "--data", bad_file(t, [{"messages": [{"role": r, "content": "x"} for r in ("user", "assistant") * 2]}])],
+        r"data.jsonl:1: a conversation of 2 exchanges needs Gemma's chat format, and chat is off \(--no-chat\)"),
+    "conversation ending with the user": (
+        lambda t: ["--data", bad_file(t, [{"messages": [{"role": r, "content": "x"} for r in ("user", "assistant", "user")]}])],
+        r"data.jsonl:1: the conversation \(user, assistant, user\) ends with a user turn.*\(messages format; keys found: messages\)"),
+    "chat on text data": (lambda t: ["--chat", "--data-format", "text"], r"chat=True writes prompts and answers as turns"),
     "empty required field": (lambda t: ["--data", bad_file(t, ['{"prompt": "a", "completion": " "}'])], r"data.jsonl:1: field 'completion' is empty \(completion format"),
     "missing mapped column": (lambda t: ["--data", bad_file(t, ['{"q": "a", "a": "b"}']), "--field", "prompt=question", "--field", "completion=a"],
                               r"data.jsonl:1: missing column 'question' \(mapped onto 'prompt' by --field prompt=question\)"),

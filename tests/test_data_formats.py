@@ -79,11 +79,19 @@ def loaded(make_config, spec, **overrides):
     return config, data.read_dataset(config)
 
 
-def weighted_text(tokenizer, rows, i):
-    """The tokens that carry loss in row i, decoded (the final <eos> checked and dropped)."""
+def weighted_text(tokenizer, rows, i, stop="<eos>"):
+    """The tokens that carry loss in row i, decoded (the final stop token checked and dropped)."""
     weighted = rows.labels[i][rows.weights[i] > 0].tolist()
-    assert weighted[-1] == tokenizer.end_token_id
+    assert weighted[-1] == tokenizer.token_to_id(stop)
     return tokenizer.detokenize([weighted[:-1]])[0]
+
+
+def prompt_ids(tokenizer, example, config):
+    """The prompt's token ids after <bos>: the template's, or the chat format's turns up to the model's answer."""
+    if data.chat.uses_chat(config, [example]):
+        return data.chat.prompt_ids([example], tokenizer, data.chat.markers(tokenizer))[0][1:]
+    text = data.prompt_text(example, config)
+    return list(tokenizer([text])[0]) if text else []
 
 
 @pytest.mark.parametrize("file_type", FILE_TYPES)
@@ -94,13 +102,16 @@ def test_each_format_from_each_file_type(tmp_path, make_config, tokenizer, fmt, 
     assert dataset.format == fmt and dataset.detected
     assert dataset.records_read == len(dataset.examples) == len(QA)
     rows = data.tokenize_rows(dataset.examples, tokenizer, config)
+    # Conversations take Gemma's chat format: they end with <end_of_turn> instead of <eos>.
+    stop = "<end_of_turn>" if fmt in ("messages", "sharegpt") else "<eos>"
     for i, example in enumerate(dataset.examples):
-        prompt = tokenizer([data.prompt_text(example, config)])[0] if data.prompt_text(example, config) else []
-        inputs = int(rows.padding_mask[i].sum())  # <bos>, prompt, response, <eos>
-        # Predicting each response token and the <eos> carries loss; the prompt and the padding none.
+        prompt = prompt_ids(tokenizer, example, config)
+        inputs = int(rows.padding_mask[i].sum())  # <bos>, prompt, response, stop token
+        assert rows.token_ids[i, 1 : len(prompt) + 1].tolist() == prompt
+        # Predicting each response token and the stop token carries loss; the prompt and the padding none.
         assert rows.weights[i, : len(prompt)].sum() == 0
         assert rows.weights[i, len(prompt) : inputs - 1].all() and rows.weights[i, inputs - 1 :].sum() == 0
-        assert weighted_text(tokenizer, rows, i) == example.response
+        assert weighted_text(tokenizer, rows, i, stop) == example.response
         if fmt == "text":
             assert not prompt and rows.weights[i].sum() == inputs - 1  # every token after <bos>, and <eos>
     expected = [a if fmt != "completion" else f" {a}" for _, a in QA]
@@ -109,12 +120,16 @@ def test_each_format_from_each_file_type(tmp_path, make_config, tokenizer, fmt, 
     assert [e.response for e in dataset.examples] == expected
 
 
+@pytest.mark.parametrize("chat", [False, True])
 @pytest.mark.parametrize("fmt", ["alpaca", "messages", "sharegpt"])
-def test_instruction_formats_give_the_dolly_arrays(tmp_path, make_config, tokenizer, fmt):
-    """The same content as alpaca, messages or sharegpt trains on the very arrays of the dolly reading."""
-    config, dolly = loaded(make_config, write(tmp_path / "dolly", "jsonl", records("dolly")))
-    _, other = loaded(make_config, write(tmp_path / fmt, "jsonl", records(fmt)))
+def test_instruction_formats_give_the_dolly_arrays(tmp_path, make_config, tokenizer, fmt, chat):
+    """The same content as alpaca, messages or sharegpt trains on the very arrays of the dolly reading,
+    with the template (--no-chat) and with Gemma's chat format (--chat): one exchange each."""
+    config, dolly = loaded(make_config, write(tmp_path / "dolly", "jsonl", records("dolly")), chat=chat)
+    _, other = loaded(make_config, write(tmp_path / fmt, "jsonl", records(fmt)), chat=chat)
     ours, theirs = (data.tokenize_rows(d.examples, tokenizer, config) for d in (dolly, other))
+    stop = "<end_of_turn>" if chat else "<eos>"
+    assert all(weighted_text(tokenizer, ours, i, stop) == a for i, (_, a) in enumerate(QA))
     for name in ("token_ids", "padding_mask", "labels", "weights"):
         np.testing.assert_array_equal(getattr(ours, name), getattr(theirs, name))
 
@@ -150,11 +165,17 @@ def test_a_system_message_is_folded_into_the_instruction_and_the_turns_are_kept(
 
 
 @pytest.mark.parametrize("turns, match", [
-    ([("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d")], r":1: a conversation of 4 turns .*chat format"),
-    ([("user", "a")], r"conversation of 1 turns \(user\) needs Gemma's chat format"),
+    ([("user", "a")], r":1: the conversation \(user\) ends with a user turn, which leaves no answer to learn"),
+    ([("user", "a"), ("assistant", "b"), ("user", "c")], r"ends with a user turn.*End it with the assistant's answer"),
     ([("user", "a"), ("robot", "b")], r"turn 2 of 'messages' has role='robot'; known: system, user"),
-    ([("user", "a"), ("assistant", "  ")], r"a turn of the conversation is empty"),
+    ([("user", "a"), ("assistant", "  ")], r"turn 2 of 2 \(user, assistant\) is empty"),
     ([], r"field 'messages' must be a non-empty list of turns, got an empty list"),
+    ([("user", "a"), ("assistant", 5)], r"turn 2 of 'messages' must have a string 'content', got int"),
+    ([("user", "a"), ("user", "b"), ("assistant", "c")], r"turn 2 of 3 \(user, user, assistant\) is a user turn where "
+                                                         r"an assistant turn belongs: turns must alternate"),
+    ([("assistant", "a"), ("user", "b"), ("assistant", "c")], r"turn 1 of 3 .* is an assistant turn where a user turn"),
+    ([("user", "a"), ("system", "b"), ("assistant", "c")], r"turn 2 of 3 \(user, system, assistant\) is a system message"),
+    ([("system", "a")], r"\(system\) has no user or assistant turn"),
 ])
 def test_bad_conversations_are_refused_naming_the_place(tmp_path, make_config, turns, match):
     rows = [{"messages": [{"role": r, "content": c} for r, c in turns]}]

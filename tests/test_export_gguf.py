@@ -133,6 +133,28 @@ def test_chat_template_and_modelfile_follow_the_adapters_format(models, tmp_path
     assert not (tmp_path / "x.gguf").exists()
 
 
+@pytest.mark.parametrize("system", ["Be brief.", "  ", None])
+def test_the_exported_chat_template_writes_turns_as_training_did(system):
+    """The Jinja template a serving stack applies gives the turns training wrote (data/chat.py)."""
+    jinja2 = pytest.importorskip("jinja2")
+    from gemma_lora.data import Example
+    from gemma_lora.data.chat import gemma_turns
+    from gemma_lora.export import GEMMA_CHAT_TEMPLATE
+
+    turns = [("user", " Hi there "), ("assistant", "Hello."), ("user", "Name a colour."), ("assistant", "Blue.")]
+    if system is not None:
+        turns.insert(0, ("system", system))
+    example = Example("", "", conversation=tuple(turns))
+    expected = "<bos>" + "".join(f"<start_of_turn>{role}\n{text}<end_of_turn>\n" for role, text in gemma_turns(example))
+    messages = [{"role": role, "content": content} for role, content in turns]
+    rendered = jinja2.Environment().from_string(GEMMA_CHAT_TEMPLATE).render(
+        messages=messages, bos_token="<bos>", add_generation_prompt=False)
+    assert rendered == expected
+    prompt = jinja2.Environment().from_string(GEMMA_CHAT_TEMPLATE).render(
+        messages=messages[:-1], bos_token="<bos>", add_generation_prompt=True)
+    assert prompt == expected[: expected.rindex("Blue.")]
+
+
 def test_transformers_gguf_loader_gives_the_keras_logits(models, exported):
     """A consumer nobody here wrote: transformers' own GGUF reader, config and tensor mapping."""
     torch = pytest.importorskip("torch")

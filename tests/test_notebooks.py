@@ -46,6 +46,9 @@ def test_quickstart_notebook_runs_on_tiny(tmp_path, monkeypatch):
     assert "validation loss:" in out and "the reloaded adapter gives the same answers" in out
     assert (tmp_path / "quickstart" / "adapter.lora.h5").is_file()
     assert (tmp_path / "quickstart" / "merged" / "config.json").is_file()
+    # The chat-file example: conversations in Gemma's turns, loss on the model's, the format recorded.
+    assert "first row: <start_of_turn>user\nAnswer helpfully.\n\n" in out
+    assert "what carries loss:" in out and "chat_format 'gemma'" in out
 
 
 def test_rank_sweep_notebook_resumes_a_finished_sweep(tiny_sweep, tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ def test_greedy_samples_are_deterministic_and_bounded(tiny_lm, make_config):
     assert [s.instruction for s in first] == prompts
     assert all(s.new_tokens <= 6 for s in first)
     assert [s.text for s in first] == [s.text for s in again[::-1]]  # batching and order do not matter
-    assert all(not s.ended or s.ended_with_eos or s.stop_string for s in first)
+    assert all(not s.ended or s.stop_token == "<eos>" or s.stop_string for s in first)
 
 
 def test_samples_follow_weight_changes_without_recompiling(tiny_lm, make_config):
@@ -47,7 +47,8 @@ def test_answer_endings_keeps_row_order_and_counts_its_samples(tiny_lm, make_con
     result = answer_endings(tiny_lm, examples, config, batch_size=2)
     assert [s.instruction for s in result["samples"]] == [e.instruction for e in examples]
     assert result["rows"] == 3
-    assert result["eos_share"] == sum(s.ended_with_eos for s in result["samples"]) / 3
+    assert result["model_ended_share"] == sum(s.ended_by_model for s in result["samples"]) / 3
+    assert result["stop_tokens"] == ["<eos>"]
     assert result["ended_share"] == sum(s.ended for s in result["samples"]) / 3
     greedy = generate(tiny_lm, [e.instruction for e in examples], make_config(max_new_tokens=6))
     assert [s.text for s in result["samples"]] == [s.text for s in greedy]

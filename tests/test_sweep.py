@@ -42,8 +42,8 @@ def test_sweep_writes_table_plot_samples_and_one_adapter_per_rank(tiny_sweep):
         assert row["train_seconds"] > 0 and row["tokens_per_second"] > 0 and row["peak_memory_mb"] > 0
         assert "RSS" in row["memory_kind"]  # CPU: labelled as the process's max RSS
         assert row["validation_sem"] > 0 and row["test_sem"] > 0
-        assert row["final_train_loss"] > 0 and row["samples_eos"].endswith("/2")
-        assert 0 <= row["eos_share"] <= 1
+        assert row["final_train_loss"] > 0 and row["samples_ended"].endswith("/2")
+        assert 0 <= row["model_ended_share"] <= 1
     # Progress while it runs, and the table at the end.
     assert "== rank 2 (1/2)" in tiny_sweep["lines"] and "== rank 4 (2/2)" in tiny_sweep["lines"]
     assert tiny_sweep["lines"][-1].startswith("| variant | status |")

@@ -58,10 +58,12 @@ def gemma3_style_proto():
     proto = spm_pb2.ModelProto()
     proto.ParseFromString((resources.files("gemma_lora") / "resources" / "tiny_vocab.spm").read_bytes())
     pieces = list(proto.pieces)
+    present = {piece.piece for piece in pieces}  # the shipped vocabulary has the turn markers already
     del proto.pieces[:]
     proto.pieces.extend(pieces[:4])
     for piece in EXTRA_PIECES:
-        proto.pieces.add(piece=piece, score=0.0, type=spm_pb2.ModelProto.SentencePiece.USER_DEFINED)
+        if piece not in present:
+            proto.pieces.add(piece=piece, score=0.0, type=spm_pb2.ModelProto.SentencePiece.USER_DEFINED)
     proto.pieces.extend(pieces[4:])
     proto.trainer_spec.vocab_size = len(proto.pieces)
     return proto

@@ -7,7 +7,8 @@ The pieces, in the order the data flows through them:
     formats.py   what a record means: one reader per format (dolly, alpaca, completion,
                  messages, sharegpt, text) turning a record into an `Example`; detection, --field
     dataset.py   read the configured data, filter, cut the fixed splits, fingerprint them
-    tokenize.py  an `Example` → template → token ids, labels and loss weights
+    chat.py      Gemma's chat format: an `Example`'s turns as token ids, loss on the model's turns
+    tokenize.py  an `Example` → template or chat turns → token ids, labels and loss weights
 
     from gemma_lora import data
     examples = data.load_examples(config)
@@ -15,6 +16,7 @@ The pieces, in the order the data flows through them:
     rows = data.tokenize_rows(splits.train, tokenizer, config)
 """
 
+from gemma_lora.data import chat
 from gemma_lora.data.dataset import Dataset, Splits, fingerprint, load_examples, read_dataset, split, splits_record
 from gemma_lora.data.formats import FIELDS, FORMATS, Example
 from gemma_lora.data.sources import (
@@ -39,6 +41,7 @@ __all__ = [
     "Example",
     "Splits",
     "TokenizedRows",
+    "chat",
     "check_sequence_length",
     "download_dolly",
     "fingerprint",

@@ -17,7 +17,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
-from gemma_lora.data.formats import check_fields, detect, parse
+from gemma_lora.data.formats import check_fields, detect, exchanges, parse
 from gemma_lora.data.sources import Source, file_type, read_records, resolve
 from gemma_lora.errors import DataError
 
@@ -43,6 +43,8 @@ class Dataset:
     split: str | None = None  # the Hugging Face split read
     records_read: int = 0
     context_dropped: int = 0  # records with a context (dolly) or input (alpaca) left out
+    bad_rows: int = 0  # records that did not fit their format, left out (skip_bad_rows)
+    first_bad: str | None = None  # the first one's error
 
     def describe(self):
         """One line: what was read, in which format, and what was left out."""
@@ -53,6 +55,8 @@ class Dataset:
             f"; {self.context_dropped} with a context left out (--include-context keeps them)"
             if self.context_dropped else ""
         )
+        if self.bad_rows:
+            dropped += f"; {self.bad_rows} bad records left out (--skip-bad-rows), the first: {self.first_bad}"
         return (f"data: read {self.records_read:,} records of {self.source}{split} ({self.file_type}), "
                 f"format {self.format} ({how}{mapped}){dropped}")
 
@@ -62,15 +66,16 @@ def read_dataset(config, path=None):
 
     Args:
         config: a `TrainConfig` (data, data_format, fields, data_split,
-            include_context, limit, test_rows).
+            include_context, skip_bad_rows, chat, limit, test_rows).
         path: read this file instead of resolving `config.data`.
 
     Returns:
         A `Dataset`.
 
     Raises:
-        DataError: the data cannot be read, a record does not fit its format,
-            the file is empty, or nothing is left after filtering.
+        DataError: the data cannot be read, a record does not fit its format
+            (unless skip_bad_rows), a conversation of several exchanges with
+            the chat format off, the file is empty, or nothing is left.
     """
     source = Source(file_type(path), str(path)) if path else resolve(config.data)
     split = (config.data_split or "train") if source.kind == "hf" else None
@@ -79,7 +84,7 @@ def read_dataset(config, path=None):
     if fmt:
         check_fields(fmt, fields, "given with --data-format")
     wanted = config.limit + config.test_rows
-    examples, read, dropped = [], 0, 0
+    examples, read, dropped, bad, first_bad = [], 0, 0, 0, None
     records = read_records(source, split)
     try:
         for where, record in records:
@@ -87,7 +92,18 @@ def read_dataset(config, path=None):
             if read == 1 and config.data_format == "auto":
                 fmt = detect(record, where, fields)
                 check_fields(fmt, fields, f"detected from {where}")
-            example = parse(fmt, record, where, fields)
+            try:
+                example = parse(fmt, record, where, fields)
+            except DataError as error:
+                if not config.skip_bad_rows:
+                    raise
+                bad, first_bad = bad + 1, first_bad or str(error)
+                continue
+            if config.chat is False and exchanges(example) > 1:
+                raise DataError(
+                    f"{where}: a conversation of {exchanges(example)} exchanges needs Gemma's chat format, and "
+                    "chat is off (--no-chat); the instruction template holds one exchange. Drop --no-chat."
+                )
             if example.context and not config.include_context:
                 dropped += 1
                 continue
@@ -101,15 +117,18 @@ def read_dataset(config, path=None):
             f"{source.location}{f' [{split}]' if split else ''} holds no records (the file is empty, or holds only a "
             "header or white space). Give a data file with at least one record."
         )
+    if not examples and bad and not dropped:
+        raise DataError(f"No rows left in {source.location}: all {read} records are bad; the first: {first_bad}")
     if not examples:
         raise DataError(
-            f"No rows left in {source.location} after filtering: all {read} records have a "
-            f"{'context' if fmt == 'dolly' else 'non-empty input'} and rows with a context are dropped. "
-            "Use --include-context, or a file with rows without context."
+            f"No rows left in {source.location} after filtering: "
+            + (f"{bad} records are bad and the other " if bad else "all ")
+            + f"{dropped} records have a {'context' if fmt == 'dolly' else 'non-empty input'} and rows with a context are "
+            "dropped. Use --include-context, or a file with rows without context."
         )
     return Dataset(
         examples, config.data, source.location, source.kind, fmt, config.data_format == "auto",
-        fields, split, read, dropped,
+        fields, split, read, dropped, bad, first_bad,
     )
 
 
@@ -169,6 +188,7 @@ def splits_record(dataset, splits):
         "hf_split": dataset.split,
         "records_read": dataset.records_read,
         "context_dropped": dataset.context_dropped,
+        "bad_rows": dataset.bad_rows,
         "splits": ranges,
         "fingerprint": fingerprint(splits.train + splits.validation + splits.test),
     }

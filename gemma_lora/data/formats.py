@@ -17,14 +17,15 @@ Formats, and how each becomes a training example (prompt → response):
     dolly       instruction, response, optional context: the template (context_template when a context)
     alpaca      instruction, output, optional input: as dolly, `input` taking the context's place
     completion  prompt, completion: the prompt as written (no template), loss on the completion
-    messages    messages: [{role, content}, ...]     conversations, kept as (role, content) turns;
-    sharegpt    conversations: [{from, value}, ...]  until the chat format exists, one exchange only
+    messages    messages: [{role, content}, ...]     conversations, kept as (role, content) turns
+    sharegpt    conversations: [{from, value}, ...]  for Gemma's chat format (chat.py)
     text        text: no prompt, loss on every token (continued pre-training)
 """
 
 import json
 from dataclasses import dataclass
 
+from gemma_lora.data.chat import conversation_problem
 from gemma_lora.errors import DataError
 
 
@@ -32,12 +33,14 @@ from gemma_lora.errors import DataError
 class Example:
     """One record, whatever format it came in: the prompt side and the response it teaches.
 
-    `prompt` is None for templated records (dolly, alpaca, a single
-    conversation exchange): the prompt is the template filled with
+    `prompt` is None for templated records (dolly, alpaca, a conversation
+    without the chat format): the prompt is the template filled with
     `instruction` and `context`. `completion` records carry their prompt as
     written, and `text` records an empty one (every token is the response).
     `conversation` keeps a messages/sharegpt record's turns as read, as
-    ("system" | "user" | "assistant", content) pairs, for the chat format.
+    ("system" | "user" | "assistant", content) pairs, for the chat format;
+    its `instruction` is then the last user turn (a system message leading it
+    when it is the first) and its `response` the last answer.
     """
 
     instruction: str
@@ -165,27 +168,28 @@ def read_sharegpt(row):
 
 
 def conversation_example(row, turns):
-    """A conversation of one user/assistant exchange, as an instruction/response example.
+    """A conversation for Gemma's chat format; its last exchange as instruction and response.
 
-    Until the package has Gemma's chat format, the exchange goes through the
-    instruction template; a system message before it is folded into the
-    instruction, as Gemma's own chat template folds it into the first user
-    turn. Longer conversations are refused: flattening them into one
-    instruction would train on a shape the chat format will not use.
+    The conversation must fit Gemma's turns (`chat.conversation_problem`):
+    an optional system message first, then user and assistant alternating,
+    ending with the assistant. Without the chat format a single exchange goes
+    through the instruction template, a system message folded into the
+    instruction as Gemma's own chat template folds it into the first user
+    turn (`dataset.read_dataset` refuses longer ones there).
     """
-    roles = [role for role, _ in turns]
-    exchange = turns[1:] if roles[0] == "system" else turns
-    if [role for role, _ in exchange] != ["user", "assistant"]:
-        row.fail(
-            f"a conversation of {len(turns)} turns ({', '.join(roles)}) needs Gemma's chat format for multi-turn "
-            "training, which this version does not have yet",
-            "Keep one user turn and one assistant answer per record (a system message first is allowed).",
-        )
-    (_, user), (_, assistant) = exchange
-    if not user.strip() or not assistant.strip():
-        row.fail("a turn of the conversation is empty", "Fill it in or remove the record.")
-    instruction = f"{turns[0][1]}\n\n{user}" if roles[0] == "system" and turns[0][1].strip() else user
-    return Example(instruction, assistant, conversation=turns)
+    problem = conversation_problem(turns)
+    if problem:
+        row.fail(*problem)
+    system = turns[0][1] if turns[0][0] == "system" else ""
+    users = [content for role, content in turns if role == "user"]
+    answers = [content for role, content in turns if role == "assistant"]
+    instruction = f"{system}\n\n{users[0]}" if len(users) == 1 and system.strip() else users[-1]
+    return Example(instruction, answers[-1], conversation=turns)
+
+
+def exchanges(example):
+    """How many user/assistant exchanges an example holds (1 for any non-conversation)."""
+    return sum(role == "assistant" for role, _ in example.conversation) or 1
 
 
 FORMATS = {

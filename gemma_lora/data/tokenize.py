@@ -4,17 +4,20 @@ Tokenization happens once, here, into NumPy arrays; KerasHub's string
 preprocessing is not used for training because it needs tf.data or grain,
 cannot mask prompt tokens and cannot shuffle (see ../shared/quality-notes.md).
 
-A row is `<bos>`, the prompt, the response, `<eos>`. The prompt is the
-template filled with an example's instruction (and context), or, for
-`completion` and `text` data, the example's own prompt as written (empty for
-text). With `response_only_loss` the loss weights sit on the response and its
-`<eos>` only; otherwise on every next token (the recipe).
+With the template, a row is `<bos>`, the prompt, the response, `<eos>`. The
+prompt is the template filled with an example's instruction (and context),
+or, for `completion` and `text` data, the example's own prompt as written
+(empty for text). With `response_only_loss` the loss weights sit on the
+response and its `<eos>` only; otherwise on every next token (the recipe).
+With Gemma's chat format (`chat.py`) a row is the example's turns, the loss on
+each model turn and its `<end_of_turn>`.
 """
 
 from dataclasses import dataclass
 
 import numpy as np
 
+from gemma_lora.data.chat import encode, markers, uses_chat
 from gemma_lora.data.formats import Example
 from gemma_lora.errors import ConfigError
 
@@ -34,6 +37,9 @@ class TokenizedRows:
     weights: np.ndarray  # (rows, sequence_length) float32
     truncated: int  # rows cut at sequence_length
     real_tokens: int  # non-padding input positions
+    # Chat rows are cut after their last whole exchange that fits: the model
+    # turns left out (or cut, where not even the first exchange fits).
+    turns_cut: int = 0
 
     def __len__(self):
         return len(self.token_ids)
@@ -69,11 +75,19 @@ def tokenize_rows(examples, tokenizer, config):
     tokenizes prompt and response separately so the boundary is exact, and
     by default gives no `<eos>` to a row whose text was cut.
 
+    With the chat format (`config.chat`, or conversation examples when it is
+    None) a row too long for sequence_length keeps its whole exchanges from
+    the start; where not even the first fits, it is cut mid-turn (nothing
+    appended, whatever eos_after_truncation says).
+
     Raises:
-        ConfigError: sequence_length cannot hold even the empty template.
+        ConfigError: sequence_length cannot hold even the empty template; the
+            tokenizer lacks the chat format's markers.
+        DataError: chat format for text data, or a conversation it cannot hold.
     """
-    seq = config.sequence_length
-    bos, eos, pad = tokenizer.start_token_id, tokenizer.end_token_id, tokenizer.pad_token_id
+    if uses_chat(config, examples):
+        return _chat_rows(examples, tokenizer, config)
+    bos, eos = tokenizer.start_token_id, tokenizer.end_token_id
     if any(e.prompt is None for e in examples):
         check_sequence_length(tokenizer, config)
     if config.response_only_loss:
@@ -83,13 +97,9 @@ def tokenize_rows(examples, tokenizer, config):
         prompts = [[] for _ in examples]
         responses = _tokenize(tokenizer, [full_text(e, config) for e in examples])
 
-    n = len(examples)
-    token_ids = np.full((n, seq), pad, dtype=np.int32)
-    labels = np.full((n, seq), pad, dtype=np.int32)
-    weights = np.zeros((n, seq), dtype=np.float32)
-    padding_mask = np.zeros((n, seq), dtype=bool)
-    truncated = 0
-    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+    sequences, truncated = [], 0
+    seq = config.sequence_length
+    for prompt, response in zip(prompts, responses):
         ids = [bos, *prompt, *response, eos]
         # Loss weight of predicting ids[t + 1] from ids[..t]: response and <eos> only,
         # or every next token in whole-sequence mode.
@@ -102,6 +112,34 @@ def tokenize_rows(examples, tokenizer, config):
             else:
                 ids = ids[: seq + 1]
                 target_weight = target_weight[:seq]
+        sequences.append((ids, target_weight))
+    return _rows(sequences, tokenizer.pad_token_id, seq, truncated)
+
+
+def _chat_rows(examples, tokenizer, config):
+    """Rows of Gemma's chat format, each cut after its last whole exchange that fits."""
+    seq = config.sequence_length
+    sequences, truncated, turns_cut = [], 0, 0
+    for row in encode(examples, tokenizer, markers(tokenizer), config.response_only_loss):
+        ids, weights = row.ids, row.weights
+        if len(ids) > seq + 1:  # A row holds seq inputs and their seq next tokens.
+            truncated += 1
+            fits = [end for end in row.exchange_ends if end <= seq + 1]
+            end = fits[-1] if fits else seq + 1
+            turns_cut += len(row.exchange_ends) - len(fits)
+            ids, weights = ids[:end], weights[: end - 1]
+        sequences.append((ids, weights))
+    return _rows(sequences, tokenizer.pad_token_id, seq, truncated, turns_cut)
+
+
+def _rows(sequences, pad, seq, truncated, turns_cut=0):
+    """Fixed-length arrays from (ids, weights) sequences of at most seq + 1 ids (weights: one fewer)."""
+    n = len(sequences)
+    token_ids = np.full((n, seq), pad, dtype=np.int32)
+    labels = np.full((n, seq), pad, dtype=np.int32)
+    weights = np.zeros((n, seq), dtype=np.float32)
+    padding_mask = np.zeros((n, seq), dtype=bool)
+    for i, (ids, target_weight) in enumerate(sequences):
         # Like KerasHub: the row is ids padded to seq + 1, inputs are its first
         # seq positions (a final <eos> is an input too), labels the last seq.
         length = min(len(ids), seq)
@@ -109,7 +147,7 @@ def tokenize_rows(examples, tokenizer, config):
         padding_mask[i, :length] = True
         labels[i, : len(ids) - 1] = ids[1:]
         weights[i, : len(ids) - 1] = target_weight
-    return TokenizedRows(token_ids, padding_mask, labels, weights, truncated, int(padding_mask.sum()))
+    return TokenizedRows(token_ids, padding_mask, labels, weights, truncated, int(padding_mask.sum()), turns_cut)
 
 
 def check_sequence_length(tokenizer, config):

@@ -36,7 +36,10 @@ GEMMA_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% set ns = namespace(system='') %}"
     "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{% set ns.system = message['content'] | trim ~ '\n\n' %}"
+    "{% if message['role'] == 'system' %}"
+    # As training writes it (data/chat.py): the system text as given, a blank line, then the
+    # first user turn; an empty system message adds nothing.
+    "{% if message['content'] | trim %}{% set ns.system = message['content'] ~ '\n\n' %}{% endif %}"
     "{% else %}"
     "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
     "<start_of_turn>{{ role }}\n{{ ns.system if role == 'user' else '' }}{{ message['content'] | trim }}<end_of_turn>\n"
@@ -49,7 +52,8 @@ CHAT_TEMPLATES = {"gemma": GEMMA_CHAT_TEMPLATE}
 # The same turns in Ollama's Go template language, and the marker that ends a turn.
 OLLAMA_CHAT = {
     "gemma": (
-        "{{- range .Messages }}<start_of_turn>{{ if eq .Role \"assistant\" }}model{{ else }}{{ .Role }}{{ end }}\n"
+        # Gemma has no system role: a system message is written as a user turn.
+        "{{- range .Messages }}<start_of_turn>{{ if eq .Role \"assistant\" }}model{{ else }}user{{ end }}\n"
         "{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n",
         "<end_of_turn>",
     ),
