@@ -1,9 +1,11 @@
 """Train the tiny model a few steps under several layouts on virtual CPU devices; print JSON.
 
 Run by tests/test_distribute.py in a subprocess: JAX fixes its device count
-when it starts, and the test process already started it with one device.
+when it starts, and the test process already started it with one device. A
+setup is a layout (none, data, model:M), trained by the Keras engine, or by
+the fast engine (packed rows) with the prefix fast/.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/distributed_worker.py none data model:2
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/distributed_worker.py none data model:2 fast/data
 """
 
 import json
@@ -28,7 +30,9 @@ OVERRIDES = dict(preset="tiny", sequence_length=32, limit=16, validation_rows=0,
 
 
 def run(setup):
-    kind, _, m = setup.partition(":")
+    engine, _, layout = setup.rpartition("/")
+    engine = engine or "keras"
+    kind, _, m = layout.partition(":")
     config = resolve_config(overrides=dict(OVERRIDES, distribution=kind, **({"model_parallel": int(m)} if m else {})))
     preset = model.tiny_preset_dir()
     plan = distribute.choose_plan(config, preset)
@@ -39,7 +43,7 @@ def run(setup):
     train.compile_for_training(causal_lm, config)
     # The loss before training is the same under every layout; scored once, on one device.
     before = train.token_loss(causal_lm, rows, config.batch_size)["token_loss"] if kind == "none" else None
-    train.fit(causal_lm, rows, config, verbose=0)
+    history = train.fit(causal_lm, rows, config, verbose=0, engine=engine)
     after = train.token_loss(causal_lm, rows, config.batch_size)["token_loss"]
     variables = causal_lm.backbone.weights + causal_lm.optimizer.variables
     keras.distribution.set_distribution(None)
@@ -49,6 +53,9 @@ def run(setup):
         "before": before,
         "after": after,
         "iterations": int(causal_lm.optimizer.iterations.value),
+        # The training steps' own loss, and the examples they held (packed rows, with the fast engine).
+        "train_token_loss": history.history["token_loss"][-1],
+        "examples": train.examples_trained(rows, config, engine, 1, STEPS)[0],
         "variables": {
             v.path: {
                 "shape": list(v.shape),
