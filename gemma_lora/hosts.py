@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +44,8 @@ JOIN_SLACK = 30
 # check, process 0's result). Long: a host may still be downloading the
 # model. A process that died ends the others sooner, at the heartbeat timeout.
 WAIT_TIMEOUT = 3600
+# How long process 0, ending after an error, waits for the others to end first.
+LEAVE_TIMEOUT = 10
 
 
 @dataclass(frozen=True)
@@ -469,12 +472,26 @@ def leave(code):
     After an error the other processes may never reach JAX's shutdown
     barrier, where a normal exit would wait for them (up to JAX's shutdown
     timeout) and then abort with a page of log lines: the one line already
-    printed should stay the last.
+    printed should stay the last. Process 0, which holds the coordinator,
+    leaves last (waiting at most `LEAVE_TIMEOUT` for the others): a process
+    that saw the coordinator vanish would be aborted by JAX, log and all.
     """
     if not several():
         return code
     sys.stdout.flush()
     sys.stderr.flush()
+    try:
+        client = _client()
+        if is_main():
+            deadline = time.monotonic() + LEAVE_TIMEOUT
+            for index in range(1, process_count()):
+                wait = max(int((deadline - time.monotonic()) * 1000), 1)
+                client.blocking_key_value_get(f"gemma_lora/left/{index}", wait)
+            time.sleep(0.5)  # the others' own exits, just after they said so
+        else:
+            client.key_value_set(f"gemma_lora/left/{process_index()}", str(code))
+    except Exception:  # a process that died, or is stuck in a step, does not say goodbye
+        pass
     os._exit(code)
 
 

@@ -114,12 +114,12 @@ def _run_training(config, echo, resume):
     try:
         with phases("load"):
             causal_lm, parameters, splits, rows, data_stats, precision = _prepare(config, echo)
+        hosts.check_same("training data", data_stats["fingerprint"],
+                         f"Give every process the same data ({config.data}) and tokenizer (the preset).")
     except BaseException:
         if main and not resume and not any(run_dir.iterdir()):
             run_dir.rmdir()  # Bad input leaves nothing behind.
         raise
-    hosts.check_same("training data", data_stats["fingerprint"],
-                     f"Give every process the same data ({config.data}) and tokenizer (the preset).")
     echo(f"run directory: {run_dir}")
     engine = fast_train.resolve_engine(causal_lm, config, model.platform())
     total_steps = train.total_steps(rows["train"], config, engine)

@@ -11,6 +11,7 @@ show. The training comparisons take minutes and are marked slow
 import csv
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,7 +21,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, write_jsonl
 from gemma_lora import hosts, train
 from gemma_lora.data import TokenizedRows
 from gemma_lora.errors import ConfigError
@@ -148,7 +149,7 @@ def launch(tmp_path, args, processes=2, devices=2, timeout=300, job=True):
     started = []
     for i in range(processes):
         cwd = tmp_path / f"process-{i}"
-        cwd.mkdir(parents=True)
+        cwd.mkdir(parents=True, exist_ok=True)
         flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes), "--process-id", str(i)]
         out, err = open(cwd / "stdout", "w"), open(cwd / "stderr", "w")
         process = subprocess.Popen([sys.executable, "-m", "gemma_lora.cli", "train", *args, *(flags if job else [])],
@@ -174,10 +175,15 @@ def launch(tmp_path, args, processes=2, devices=2, timeout=300, job=True):
     return results
 
 
+# Gloo (the CPU collectives) prints "[Gloo] Rank 2 is connected to 3 peer ranks. Expected number of
+# connected peer ranks is : 3" from each device's thread, in pieces that two threads may interleave.
+GLOO = re.compile(r"\[Gloo\] Rank |is connected to|peer ranks\. Expected number of connected peer ranks is :|\d+|\s+")
+
+
 def lines(text):
-    # Gloo (the CPU collectives) prints its own connection lines; JAX and absl log to stderr.
-    return [line for line in text.splitlines() if line.strip() and not line.startswith(("[Gloo]", "I0000", "W0000",
-                                                                                        "E0000", "WARNING: All log"))]
+    """What a process printed itself: without gloo's connection lines and JAX's (absl's) log lines."""
+    return [line for line in text.splitlines()
+            if GLOO.sub("", line) and not line.startswith(("I0000", "W0000", "E0000", "WARNING: All log"))]
 
 
 def test_a_process_without_a_coordinator_stops_within_the_timeout_in_one_line(tmp_path, tiny_preset):
@@ -224,6 +230,21 @@ def test_processes_with_different_configs_are_refused_naming_the_difference(tmp_
     assert not (tmp_path / "run").exists()  # nothing written
 
 
+def test_processes_that_read_different_data_are_refused_and_leave_nothing(tmp_path, tiny_preset):
+    # The same command everywhere, but each host's data.jsonl holds other records.
+    for i in range(2):
+        records = [{"instruction": f"Say {i} {n}.", "response": f"{i} {n}."} for n in range(12)]
+        (tmp_path / f"process-{i}").mkdir()
+        write_jsonl(tmp_path / f"process-{i}" / "data.jsonl", records)
+    args = [*TINY, "--data", "data.jsonl", "--limit", "12", "--max-steps", "1", "--output-dir", "run"]
+    for result in launch(tmp_path, args, timeout=180):
+        assert result["returncode"] == 2, result["stderr"][-3000:]
+        errors = lines(result["stderr"])
+        assert len(errors) == 1, result["stderr"]
+        assert "do not share the same training data: '" in errors[0] and "on process 1. Give every process the same data (data.jsonl)" in errors[0]
+    assert not (tmp_path / "process-0" / "run").exists()  # process 0 made it, and removed it empty
+
+
 def read_run(run_dir):
     with open(run_dir / "metrics.csv") as f:
         epochs = list(csv.DictReader(f))
@@ -240,7 +261,7 @@ def run_job(tmp_path, args, processes, devices, timeout=400):
     main, *others = results
     assert lines(main["stdout"])[-1] == "done: run"
     for other in others:
-        assert not lines(other["stdout"])  # only process 0 prints ...
+        assert not lines(other["stdout"]), other["stdout"]  # only process 0 prints ...
         assert sorted(p.name for p in other["cwd"].iterdir()) == ["stderr", "stdout"]  # ... and writes
     return read_run(main["cwd"] / "run"), main
 
