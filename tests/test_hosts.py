@@ -245,6 +245,20 @@ def test_processes_that_read_different_data_are_refused_and_leave_nothing(tmp_pa
     assert not (tmp_path / "process-0" / "run").exists()  # process 0 made it, and removed it empty
 
 
+def test_a_host_without_the_preset_stops_every_process(tmp_path, tiny_preset):
+    import shutil
+
+    shutil.copytree(tiny_preset, tmp_path / "process-0" / "preset")  # process 1's host has none
+    args = [*TINY, "--preset", "preset", "--max-steps", "1", "--output-dir", "run"]
+    main, other = launch(tmp_path, args, timeout=180)
+    for result in (main, other):
+        assert result["returncode"] == 2, result["stderr"][-3000:]
+        assert len(lines(result["stderr"])) == 1, result["stderr"]
+    assert lines(other["stderr"])[0].startswith("gemma-lora: error: Unknown preset 'preset'")
+    assert lines(main["stderr"])[0] == lines(other["stderr"])[0].replace("error: ", "error: Process 1: ", 1)
+    assert not (tmp_path / "process-0" / "run").exists()
+
+
 def read_run(run_dir):
     with open(run_dir / "metrics.csv") as f:
         epochs = list(csv.DictReader(f))
