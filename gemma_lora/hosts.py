@@ -183,13 +183,14 @@ def join(job, timeout=JOIN_TIMEOUT, heartbeat_timeout=HEARTBEAT_TIMEOUT):
     try:
         jax.distributed.initialize(
             job.coordinator, job.num_processes, job.process_id,
-            initialization_timeout=int(timeout) + JOIN_SLACK, heartbeat_timeout_seconds=int(heartbeat_timeout),
+            initialization_timeout=round(timeout) + JOIN_SLACK, heartbeat_timeout_seconds=max(round(heartbeat_timeout), 1),
         )
     except (RuntimeError, ValueError, TypeError) as error:
-        raise HostsError(
-            f"Cannot join {job.describe()}: {_first_line(error)}. Join before anything uses JAX's devices "
-            "(gemma_lora.hosts.join first thing in a program)."
-        ) from None
+        fix = (
+            "Give --coordinator HOST:PORT, --num-processes and --process-id" if job.coordinator is None
+            else "Join before anything uses JAX's devices (gemma_lora.hosts.join first thing in a program)"
+        )
+        raise HostsError(f"Cannot join {job.describe()}: {_first_line(error).rstrip('.')}. {fix}.") from None
     finally:
         watchdog.cancel()
 

@@ -90,6 +90,15 @@ def test_the_cli_refuses_an_incomplete_job_in_one_line_before_joining(capsys):
     assert "--coordinator-timeout must be a number of seconds > 0" in capsys.readouterr().err
 
 
+def test_auto_where_jax_finds_no_job_says_what_to_give_instead():
+    from gemma_lora.errors import HostsError
+
+    with pytest.raises(HostsError, match=r"Cannot join a job JAX discovers .*: coordinator_address should be defined\. "
+                                         r"Give --coordinator HOST:PORT, --num-processes and --process-id\.$"):
+        hosts.join(hosts.job_from("auto", environ={}), timeout=30)
+    assert not hosts.several()
+
+
 def test_alone_every_exchange_is_local():
     assert hosts.process_count() == 1 and hosts.is_main() and not hosts.several()
     assert hosts.share("x", {"a": 1}) == [{"a": 1}]
