@@ -8,6 +8,12 @@ newest one and the one before it are kept.
 Ctrl-C during training does not kill the step in flight: the first one asks
 the checkpoint callback to save after the current step and stop; a second
 one interrupts at once.
+
+In a job of several processes the arrays are gathered from every process
+and process 0 alone writes and reads the files (the others receive what it
+read), so the run directory need only exist on process 0's host. There
+Ctrl-C interrupts at once: the processes could not agree on one step to stop
+after.
 """
 
 import re
@@ -17,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gemma_lora import runtime
+from gemma_lora import hosts, runtime
 from gemma_lora.errors import TrainingError
 from gemma_lora.io import atomic_path
 from gemma_lora.loop import Position
@@ -31,17 +37,32 @@ KEEP = 2
 _NAME = re.compile(r"step-(\d+)\.npz$")
 
 
-def save_checkpoint(causal_lm, run_dir, position, global_step):
+def checkpoint_arrays(causal_lm):
+    """The trainable weights and optimizer variables as whole NumPy arrays, by their checkpoint names.
+
+    Gathered over the processes of a job, so every process must call it.
+    """
+    trainable, optimizer = causal_lm.trainable_variables, causal_lm.optimizer.variables
+    values = hosts.gather([*trainable, *optimizer])
+    names = [f"weight_{i}" for i in range(len(trainable))] + [f"optimizer_{i}" for i in range(len(optimizer))]
+    return dict(zip(names, values))
+
+
+def save_checkpoint(causal_lm, run_dir, position, global_step, arrays=None):
     """Write the trainable weights, optimizer variables and position atomically.
+
+    Every process of a job calls it (the arrays are gathered, unless given
+    as `checkpoint_arrays`' result); process 0 writes.
 
     Returns:
         The checkpoint's path.
     """
+    arrays = checkpoint_arrays(causal_lm) if arrays is None else arrays
     directory = Path(run_dir) / DIRECTORY
-    directory.mkdir(exist_ok=True)
-    arrays = {f"weight_{i}": np.asarray(v) for i, v in enumerate(causal_lm.trainable_variables)}
-    arrays.update({f"optimizer_{i}": np.asarray(v) for i, v in enumerate(causal_lm.optimizer.variables)})
     path = directory / f"step-{global_step:08d}.npz"
+    if not hosts.is_main():
+        return path
+    directory.mkdir(exist_ok=True)
     with atomic_path(path, suffix=".npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, epoch=position.epoch, step=position.step, global_step=global_step, **arrays)
@@ -60,40 +81,50 @@ def restore_checkpoint(causal_lm, path):
     """Load weights and optimizer state saved by `save_checkpoint`; return (Position, global_step).
 
     The model must be compiled (its optimizer exists) and have the same LoRA
-    layout as when the checkpoint was written.
+    layout as when the checkpoint was written. In a job of several processes
+    process 0 reads the file and the others receive its arrays, whatever
+    number of processes wrote it.
 
     Raises:
         TrainingError: the checkpoint is unreadable or does not match this model.
     """
-    try:
-        with np.load(path) as file:
-            saved = {name: file[name] for name in file.files}  # a truncated or damaged file fails here
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        older = [p for p in sorted(Path(path).parent.glob("step-*.npz")) if p != Path(path)]
-        fix = f"Delete it to resume from {older[-1].name}" if older else "Start the run again"
-        raise TrainingError(f"Checkpoint {path} is unreadable ({type(e).__name__}). {fix}.") from None
     optimizer = causal_lm.optimizer
     optimizer.build(causal_lm.trainable_variables)  # creates the slots to fill
     names = [f"optimizer_{i}" for i in range(len(optimizer.variables))]
     weight_names = [f"weight_{i}" for i in range(len(causal_lm.trainable_variables))]
-    if any(name not in saved for name in [*names, *weight_names, "epoch", "step", "global_step"]) or (
-        f"optimizer_{len(names)}" in saved
-    ):
-        raise TrainingError(
-            f"Checkpoint {path} holds other state than this run's (another LoRA layout, or a damaged "
-            "file). Resume with the run's own config.json (do not change LoRA settings)."
-        )
-    for variable, value in zip(causal_lm.trainable_variables, (saved[name] for name in weight_names)):
-        if tuple(variable.shape) != value.shape:
+    shapes = {name: tuple(v.shape) for name, v in zip(weight_names, causal_lm.trainable_variables)}
+    paths = {name: v.path for name, v in zip(weight_names, causal_lm.trainable_variables)}
+
+    def read():
+        try:
+            with np.load(path) as file:
+                saved = {name: file[name] for name in file.files}  # a truncated or damaged file fails here
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            older = [p for p in sorted(Path(path).parent.glob("step-*.npz")) if p != Path(path)]
+            fix = f"Delete it to resume from {older[-1].name}" if older else "Start the run again"
+            raise TrainingError(f"Checkpoint {path} is unreadable ({type(e).__name__}). {fix}.") from None
+        if any(name not in saved for name in [*names, *weight_names, "epoch", "step", "global_step"]) or (
+            f"optimizer_{len(names)}" in saved
+        ):
             raise TrainingError(
-                f"Checkpoint {path} does not fit this model ({variable.path}: {value.shape} vs "
-                f"{tuple(variable.shape)}). Resume with the run's own config.json."
+                f"Checkpoint {path} holds other state than this run's (another LoRA layout, or a damaged "
+                "file). Resume with the run's own config.json (do not change LoRA settings)."
             )
-        variable.assign(value)
+        for name, shape in shapes.items():
+            if saved[name].shape != shape:
+                raise TrainingError(
+                    f"Checkpoint {path} does not fit this model ({paths[name]}: {saved[name].shape} vs "
+                    f"{shape}). Resume with the run's own config.json."
+                )
+        where = [int(saved[name]) for name in ("epoch", "step", "global_step")]
+        return where, {name: saved[name] for name in [*weight_names, *names]}
+
+    (epoch, step, global_step), saved = hosts.from_main("checkpoint", read)
+    for variable, name in zip(causal_lm.trainable_variables, weight_names):
+        variable.assign(saved[name])
     for variable, name in zip(optimizer.variables, names):
         variable.assign(saved[name])
-    position = Position(int(saved["epoch"]), int(saved["step"]))
-    return position, int(saved["global_step"])
+    return Position(epoch, step), global_step
 
 
 class Checkpointer(keras.callbacks.Callback):
@@ -149,13 +180,17 @@ class Checkpointer(keras.callbacks.Callback):
         # Keras' JAX trainer keeps the live state outside the variables between
         # steps; write it back first so the checkpoint holds this step's values.
         self.model.jax_state_sync()
-        if not all(np.isfinite(np.asarray(v)).all() for v in self.model.trainable_variables):
+        arrays = checkpoint_arrays(self.model)
+        if not all(np.isfinite(a).all() for name, a in arrays.items() if name.startswith("weight_")):
             self.bad_step = self.global_step
             self.model.stop_training = True
             return
-        self.last_saved = save_checkpoint(self.model, self.run_dir, position, self.global_step)
+        self.last_saved = save_checkpoint(self.model, self.run_dir, position, self.global_step, arrays)
 
     def on_train_begin(self, logs=None):
+        self._previous_handler = None
+        if hosts.several():
+            return  # Ctrl-C reaches the processes at different steps: it interrupts at once there.
         self._previous_handler = signal.getsignal(signal.SIGINT)
         try:
             signal.signal(signal.SIGINT, self._on_interrupt)
@@ -189,25 +224,43 @@ class BestKeeper(keras.callbacks.Callback):
         self.path = Path(run_dir) / BEST_FILE
         self.metric = metric
         self.best_step, self.best_loss = None, float("inf")
-        if self.path.is_file():
-            with np.load(self.path) as saved:
-                self.best_step, self.best_loss = int(saved["step"]), float(saved["loss"])
+        kept = hosts.first("best step so far", self._kept)
+        if kept is not None:
+            self.best_step, self.best_loss = kept
+
+    def _kept(self):
+        if not self.path.is_file():
+            return None
+        with np.load(self.path) as saved:
+            return int(saved["step"]), float(saved["loss"])
 
     def on_evaluation(self, step, logs):
+        # Every process of a job sees the same loss, so all gather together (or none does).
         loss = float(logs[self.metric])
         if not np.isfinite(loss) or loss >= self.best_loss:
             return
         self.best_step, self.best_loss = step, loss
-        arrays = {f"weight_{i}": np.asarray(v) for i, v in enumerate(self.model.trainable_variables)}
+        values = hosts.gather(self.model.trainable_variables)
+        if not hosts.is_main():
+            return
+        arrays = {f"weight_{i}": value for i, value in enumerate(values)}
         with atomic_path(self.path, suffix=".npz") as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, step=step, loss=loss, **arrays)
 
     def restore(self, causal_lm):
         """Load the best step's weights into `causal_lm`; return (step, loss), or None if none was kept."""
-        if not self.path.is_file():
+
+        def read():
+            if not self.path.is_file():
+                return None, {}
+            with np.load(self.path) as saved:
+                weights = {name: saved[name] for name in saved.files if name.startswith("weight_")}
+                return [int(saved["step"]), float(saved["loss"])], weights
+
+        kept, weights = hosts.from_main("best step", read)
+        if kept is None:
             return None
-        with np.load(self.path) as saved:
-            for i, variable in enumerate(causal_lm.trainable_variables):
-                variable.assign(saved[f"weight_{i}"])
-            return int(saved["step"]), float(saved["loss"])
+        for i, variable in enumerate(causal_lm.trainable_variables):
+            variable.assign(weights[f"weight_{i}"])
+        return kept[0], kept[1]

@@ -2,6 +2,7 @@
 
     gemma-lora train --preset tiny --sequence-length 128 --max-steps 20
     gemma-lora train --recipe                       # the classic KerasHub recipe
+    gemma-lora train --coordinator 10.0.0.1:12355 --num-processes 2 --process-id 0   # one of several hosts
     gemma-lora generate --preset tiny --prompt "Name three colours."
     gemma-lora generate --preset gemma3_instruct_1b --prompt "Hi!"   # chat turns: an instruction-tuned preset
     gemma-lora export runs/tiny-20261122-120000/adapter.lora.h5 hf_model/
@@ -59,16 +60,18 @@ def main(argv=None):
 
         quiet_startup()
     _one_line_warnings()
+    from gemma_lora.hosts import leave  # in a job of several processes, the one line printed ends the process
+
     try:
         return args.handler(args) or 0
     except GemmaLoraError as e:
         if args.debug:
             raise
         print(f"gemma-lora: error: {e}", file=sys.stderr)
-        return 2
+        return leave(2)
     except KeyboardInterrupt:
         print("gemma-lora: interrupted", file=sys.stderr)
-        return 130
+        return leave(130)
     except Exception as e:  # A bug, not a user mistake: say so, keep it to one line.
         if args.debug:
             raise
@@ -76,7 +79,7 @@ def main(argv=None):
             f"gemma-lora: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
             file=sys.stderr,
         )
-        return 1
+        return leave(1)
 
 
 def _one_line_warnings():
@@ -103,6 +106,7 @@ def build_parser():
                                 description="Fine-tune a Gemma preset with LoRA. Defaults: the package's; --recipe: the classic KerasHub recipe.")
     train.add_argument("--config", help="TOML, YAML or JSON file of config fields (flags override it).")
     train.add_argument("--resume", metavar="RUN_DIR", help="Continue an interrupted run from its newest checkpoint, with its own config.json.")
+    add_job_flags(train)
     add_field_flags(train, FIELDS)
     train.set_defaults(handler=run_train)
 
@@ -175,6 +179,29 @@ def build_parser():
     info.add_argument("--json", action="store_true", help="Print the raw JSON records instead of the summary.")
     info.set_defaults(handler=run_info)
     return parser
+
+
+def add_job_flags(parser):
+    """Flags of a job of several processes (docs/multihost.md); not config fields: they differ per process and launch."""
+    from gemma_lora.hosts import (
+        COORDINATOR_VARIABLE, HEARTBEAT_TIMEOUT, JOIN_TIMEOUT, NUM_PROCESSES_VARIABLE, PROCESS_ID_VARIABLE,
+    )
+
+    job = parser.add_argument_group(
+        "several processes or hosts",
+        "Run the same command in every process; only --process-id differs. Without these flags: Keras' "
+        f"{COORDINATOR_VARIABLE}, {NUM_PROCESSES_VARIABLE} and {PROCESS_ID_VARIABLE}, else what a SLURM step, "
+        "Open MPI or a TPU pod slice that names its workers tells JAX, else one process.")
+    job.add_argument("--coordinator", metavar="HOST:PORT",
+                     help="Process 0's host and a free port, the same for every process; 'auto': JAX discovers the "
+                          "job (Cloud TPU VMs, SLURM, Open MPI, Kubernetes).")
+    job.add_argument("--num-processes", type=int, metavar="N", help="Processes in the job.")
+    job.add_argument("--process-id", type=int, metavar="I", help="This process's index, 0 to N-1; 0 prints and writes.")
+    job.add_argument("--coordinator-timeout", type=float, default=JOIN_TIMEOUT, metavar="SECONDS",
+                     help=f"A process that cannot join the job within this stops with one line (default: {JOIN_TIMEOUT}).")
+    job.add_argument("--heartbeat-timeout", type=float, default=HEARTBEAT_TIMEOUT, metavar="SECONDS",
+                     help="JAX ends the job when a process has been silent this long, e.g. after it died in a step "
+                          f"on GPU or TPU (default: {HEARTBEAT_TIMEOUT}).")
 
 
 def add_field_flags(parser, names, defaults=None, helps=None):
@@ -254,8 +281,14 @@ def config_from_args(args, names, defaults=None):
 
 
 def run_train(args):
+    from gemma_lora import hosts
     from gemma_lora.errors import ConfigError
 
+    for name in ("coordinator_timeout", "heartbeat_timeout"):
+        if not getattr(args, name) > 0:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} must be a number of seconds > 0. Received: {getattr(args, name)}.")
+    job = hosts.job_from(args.coordinator, args.num_processes, args.process_id)
     if args.resume:
         given = [name for name in FIELDS if hasattr(args, name)] + (["config"] if args.config else [])
         if given:
@@ -263,16 +296,27 @@ def run_train(args):
                 f"--resume uses the run's own config.json; drop {', '.join('--' + g.replace('_', '-') for g in given)} "
                 f"(to change a value, edit {Path(args.resume) / 'config.json'})."
             )
-        config_file = Path(args.resume) / "config.json"
-        if not config_file.is_file():
-            raise ConfigError(f"{args.resume} is not a run directory (no config.json). Give the RUN_DIR of a run to resume.")
-        config = resolve_config(load_config_file(config_file), {"output_dir": str(args.resume)})
     else:
-        config = config_from_args(args, FIELDS)
+        config = config_from_args(args, FIELDS)  # a bad config stops before joining anyone
+    if job is not None:
+        hosts.join(job, args.coordinator_timeout, args.heartbeat_timeout)
+    if args.resume:
+
+        def read_config():
+            config_file = Path(args.resume) / "config.json"
+            if not config_file.is_file():
+                raise ConfigError(
+                    f"{args.resume} is not a run directory (no config.json). Give the RUN_DIR of a run to resume."
+                )
+            return load_config_file(config_file)
+
+        # Process 0's run directory: the other hosts need not have it.
+        config = resolve_config(hosts.first("config to resume", read_config), {"output_dir": str(args.resume)})
     from gemma_lora.pipeline import run_training
 
     result = run_training(config, resume=bool(args.resume))
-    print(f"done: {result.run_dir}")
+    if hosts.is_main():
+        print(f"done: {result.run_dir}")
 
 
 def run_sweep(args):

@@ -189,7 +189,7 @@ class TrainConfig:
         "auto | keras | fast: what runs the training steps. keras: KerasHub's model through "
         "keras.Model.fit. fast: gemma_lora.fast's JAX step on packed rows (several examples per "
         "row, none attending to another), LoRA factors float32 over a bfloat16 or float32 base; "
-        "Gemma 1 and Gemma 3 text presets, one device, LoRA only. auto: fast on GPU/TPU where it can run, else keras "
+        "Gemma 1 and Gemma 3 text presets, LoRA only, on one device or several. auto: fast on GPU/TPU where it can run, else keras "
         "(docs/perf.md).",
         default="auto",
     )
@@ -257,9 +257,10 @@ class TrainConfig:
     )
     # Devices
     distribution: str = _help(
-        "auto | none | data | model: how to use several devices (keras.distribution). auto: one "
-        "device → none; data parallel if the weights fit one device, else model parallel "
-        "(see README). batch_size is the global batch, split over the data-parallel replicas.",
+        "auto | none | data | model: how to use several devices (keras.distribution), those of "
+        "every process of a job too (docs/multihost.md). auto: one device → none; data parallel if "
+        "the weights fit one device, else model parallel (see README). batch_size is the global "
+        "batch, split over the data-parallel replicas.",
         default="auto",
     )
     model_parallel: int | None = _help(

@@ -15,6 +15,11 @@ which no model axis of 2+ devices divides (keras-hub #1613: "global size of its
 dimension 0 should be divisible by 2"). Gemma3Backbone has no layout map at all.
 The map here is built from the preset's config and shards a dimension only
 where the mesh axis divides it, so it fits every Gemma size and every mesh.
+
+In a job of several processes (`gemma_lora.hosts`) the devices are every
+process's, the plan is chosen from their global count, and each process
+feeds only the rows of a batch that its own devices hold (`batch_layout`,
+`to_global`).
 """
 
 import dataclasses
@@ -44,17 +49,20 @@ class Plan:
     mesh: tuple = (1, 1)
     reason: str = ""
 
+    processes: int = 1
+
     def describe(self):
+        hosts = f" in {self.processes} processes" if self.processes > 1 else ""
         if self.kind == "none":
             return f"distribution: one device ({self.reason})"
         if self.kind == "data":
-            return f"distribution: data parallel over {self.mesh[0]} devices ({self.reason})"
-        return (f"distribution: model parallel, mesh {self.mesh[0]} batch x {self.mesh[1]} model "
+            return f"distribution: data parallel over {self.mesh[0]} devices{hosts} ({self.reason})"
+        return (f"distribution: model parallel, mesh {self.mesh[0]} batch x {self.mesh[1]} model{hosts} "
                 f"({self.reason})")
 
 
 def choose_plan(config, preset_dir=None, precision="float32", devices=None, device_bytes=None):
-    """Pick the layout for `config.distribution` on `devices` (default: all of JAX's).
+    """Pick the layout for `config.distribution` on `devices` (default: the job's, every process's).
 
     The "auto" rule: one device → none. Several → data parallel when the
     weights (parameters x bytes of the stored dtype) take at most FITS_SHARE of
@@ -69,16 +77,29 @@ def choose_plan(config, preset_dir=None, precision="float32", devices=None, devi
         preset_dir: local preset directory; its weights file gives the
             parameter count (only needed for "auto").
         precision: the dtype policy name; "bfloat16" stores 2 bytes a weight.
-        devices: list of JAX devices; default `jax.devices()`.
-        device_bytes: memory of one device; default what JAX reports.
+        devices: list of JAX devices; default every process's (`job_devices`).
+        device_bytes: memory of one device; default what JAX reports for
+            one of this process's own (another host's reports nothing).
 
     Raises:
         ConfigError: more parallelism than devices, a model axis that does
-            not divide the device count, or a batch that does not split.
+            not divide the device count, a batch that does not split, or
+            distribution "none" in a job of several processes.
     """
+    devices = list(devices if devices is not None else job_devices())
+    processes = len({getattr(d, "process_index", 0) for d in devices})
+    if processes > 1 and config.distribution == "none":
+        raise ConfigError(
+            f"distribution='none' trains on one device, but this job's {processes} processes have "
+            f"{len(devices)}. Use distribution auto, data or model (or run one process)."
+        )
+    plan = _choose(config, preset_dir, precision, devices, device_bytes)
+    return dataclasses.replace(plan, processes=processes)
+
+
+def _choose(config, preset_dir, precision, devices, device_bytes):
     import jax
 
-    devices = list(devices if devices is not None else jax.devices())
     n = len(devices)
     kind, batch = config.distribution, config.batch_size
     if kind == "none" or (kind == "auto" and n == 1):
@@ -98,7 +119,8 @@ def choose_plan(config, preset_dir=None, precision="float32", devices=None, devi
         return Plan("model", (n // m, m), reason=f"distribution='model', model_parallel={m}")
     # auto, several devices
     weights = parameter_count(preset_dir) * (2 if precision == "bfloat16" else 4)
-    memory = device_bytes if device_bytes is not None else _device_memory(devices[0])
+    local = [d for d in devices if getattr(d, "process_index", 0) == jax.process_index()] or devices
+    memory = device_bytes if device_bytes is not None else _device_memory(local[0])
     share = None if memory is None else FITS_SHARE * memory
     fitting = [m for m in _divisors(n) if share is None or weights / m <= share]
     m = fitting[0] if fitting else n
@@ -113,11 +135,9 @@ def choose_plan(config, preset_dir=None, precision="float32", devices=None, devi
 
 def make_distribution(plan, backbone_config, devices=None):
     """The `keras.distribution.Distribution` for `plan`, or None for one device."""
-    import jax
-
     if plan.kind == "none":
         return None
-    devices = list(devices if devices is not None else jax.devices())
+    devices = list(devices if devices is not None else job_devices())
     if plan.kind == "data":
         return keras.distribution.DataParallel(devices=devices)
     mesh = keras.distribution.DeviceMesh(shape=plan.mesh, axis_names=(BATCH, MODEL), devices=devices)
@@ -172,6 +192,49 @@ def gemma_layout_map(mesh, backbone_config):
         layout_map[f"{prefix}/lora_kernel_a"] = (*spec[:-1], None)
         layout_map[f"{prefix}/lora_kernel_b"] = (None, spec[-1])
     return layout_map
+
+
+def job_devices():
+    """Every device of the job (of every process), each process's together.
+
+    In process order, so that each process's devices hold one contiguous
+    block of a batch's rows (the share it feeds), and a model axis no
+    larger than a process's devices stays within its host.
+    """
+    import jax
+
+    return sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+
+
+def batch_layout(shape, distribution=None):
+    """How a global batch of `shape` is laid out: (sharding, (start, stop) of the rows this process feeds).
+
+    Rows go over the data axis of `distribution` (Keras' data layout, as its
+    own trainer lays batches out); (None, (0, rows)) without one.
+    """
+    if distribution is None:
+        return None, (0, shape[0])
+    sharding = distribution.get_data_layout(shape).backend_layout
+    spans = sorted({index[0].indices(shape[0])[:2] for index in sharding.addressable_devices_indices_map(shape).values()})
+    start, stop = spans[0][0], spans[-1][1]
+    # job_devices keeps a process's rows together; a mesh built otherwise may not.
+    if sum(b - a for a, b in spans) != stop - start:
+        raise ValueError(f"This process's devices hold rows {spans} of the batch, not one block.")
+    return sharding, (start, stop)
+
+
+def to_global(arrays, sharding, shape):
+    """One global array per process-local array (this process's rows of a batch of `shape`), laid out by `sharding`.
+
+    Each process gives only its own rows (`batch_layout`); JAX puts them on
+    its devices (`jax.make_array_from_process_local_data`). Without a
+    sharding the arrays are returned as they are.
+    """
+    if sharding is None:
+        return list(arrays)
+    import jax
+
+    return [jax.make_array_from_process_local_data(sharding, a, (*shape, *a.shape[2:])) for a in arrays]
 
 
 def apply(config, preset_dir, precision, echo=print):

@@ -44,3 +44,7 @@ class AdapterError(GemmaLoraError):
 
 class ExportError(GemmaLoraError):
     """A model cannot be exported as asked (LoRA still attached, quantized, unsupported architecture)."""
+
+
+class HostsError(GemmaLoraError):
+    """A job of several processes cannot start or go on (no coordinator, processes that disagree, a lost peer)."""

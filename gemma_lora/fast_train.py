@@ -15,7 +15,7 @@ masks, so packed rows cannot go through it (see `gemma_lora.fast`).
 
 import numpy as np
 
-from gemma_lora import fast, loop, packing, runtime
+from gemma_lora import distribute, fast, loop, packing, runtime
 from gemma_lora.config import ENGINES  # noqa: F401  (re-exported)
 from gemma_lora.errors import ConfigError
 from gemma_lora.layers import lora_layers
@@ -27,8 +27,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 
-def unsupported_reasons(causal_lm, config, devices=None):
-    """Why the fast engine cannot train this model with this config ([] = it can)."""
+def unsupported_reasons(causal_lm, config):
+    """Why the fast engine cannot train this model with this config ([] = it can).
+
+    Several devices and processes are no reason: its step takes batches laid
+    out over the data axis and the weights in the model's own layout.
+    """
     reasons = []
     try:
         fast.architecture(causal_lm.backbone)
@@ -38,16 +42,14 @@ def unsupported_reasons(causal_lm, config, devices=None):
         reasons.append("it does not read quantized base weights (quantize)")
     if config.full_finetune:
         reasons.append("it trains LoRA factors only (full_finetune)")
-    devices = len(jax.devices()) if devices is None else devices
-    if config.distribution != "none" and devices > 1:
-        reasons.append(f"it runs on one device and {devices} are visible (set distribution=none)")
     return reasons
 
 
 def resolve_engine(causal_lm, config, platform):
     """'keras' or 'fast' for this run.
 
-    "auto" picks the fast engine on GPU/TPU when it supports the run: on an
+    "auto" picks the fast engine on GPU/TPU when it supports the run (on one
+    device or several, in one process or several): on an
     H100 it trains the gemma_2b shape with 28% less memory, a 4% higher
     throughput and a faster first step than KerasHub in bfloat16, and packs
     rows to ~99% real tokens (docs/perf.md). On CPU the Keras engine stays
@@ -155,10 +157,16 @@ class FastEngine(StepEngine):
                 where[id(layer.lora_kernel_a)] = (i, target, "lora_kernel_a")
                 where[id(layer.lora_kernel_b)] = (i, target, "lora_kernel_b")
         self.paths = [where[id(v)] for v in causal_lm.trainable_variables]
-        key = (id(self.optimizer), self.fast_config, tuple(self.paths))
+        # The frozen weights keep the Keras variables' layout (extract_params
+        # converts them in place), so a distribution's layout map lays out
+        # both engines alike; the state keeps its layout across steps.
+        state = self.state_shardings()
+        out_shardings = None if state is None else (*state, None, None)
+        key = (id(self.optimizer), self.fast_config, tuple(self.paths), self.distribution is not None)
         self._step = loop.compiled_step(
             causal_lm, key,
-            lambda: jax.jit(_fast_train_step(self.fast_config, self.paths, self.optimizer), donate_argnums=(0, 1)),
+            lambda: jax.jit(_fast_train_step(self.fast_config, self.paths, self.optimizer), donate_argnums=(0, 1),
+                            out_shardings=out_shardings),
         )
 
     def steps_per_epoch(self):
@@ -171,6 +179,11 @@ class FastEngine(StepEngine):
         return float(batch["loss_weights"].sum())
 
     def step(self, batch, scale):
+        # Every process packs the whole epoch (the same everywhere) and feeds the rows its devices hold.
+        shape = batch["token_ids"].shape
+        sharding, (start, stop) = distribute.batch_layout(shape, self.distribution)
+        names = sorted(batch)
+        batch = dict(zip(names, distribute.to_global([batch[k][start:stop] for k in names], sharding, shape)))
         self.trainable, self.optimizer_values, nll, weight = self._step(
             self.trainable, self.optimizer_values, self.frozen, batch, jnp.float32(scale)
         )

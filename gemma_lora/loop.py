@@ -110,6 +110,19 @@ class StepEngine:
         self.trainable = [jnp.array(v.value) for v in causal_lm.trainable_variables]
         self.optimizer_values = [jnp.array(v.value) for v in self.optimizer.variables]
         self.synced = False
+        # Keras' global distribution (several devices, maybe several processes), or None.
+        self.distribution = keras.distribution.distribution()
+
+    def state_shardings(self):
+        """(trainable, optimizer) shardings of the variables, for a step's out_shardings; None on one device.
+
+        The step then keeps each state array in its variable's layout, as
+        Keras' own trainer does.
+        """
+        if self.distribution is None:
+            return None
+        return ([v.value.sharding for v in self.causal_lm.trainable_variables],
+                [v.value.sharding for v in self.optimizer.variables])
 
     def sync(self):
         """Write the state into the Keras model's and optimizer's variables (once per step).

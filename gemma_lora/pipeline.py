@@ -10,6 +10,10 @@ before training), checkpoints/, metrics.csv, samples.json/.md, answers.json
 summary.json.
 A full fine-tune (`full_finetune=True`) writes the whole model as a KerasHub
 preset in model/ instead of the adapter.
+
+In a job of several processes (`gemma_lora.hosts`) every process runs this
+same sequence on its share of each batch; process 0 alone prints and writes
+the run directory, from arrays gathered over the processes.
 """
 
 import contextlib
@@ -20,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gemma_lora import runtime
+from gemma_lora import hosts, runtime
 from gemma_lora.config import RECIPE_PROMPTS, save_config
 from gemma_lora.errors import TrainingError
 from gemma_lora.io import prepare_output_dir, read_json, write_text_atomic
@@ -51,10 +55,14 @@ def run_training(config, echo=print, resume=False):
         resume: continue the run in `config.output_dir` from its newest
             checkpoint (the config must be that run's own config.json).
 
+    In a job of several processes (joined first, `hosts.join`) every
+    process calls it with the same config; only process 0 echoes and writes.
+
     Raises:
         GemmaLoraError subclasses for bad input; TrainingError on a NaN loss
         (the last good checkpoint is kept); KeyboardInterrupt after Ctrl-C,
-        once a checkpoint is saved.
+        once a checkpoint is saved; HostsError when the processes of a job
+        disagree (config, data) or one of them is lost mid-run.
     """
     runtime.configure_runtime(
         memory_fraction=config.memory_fraction,
@@ -63,32 +71,53 @@ def run_training(config, echo=print, resume=False):
     )
     import keras
 
+    hosts.require_joined()
+    hosts.check_same("config", config.to_dict(),
+                     "Start every process with the same command and config file (only --process-id differs).")
+    if not hosts.is_main():
+        from gemma_lora.progress import mute
+
+        echo = _silent
+        mute()
     # The run sets Keras' global distribution (before the model is built, see
     # _prepare); put back whatever the caller had once the run ends.
     previous = keras.distribution.distribution()
     try:
         return _run_training(config, echo, resume)
+    except Exception as error:
+        lost = hosts.lost_peer(error)
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         keras.distribution.set_distribution(previous)
+
+
+def _silent(*args, **kwargs):
+    pass
 
 
 def _run_training(config, echo, resume):
     # Imported after the runtime is configured: these import Keras.
     from gemma_lora import checkpoints, fast_train, model, train
-    from gemma_lora.adapters import recorded_chat_format, save_adapter, save_preset
+    from gemma_lora.adapters import ADAPTER_FILE, recorded_chat_format, save_adapter, save_preset
     from gemma_lora.sampling import Sample
 
     phases = Phases()
     train.require_tensorboard(config)
+    main = hosts.is_main()  # the process that writes (every process, when it runs alone)
+    # Process 0 makes or checks the run directory; the others get its path (or its error).
     if resume:
-        run_dir, checkpoint = _resumable(Path(config.output_dir))
+        run_dir, checkpoint = map(Path, hosts.first("run to resume", lambda: list(map(str, _resumable(Path(config.output_dir))))))
     else:
-        run_dir, checkpoint = _new_run_dir(config), None
+        run_dir, checkpoint = Path(hosts.first("run directory", lambda: str(_new_run_dir(config)))), None
     try:
         with phases("load"):
             config, causal_lm, parameters, splits, rows, data_stats, precision = _prepare(config, echo)
+        hosts.check_same("training data", data_stats["fingerprint"],
+                         f"Give every process the same data ({config.data}) and tokenizer (the preset).")
     except BaseException:
-        if not resume and not any(run_dir.iterdir()):
+        if main and not resume and not any(run_dir.iterdir()):
             run_dir.rmdir()  # Bad input leaves nothing behind.
         raise
     echo(f"run directory: {run_dir}")
@@ -128,7 +157,8 @@ def _run_training(config, echo, resume):
         return samples, answers
 
     if resume:
-        saved = read_json(run_dir / BEFORE_FILE, TrainingError, f"Without it the run cannot resume: start it again in a new directory.")
+        saved = hosts.first("scores before training", lambda: read_json(
+            run_dir / BEFORE_FILE, TrainingError, "Without it the run cannot resume: start it again in a new directory."))
         before, samples_before = saved["token_loss"], [Sample.from_dict(s) for s in saved["samples"]]
         answers_before = {
             name: dict(_with_current_keys(a), samples=[Sample.from_dict(s) for s in a["samples"]])
@@ -137,8 +167,9 @@ def _run_training(config, echo, resume):
         start, global_step = checkpoints.restore_checkpoint(causal_lm, checkpoint)
         echo(f"resuming from {checkpoint.name}: step {global_step}, epoch {start.epoch + 1}")
     else:
-        save_config(config, run_dir / "config.json")
-        write_text_atomic(run_dir / DATA_FILE, json.dumps(data_stats["source"], indent=2) + "\n")
+        if main:
+            save_config(config, run_dir / "config.json")
+            write_text_atomic(run_dir / DATA_FILE, json.dumps(data_stats["source"], indent=2) + "\n")
         with phases("before"):
             before = {name: s["token_loss"] for name, s in score("before").items()}
             samples_before, answers_before = answer_all("before")
@@ -147,11 +178,13 @@ def _run_training(config, echo, resume):
             "samples": [s.to_dict() for s in samples_before],
             "answers": _answers_record(answers_before, with_samples=True),
         }
-        write_text_atomic(run_dir / BEFORE_FILE, json.dumps(record, indent=2) + "\n")
+        if main:
+            write_text_atomic(run_dir / BEFORE_FILE, json.dumps(record, indent=2) + "\n")
         start, global_step = train.Position(), 0
     _echo_samples(echo, "before", samples_before)
 
-    callbacks = train.callbacks_for_run(run_dir, {"validation": rows["validation"]}, config, start_step=global_step)
+    callbacks = train.callbacks_for_run(run_dir, {"validation": rows["validation"]}, config, start_step=global_step,
+                                        write=main)
     # The checkpointer counts batches; checkpoint_every counts optimizer steps.
     accumulation = config.grad_accumulation
     checkpointer = checkpoints.Checkpointer(
@@ -226,32 +259,35 @@ def _run_training(config, echo, resume):
         if config.metric == "exact_match":
             was = f"{_share(answers_before[name], 'exact_match')} before → " if name in answers_before else ""
             echo(f"{name} exact match of greedy answers: {was}{_share(answers_after[name], 'exact_match')} after")
-    write_answers(run_dir, answered, answers_before, answers_after)
     _echo_samples(echo, "after", samples_after)
     phases.stop()
-    write_samples(run_dir, samples_before, samples_after)
+    # Every process has finished its part: process 0 writes the results.
+    hosts.barrier("end of the run")
+    if main:
+        write_answers(run_dir, answered, answers_before, answers_after)
+        write_samples(run_dir, samples_before, samples_after)
 
+    model_dir = adapter = None
     if config.full_finetune:
         # Every weight changed, so there is no adapter: the run keeps the whole model.
-        adapter, model_dir = None, save_preset(causal_lm, run_dir / MODEL_DIR, recorded_chat_format(config))
+        with hosts.whole(causal_lm.weights):
+            model_dir = (save_preset(causal_lm, run_dir / MODEL_DIR, recorded_chat_format(config)) if main
+                         else run_dir / MODEL_DIR)
         echo(f"fine-tuned model (a KerasHub preset, usable as --preset): {model_dir}")
     else:
-        model_dir = None
-        adapter = save_adapter(
-            causal_lm,
-            run_dir,
-            config,
-            extra={
-                "data": config.data,
-                "data_fingerprint": data_stats["fingerprint"],
-                "data_format": data_stats["source"]["format"],
-                "data_source": data_stats["source"],
-                "split": {k: len(v) for k, v in rows.items()},
-                "validation_token_loss": after.get("validation"),
-                "test_token_loss": after.get("test"),
-                "training": training_record(config, engine, train_stats),
-            },
-        )
+        extra = {
+            "data": config.data,
+            "data_fingerprint": data_stats["fingerprint"],
+            "data_format": data_stats["source"]["format"],
+            "data_source": data_stats["source"],
+            "split": {k: len(v) for k, v in rows.items()},
+            "validation_token_loss": after.get("validation"),
+            "test_token_loss": after.get("test"),
+            "training": training_record(config, engine, train_stats),
+        }
+        # LoRA factors sharded over several processes are gathered whole for the writing.
+        with hosts.whole(causal_lm.trainable_variables):
+            adapter = save_adapter(causal_lm, run_dir, config, extra=extra) if main else run_dir / ADAPTER_FILE
         echo(f"adapter: {adapter}")
     summary = {
         "parameters": parameters,
@@ -268,7 +304,8 @@ def _run_training(config, echo, resume):
         "train": train_stats,
         "phases_seconds": phases.seconds,
     }
-    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if main:
+        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     echo("time: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in phases.seconds.items()))
     return RunResult(
         run_dir, parameters, summary["data"], before, after, train_stats,
@@ -415,21 +452,30 @@ def _prepare(config, echo):
     from gemma_lora.errors import ConfigError
 
     echo("config: " + json.dumps(config.to_dict()))
-    dataset = data.read_dataset(config)  # Read data before the slow model load.
-    echo(dataset.describe())
-    if config.metric and dataset.format == "text":
-        raise ConfigError(
-            f"metric={config.metric!r} compares answers with references, and text data has neither; "
-            "drop --metric or use prompt/answer data (e.g. --data-format completion)."
-        )
-    splits = data.split(dataset.examples, config)
-    preset_dir = model.resolve_preset(config.preset, config.preset_version)
+
+    def sources():
+        dataset = data.read_dataset(config)  # Read data before the slow model load.
+        echo(dataset.describe())
+        if config.metric and dataset.format == "text":
+            raise ConfigError(
+                f"metric={config.metric!r} compares answers with references, and text data has neither; "
+                "drop --metric or use prompt/answer data (e.g. --data-format completion)."
+            )
+        return dataset, data.split(dataset.examples, config), model.resolve_preset(config.preset, config.preset_version)
+
+    # Each host reads its own copy of the data and preset: if one cannot, all stop.
+    dataset, splits, preset_dir = hosts.together("data and preset", sources)
     given = config.chat
     config = resolve_chat(config, dataset.format, preset_dir)
     echo(_describe_format(config, given, dataset.format))
     precision = config.resolved_precision(model.platform())
     # Variables take their device layout when created, so before the load.
-    distribute.apply(config, preset_dir, precision, echo)
+    plan = distribute.apply(config, preset_dir, precision, echo)
+    if config.full_finetune and plan.kind == "model" and plan.processes > 1:
+        raise ConfigError(
+            "full_finetune saves the whole model, which model parallelism over several processes would have to "
+            "gather onto every device first. Use distribution='data' (if the model fits one device) or LoRA."
+        )
     echo(f"loading {config.preset} from {preset_dir}")
     causal_lm = model.load_causal_lm(preset_dir, precision, config.sequence_length, frozen_base=not config.full_finetune)
     # Counted before quantizing: int4 packs two weights per stored number.

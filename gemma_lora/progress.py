@@ -29,6 +29,15 @@ LOG_INTERVAL = 10.0
 TERMINAL_INTERVAL = 0.2
 
 
+_muted = False  # set by `mute` in the processes of a job other than process 0
+
+
+def mute():
+    """Show no progress from this process from now on (a job's processes other than process 0)."""
+    global _muted
+    _muted = True
+
+
 class Progress:
     """Counts units of work towards `total` and shows how far along they are.
 
@@ -46,7 +55,7 @@ class Progress:
         self.total, self.label, self.unit = total, label, unit
         self.robust_rate = unit == "step" if robust_rate is None else robust_rate
         self.stream = stream
-        self.enabled = enabled
+        self.enabled = enabled and not _muted
         self.n = 0
         self.postfix = {}
         self.start = self.last = time.perf_counter()

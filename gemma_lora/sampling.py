@@ -18,12 +18,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from gemma_lora import decode, runtime
+from gemma_lora import decode, hosts, runtime
 from gemma_lora.data import Example, chat, prompt_text
 from gemma_lora.progress import Progress
 
 runtime.ensure_runtime()
 
+import keras  # noqa: E402
 import keras_hub  # noqa: E402
 
 # Rows decoded together. On 2 CPU cores a step of the 270M model costs about
@@ -190,10 +191,17 @@ def keras_hub_batch(causal_lm, prompts, max_new_tokens, stop_ids, pad=0):
         inputs["images"] = np.zeros((len(prompts), 0, 1, 1, 3), "float32")
     preprocessor = causal_lm.preprocessor
     causal_lm.preprocessor = None
+    # In a job of several processes KerasHub would split the rows over every
+    # process's devices, and its output, spread over the hosts, could not be
+    # read back as NumPy: every process decodes all the rows instead.
+    distribution = keras.distribution.distribution()
+    if hosts.several():
+        keras.distribution.set_distribution(None)
     try:
         output = causal_lm.generate(inputs, stop_token_ids=stop_ids)
     finally:
         causal_lm.preprocessor = preprocessor
+        keras.distribution.set_distribution(distribution)
     out_ids = np.asarray(output["token_ids"])
     results = []
     for row, ids in enumerate(prompts):

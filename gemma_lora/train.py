@@ -14,7 +14,7 @@ import weakref
 
 import numpy as np
 
-from gemma_lora import loop, runtime
+from gemma_lora import distribute, loop, runtime
 from gemma_lora.errors import ConfigError
 from gemma_lora.loop import (  # noqa: F401  (re-exported: they were train's before loop.py)
     History,
@@ -118,14 +118,9 @@ class KerasEngine(loop.StepEngine):
         super().__init__(causal_lm)
         self.rows, self.config = rows, config
         self.non_trainable = [v.value for v in causal_lm.non_trainable_variables]
-        distribution = keras.distribution.distribution()
-        self.distribution = distribution
-        out_shardings = None
-        if distribution is not None:
-            # Keep each state array in its variable's layout (as Keras' trainer does).
-            out_shardings = ([v.value.sharding for v in causal_lm.trainable_variables],
-                             [v.value.sharding for v in self.optimizer.variables], None, None)
-        key = (id(self.optimizer), distribution is not None)
+        state = self.state_shardings()
+        out_shardings = None if state is None else (*state, None, None)
+        key = (id(self.optimizer), self.distribution is not None)
         self._step = loop.compiled_step(
             causal_lm, key,
             lambda: jax.jit(_keras_train_step(causal_lm, self.optimizer), donate_argnums=(0, 1), out_shardings=out_shardings),
@@ -141,21 +136,17 @@ class KerasEngine(loop.StepEngine):
         return float(self.rows.weights[index].sum())
 
     def step(self, index, scale):
-        x, labels, weights = batch_arrays(self.rows, index, self.config.batch_size, self.config.bucket_by_length)
-        inputs = self._place((x["token_ids"], x["padding_mask"], labels, weights))
+        size, trim = self.config.batch_size, self.config.bucket_by_length
+        shape = (size, batch_length(self.rows, index, trim))
+        # Under a distribution each process builds only the rows its own devices hold.
+        sharding, share = distribute.batch_layout(shape, self.distribution)
+        x, labels, weights = batch_arrays(self.rows, index, size, trim, share)
+        inputs = distribute.to_global((x["token_ids"], x["padding_mask"], labels, weights), sharding, shape)
         self.trainable, self.optimizer_values, nll, weight = self._step(
             self.trainable, self.optimizer_values, self.non_trainable, *inputs, jnp.float32(scale)
         )
         nll, weight = float(nll), float(weight)
         return nll, weight, nll / max(weight, 1.0)
-
-    def _place(self, arrays):
-        if self.distribution is None:
-            return arrays
-        return tuple(
-            keras.distribution.distribute_tensor(a, self.distribution.get_data_layout(a.shape)) for a in arrays
-        )
-
 
 
 def _keras_train_step(causal_lm, optimizer):
@@ -268,16 +259,18 @@ def epoch_batches(rows, config, epoch):
     return [batches[i] for i in shuffled] if config.shuffle else batches
 
 
-def batch_arrays(rows, index, batch_size, trim=True):
+def batch_arrays(rows, index, batch_size, trim=True, share=None):
     """`(x, labels, weights)` of the rows at `index`, padded to `batch_size` rows.
 
     With `trim`, positions past the batch's longest row (rounded up to
-    `LENGTH_MULTIPLE`) are dropped: they are padding in every row.
+    `LENGTH_MULTIPLE`) are dropped: they are padding in every row. With
+    `share` = (start, stop), only those rows of the padded batch are built
+    (one process's share of a global batch), as long as the whole batch's.
     """
-    part = pad_rows(take(rows, index), batch_size)
-    if trim:
-        longest = int(part.padding_mask.sum(axis=1).max())
-        length = min(-(-longest // LENGTH_MULTIPLE) * LENGTH_MULTIPLE, part.token_ids.shape[1])
+    length = batch_length(rows, index, trim)
+    start, stop = share or (0, batch_size)
+    part = pad_rows(take(rows, index[start:stop]), stop - start)
+    if length < part.token_ids.shape[1]:
         part = dataclasses.replace(
             part,
             token_ids=part.token_ids[:, :length],
@@ -286,6 +279,16 @@ def batch_arrays(rows, index, batch_size, trim=True):
             weights=part.weights[:, :length],
         )
     return part.x, part.labels, part.weights
+
+
+def batch_length(rows, index, trim=True):
+    """Positions of the batch of the rows at `index`: its longest row rounded up to `LENGTH_MULTIPLE`, or all."""
+    full = rows.token_ids.shape[1]
+    if not trim:
+        return full
+    # A padding row shows one position (pad_rows), so a batch is at least that long.
+    longest = max(int(rows.padding_mask[index].sum(axis=1).max(initial=0)), 1)
+    return min(-(-longest // LENGTH_MULTIPLE) * LENGTH_MULTIPLE, full)
 
 
 def positions_per_epoch(rows, config):
@@ -327,7 +330,7 @@ def pad_rows(rows, batch_size):
     A short last batch has a new shape, which would compile the train step a
     second time; a padding row adds nothing to the loss.
     """
-    extra = -len(rows) % batch_size
+    extra = -len(rows) % batch_size if len(rows) else batch_size  # a process's share may hold no row at all
     if not extra:
         return rows
 
@@ -439,14 +442,18 @@ def total_steps(rows, config, engine="keras"):
     return batches // config.grad_accumulation
 
 
-def callbacks_for_run(run_dir, splits, config, start_step=0):
+def callbacks_for_run(run_dir, splits, config, start_step=0, write=True):
     """The callbacks a CLI/pipeline run uses: split scores, CSV logs, TensorBoard.
 
     Validation is scored at each epoch's end (`SplitScorer`, into
     metrics.csv) unless `eval_every` scores it every N steps instead (the
-    loop's evaluations, into evaluations.csv).
+    loop's evaluations, into evaluations.csv). `write=False` (a job's
+    processes other than process 0) leaves out those that write files; the
+    scoring stays, since every process computes it together.
     """
     callbacks = [] if config.eval_every else [SplitScorer(splits, max(config.batch_size, 8))]
+    if not write:
+        return callbacks
     # append: one fit call per epoch, and resumed runs, add to the same file.
     callbacks.append(keras.callbacks.CSVLogger(str(run_dir / "metrics.csv"), append=True))
     if config.eval_every:

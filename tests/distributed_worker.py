@@ -1,12 +1,14 @@
 """Train the tiny model a few steps under several layouts on virtual CPU devices; print JSON.
 
 Run by tests/test_distribute.py in a subprocess: JAX fixes its device count
-when it starts, and the test process already started it with one device.
+when it starts, and the test process already started it with one device. A
+setup is a layout (none, data, model:M), trained by the Keras engine, or by
+the fast engine (packed rows) with the prefix fast/.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/distributed_worker.py none data model:2
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/distributed_worker.py none data model:2 fast/data
 
-A setup is `[preset@]kind[:model_parallel]`, the preset "tiny" unless named
-(e.g. tiny_gemma2@model:2).
+A setup is `[engine/][preset@]kind[:model_parallel]`, the engine "keras" and the preset
+"tiny" unless named (e.g. tiny_gemma2@model:2, fast/tiny_gemma2@data).
 """
 
 import json
@@ -31,9 +33,11 @@ OVERRIDES = dict(preset="tiny", sequence_length=32, limit=16, validation_rows=0,
 
 
 def run(setup):
-    name, _, layout = setup.rpartition("@")
-    kind, _, m = layout.partition(":")
+    engine, _, layout = setup.rpartition("/")
+    engine = engine or "keras"
+    name, _, layout = layout.rpartition("@")
     name = name or "tiny"
+    kind, _, m = layout.partition(":")
     config = resolve_config(overrides=dict(OVERRIDES, preset=name, distribution=kind,
                                            **({"model_parallel": int(m)} if m else {})))
     preset = model.tiny_preset_dir(name)
@@ -45,7 +49,7 @@ def run(setup):
     train.compile_for_training(causal_lm, config)
     # The loss before training is the same under every layout; scored once, on one device.
     before = train.token_loss(causal_lm, rows, config.batch_size)["token_loss"] if kind == "none" else None
-    train.fit(causal_lm, rows, config, verbose=0)
+    history = train.fit(causal_lm, rows, config, verbose=0, engine=engine)
     after = train.token_loss(causal_lm, rows, config.batch_size)["token_loss"]
     variables = causal_lm.backbone.weights + causal_lm.optimizer.variables
     keras.distribution.set_distribution(None)
@@ -55,6 +59,9 @@ def run(setup):
         "before": before,
         "after": after,
         "iterations": int(causal_lm.optimizer.iterations.value),
+        # The training steps' own loss, and the examples they held (packed rows, with the fast engine).
+        "train_token_loss": history.history["token_loss"][-1],
+        "examples": train.examples_trained(rows, config, engine, 1, STEPS)[0],
         "variables": {
             v.path: {
                 "shape": list(v.shape),

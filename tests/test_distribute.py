@@ -204,7 +204,8 @@ def trained():
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}",
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     worker = os.path.join(REPO, "tests", "distributed_worker.py")
-    done = subprocess.run([sys.executable, worker, "none", "data", "model:2", "tiny_gemma2@none", "tiny_gemma2@model:2"],
+    done = subprocess.run([sys.executable, worker, "none", "data", "model:2", "fast/none", "fast/data", "fast/model:2",
+                           "tiny_gemma2@none", "tiny_gemma2@model:2"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
@@ -218,6 +219,7 @@ def test_worker_saw_the_devices_and_trained(trained):
     assert single["devices"] == DEVICES and single["plan"]["kind"] == "none"
     assert trained["data"]["plan"] == {"kind": "data", "mesh": [DEVICES, 1]}
     assert trained["model:2"]["plan"] == {"kind": "model", "mesh": [2, 2]}
+    assert trained["fast/model:2"]["plan"] == {"kind": "model", "mesh": [2, 2]}
     assert all(run["iterations"] == STEPS for run in trained.values())
 
 
@@ -233,6 +235,18 @@ def test_distributed_loss_matches_one_device(trained, setup):
     # trained differently (a lost gradient reduction, a skipped shard) would show.
     assert abs(single["before"] - single["after"]) > 100 * tolerance
     assert other["after"] == pytest.approx(single["after"], abs=tolerance)
+
+
+@pytest.mark.parametrize("setup", ["fast/data", "fast/model:2"])
+def test_the_fast_engine_on_four_devices_matches_one_device(trained, setup):
+    single, other = trained["fast/none"], trained[setup]
+    tolerance = 1e-5 * abs(single["after"])
+    assert abs(trained["none"]["before"] - single["after"]) > 100 * tolerance  # the packed steps trained
+    assert other["after"] == pytest.approx(single["after"], abs=tolerance)
+    assert other["train_token_loss"] == pytest.approx(single["train_token_loss"], rel=1e-5)
+    # Packing is the host's: the same examples in the same steps, whatever the devices.
+    assert other["examples"] == single["examples"]
+    assert other["iterations"] == single["iterations"]
 
 
 def test_data_parallel_replicates_every_variable(trained):
