@@ -906,9 +906,9 @@ def loss_sums(config, frozen, lora, batch):
 class AdamW:
     """keras.optimizers.AdamW's update, on a pytree of float32 arrays.
 
-    Written here rather than taken from optax (not a dependency of this
-    package) or Keras' stateless optimizer API (which needs Keras variables
-    to map state to): the rule is a dozen lines. As in Keras: decoupled decay
+    Written here so this module needs nothing but JAX (scripts/benchmark.py
+    runs it on the GPU machine without Keras); training goes through
+    gemma_lora.optim, Keras' own AdamW. The rule is a dozen lines. As in Keras: decoupled decay
     `p -= p * wd * lr` first, then Adam with bias correction folded into the
     step size and epsilon added to sqrt(v); leaves whose path contains one of
     `exclude` (Keras: `exclude_from_weight_decay(var_names=...)`) get no decay.
