@@ -189,7 +189,7 @@ class TrainConfig:
         "auto | keras | fast: what runs the training steps. keras: KerasHub's model through "
         "keras.Model.fit. fast: gemma_lora.fast's JAX step on packed rows (several examples per "
         "row, none attending to another), LoRA factors float32 over a bfloat16 or float32 base; "
-        "Gemma 1 and Gemma 3 text presets, LoRA only, on one device or several. auto: fast on GPU/TPU where it can run, else keras "
+        "Gemma 1, 2 and 3 text presets, LoRA only, on one device or several. auto: fast on GPU/TPU where it can run, else keras "
         "(docs/perf.md).",
         default="auto",
     )
