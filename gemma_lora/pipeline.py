@@ -146,7 +146,9 @@ def _run_training(config, echo, resume):
     }
 
     def score(when):
-        return {name: train.token_loss(causal_lm, r, label=f"{when}: scoring {name} rows") for name, r in scored.items()}
+        # The batch size of the scoring during training, so the end-of-training validation score is reused.
+        return {name: train.token_loss(causal_lm, r, max(config.batch_size, 8), label=f"{when}: scoring {name} rows")
+                for name, r in scored.items()}
 
     def answer_all(when):
         held_out = answered if when == "after" or config.answer_before else {}

@@ -97,6 +97,26 @@ def test_token_loss_is_the_mean_over_weighted_tokens(tiny_lm, make_config):
     np.testing.assert_allclose(result["row_losses"], (nll * rows.weights).sum(1) / rows.weights.sum(1), rtol=1e-4)
 
 
+def test_scoring_the_same_rows_with_the_same_weights_again_is_not_recomputed(tiny_lm, make_config, monkeypatch):
+    """The pipeline's "after" scores right after the end-of-training validation reuse it; any change scores again."""
+    rows = tiny_rows(tiny_lm, make_config(sequence_length=64), 4)
+    first = train.token_loss(tiny_lm, rows, batch_size=2)
+    calls = []
+    scorer = train._scorer
+    monkeypatch.setattr(train, "_scorer", lambda lm: calls.append(1) or scorer(lm))
+    again = train.token_loss(tiny_lm, rows, batch_size=2)
+    assert calls == [] and again["token_loss"] == first["token_loss"]
+    again["row_losses"][:] = 0  # a caller's copy: the remembered result is unchanged
+    assert train.token_loss(tiny_lm, rows, batch_size=2)["row_losses"].tolist() == first["row_losses"].tolist()
+    train.token_loss(tiny_lm, rows, batch_size=4)  # another batch size (other padding): scored
+    assert calls == [1]
+    variable = tiny_lm.trainable_variables[0]
+    variable.assign(variable.value + 0.5)  # new weights: scored again, with a new result
+    changed = train.token_loss(tiny_lm, rows, batch_size=2)
+    assert calls == [1, 1] and changed["token_loss"] != first["token_loss"]
+    variable.assign(variable.value - 0.5)
+
+
 def test_training_minimises_the_per_token_loss_and_only_the_recipe_keeps_keras_padded_loss(tiny_lm, make_config):
     """Both engines' objective is the mean over loss-carrying tokens; --recipe keeps stock Keras' loss,
     which divides by every position, padding included (so it reads lower than the per-token loss)."""
