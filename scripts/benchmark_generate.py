@@ -32,6 +32,7 @@ def main():
     parser.add_argument("--rows", type=int, default=68, help="Test rows to answer (the shipped sample has 68).")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--variants", default="package,stock")
+    parser.add_argument("--slots", type=int, help="Rows the package decodes together (default: gemma_lora.sampling.SLOTS).")
     args = parser.parse_args()
 
     runtime.quiet_startup()
@@ -40,6 +41,8 @@ def main():
     from gemma_lora.config import resolve_config
     from gemma_lora.data import Example, prompt_text
     from gemma_lora.sampling import SLOTS, keras_hub_batch
+
+    slots = args.slots or SLOTS
 
     config = resolve_config(overrides=dict(preset=args.preset, sequence_length=256, test_rows=args.rows,
                                            max_new_tokens=args.max_new_tokens, stop_strings=[]))
@@ -55,7 +58,7 @@ def main():
                for ids in tokenizer([prompt_text(Example(e.instruction, ""), config) for e in rows])]
 
     def package():
-        return decode.decode_tokens(causal_lm, prompts, args.max_new_tokens, [eos], slots=SLOTS)
+        return decode.decode_tokens(causal_lm, prompts, args.max_new_tokens, [eos], slots=slots)
 
     def stock():
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -84,7 +87,7 @@ def main():
         differ = sum(a != b for a, b in zip(tokens["package"], tokens["stock"]))
         print(f"rows whose greedy tokens differ between the two: {differ} of {len(rows)}")
     print(f"\npreset {args.preset}{' + ' + args.adapter if args.adapter else ''}, {len(rows)} rows, "
-          f"up to {args.max_new_tokens} new tokens, package slots {SLOTS}, decode chunk {decode.CHUNK_STEPS} steps\n")
+          f"up to {args.max_new_tokens} new tokens, package slots {slots}, decode chunk {decode.CHUNK_STEPS} steps\n")
     print("| variant | rows | new tokens | first call s | second call s | compile s | new tokens/s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
