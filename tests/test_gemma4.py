@@ -1,0 +1,241 @@
+"""Gemma 4 (text): the LoRA checklist (STYLE.md) on tiny_gemma4, presets, refusals, and KerasHub's quirks.
+
+tiny_gemma4 is gemma4_31b's text architecture in miniature (gemma4.TINY):
+layer 0 slides (window 16), layer 1 is global with twice the head width,
+one KV head whose key projection doubles as the value's (K = V) and RoPE on
+a quarter of the head; Gemma 4's norms (x * scale, query/key/value norms,
+four per block), attention scale 1 and a layer scalar. Chat format, fast
+engine, decoder, layouts and exports of Gemma 4 are tested further down.
+"""
+
+import json
+import os
+import shutil
+
+import jax
+import keras
+import keras_hub
+import numpy as np
+import pytest
+
+from gemma_lora import adapters, data, gemma4, model, train
+from gemma_lora.errors import ConfigError, PresetError
+from gemma_lora.layers import model_inputs
+from test_model import fill_kagglehub_cache, hand_count_lora
+
+ALL = ("query", "key", "value", "attention_output", "ffw_gating", "ffw_gating_2", "ffw_linear")
+IDS = np.array([[2, 300, 301, 302, 4, 5, 6, 7, 8, 9] * 3], "int32")  # 30 tokens: past the window of 16
+
+
+def fresh(preset, **kwargs):
+    return model.load_causal_lm(preset, "float32", **kwargs)
+
+
+def logits(causal_lm, ids=IDS):
+    return np.asarray(causal_lm(model_inputs(causal_lm, ids, np.ones_like(ids, bool))))
+
+
+def rows_of(causal_lm, config, n=8):
+    examples = data.split(data.load_examples(config), config).train[:n]
+    return data.tokenize_rows(examples, causal_lm.preprocessor.tokenizer, config)
+
+
+def trained_like(causal_lm, targets=ALL, alpha=8.0, seed=0):
+    layers = model.enable_lora(causal_lm, 4, alpha, targets, seed=seed)
+    rng = np.random.default_rng(seed)
+    for layer in layers:
+        layer.lora_kernel_b.assign(rng.normal(0, 0.2, layer.lora_kernel_b.shape).astype("float32"))
+    return causal_lm
+
+
+def test_tiny_gemma4_is_a_gemma4_text_model(tiny_gemma4_preset):
+    causal_lm = fresh(tiny_gemma4_preset)
+    backbone = causal_lm.backbone
+    assert type(causal_lm).__name__ == "Gemma4CausalLM" and backbone.text_only_model
+    local, world = (block.attention for block in backbone.transformer_layers)
+    assert local.use_sliding_window_attention and not world.use_sliding_window_attention
+    assert (local.head_dim, world.head_dim) == (16, 32)
+    assert world.attention_k_eq_v and world.value_dense is None and world.effective_num_kv_heads == 1
+    assert world.rotary_dim == 8 and local.rotary_dim == 16  # RoPE on a quarter of the global head
+    assert backbone.final_logit_soft_cap == 30.0
+    # The turn markers are single tokens of its vocabulary.
+    tokenizer = causal_lm.preprocessor.tokenizer
+    assert [tokenizer.id_to_token(tokenizer.token_to_id(m)) for m in gemma4.TURN_MARKERS] == list(gemma4.TURN_MARKERS)
+
+
+def test_the_package_loads_a_gemma4_preset_as_gemma4causallm_where_kerashub_may_not(tiny_gemma4_preset):
+    """Why model.load_causal_lm reads the class off the preset: KerasHub 0.32's CausalLM.from_preset
+    picks one of the CausalLM subclasses whose backbone is a Gemma4Backbone, from a set (so either,
+    by the process's hashing), and builds a Gemma4AssistantCausalLM when it draws that one."""
+    from keras_hub.src.utils.preset_utils import list_subclasses
+
+    candidates = {c.__name__ for c in list_subclasses(keras_hub.models.CausalLM)
+                  if c.backbone_cls is keras_hub.models.Gemma4Backbone}
+    assert candidates == {"Gemma4CausalLM", "Gemma4AssistantCausalLM"}
+    assert type(fresh(tiny_gemma4_preset)).__name__ == "Gemma4CausalLM"
+
+
+def test_trainable_parameters_match_the_hand_count_and_k_eq_v_layers_have_no_value(tiny_gemma4_preset):
+    """Checklist 1 and 6: the seven projections take LoRA, except the value of a K = V (global) layer,
+    which has no value projection (its values are its keys' projection, which LoRA on key reaches)."""
+    causal_lm = fresh(tiny_gemma4_preset)
+    expected = hand_count_lora(causal_lm.backbone, 8, ALL)
+    layers = model.enable_lora(causal_lm, 8, targets=ALL)
+    assert model.parameter_summary(causal_lm)["trainable_parameters"] == expected
+    assert len(layers) == 2 * len(ALL) - 1
+    assert not any(layer.path.startswith("decoder_block_1/attention/value") for layer in layers)
+    with pytest.raises(ConfigError, match=r"\['value_norm'\] match no LoRA-able layer of this Gemma4Backbone. "
+                                          r"LoRA-able layers here: attention_output, ffw_gating"):
+        model.enable_lora(fresh(tiny_gemma4_preset), 4, targets=("query", "value_norm"))
+
+
+def test_keras_engine_keeps_the_base_changes_every_factor_lowers_the_loss_and_compiles_once(
+        tiny_gemma4_preset, make_config):
+    """Checklist 2, 5 and 7 on the Keras engine (LoRA on the feed-forward block included: KerasHub's
+    Gemma 4 block multiplies by `layer.kernel`, which holds the LoRA update)."""
+    traces = []
+
+    def count(event, duration, fun_name="", **kwargs):
+        if event == "/jax/core/compile/jaxpr_trace_duration" and fun_name == "train_step":
+            traces.append(fun_name)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    causal_lm = fresh(tiny_gemma4_preset, sequence_length=64)
+    config = make_config(preset="tiny_gemma4", learning_rate=1e-2, epochs=6, batch_size=4, bucket_by_length=False)
+    layers = model.enable_lora(causal_lm, 8, targets=("query", "key", "ffw_linear"), seed=0)
+    lora_ids = {id(v) for layer in layers for v in (layer.lora_kernel_a, layer.lora_kernel_b)}
+    frozen = {v.path: np.array(v) for v in causal_lm.weights if id(v) not in lora_ids}
+    factors = {v.path: np.array(v) for v in causal_lm.weights if id(v) in lora_ids}
+    rows = rows_of(causal_lm, config)
+    train.compile_for_training(causal_lm, config)
+    before = train.token_loss(causal_lm, rows)["token_loss"]
+    train.fit(causal_lm, rows, config, verbose=0)
+    after = train.token_loss(causal_lm, rows)["token_loss"]
+    assert after < before - 0.3, (before, after)
+    weights = {v.path: np.array(v) for v in causal_lm.weights}
+    for path, value in frozen.items():
+        np.testing.assert_array_equal(weights[path], value, err_msg=path)
+    assert all(not np.array_equal(weights[p], v) for p, v in factors.items())
+    assert len(traces) == 1  # six epochs of one batch shape: one trace
+
+
+def test_adapter_reloads_onto_a_fresh_base_and_merges(tmp_path, tiny_gemma4_preset, make_config):
+    """Checklist 3 and 4; the merged preset loads with KerasHub's own Gemma4CausalLM."""
+    source = trained_like(fresh(tiny_gemma4_preset))
+    adapters.save_adapter(source, tmp_path, make_config(preset="tiny_gemma4", lora_alpha=8.0, lora_targets=list(ALL)))
+    target = fresh(tiny_gemma4_preset)
+    assert np.abs(logits(target) - logits(source)).max() > 1e-2
+    meta = adapters.load_adapter(target, tmp_path / adapters.ADAPTER_FILE)
+    np.testing.assert_array_equal(logits(target), logits(source))
+    assert meta["base_preset"] == "tiny_gemma4" and meta["backbone_class"] == "Gemma4Backbone"
+    merged_dir = adapters.merge_adapter(source, tiny_gemma4_preset, tmp_path / "m")
+    merged = keras_hub.models.Gemma4CausalLM.from_preset(str(merged_dir))
+    assert not model.lora_layers(merged)
+    np.testing.assert_allclose(logits(merged), logits(source), rtol=1e-5, atol=1e-5)
+
+
+def test_quantizing_is_refused_and_why(tiny_gemma4_preset):
+    """KerasHub's Gemma 4 block reads `ffw_gating.kernel` itself: quantized, that is the raw int8 array,
+    and the logits are far from the float model's (int8 rounding alone moves them by about 1%)."""
+    with pytest.raises(ConfigError, match=r"Gemma 4 cannot be quantized in KerasHub 0.32: .*ops.matmul\(x, "
+                                          r"ffw_gating.kernel\).*Train it without --quantize"):
+        fresh(tiny_gemma4_preset, quantize="int8")
+    causal_lm = fresh(tiny_gemma4_preset)
+    reference = logits(causal_lm)
+    causal_lm.backbone.quantize("int8", config=keras.quantizers.Int8QuantizationConfig(activation_quantizer=None))
+    assert np.abs(logits(causal_lm) - reference).max() > 0.1 * np.abs(reference).max()
+
+
+def test_assistant_presets_are_refused_with_kerashubs_reason(tmp_path, tiny_gemma4_preset):
+    names = [n for n in keras_hub.models.CausalLM.presets if n.startswith("gemma4") and n.endswith("_assistant")]
+    assert len(names) == 4
+    for name in names:  # refused by name, before any download (no credentials here)
+        with pytest.raises(PresetError, match=rf"{name} is a speculative-decoding assistant.*must NOT be used "
+                                              rf"standalone.*--preset {name.removesuffix('_assistant')}"):
+            model.resolve_preset(name)
+    # A directory holding one (its task.json names the class) is refused when loaded.
+    fake = tmp_path / "assistant"
+    shutil.copytree(tiny_gemma4_preset, fake)
+    task = json.loads((fake / "task.json").read_text())
+    (fake / "task.json").write_text(json.dumps({**task, "class_name": "Gemma4AssistantCausalLM"}))
+    with pytest.raises(PresetError, match="is a Gemma4AssistantCausalLM.*must NOT be used standalone"):
+        fresh(fake)
+
+
+GEMMA4_PRESETS = ("gemma4_2b", "gemma4_instruct_2b", "gemma4_4b", "gemma4_instruct_4b", "gemma4_26b_a4b",
+                  "gemma4_instruct_26b_a4b", "gemma4_31b", "gemma4_instruct_31b")
+
+
+def test_gemma4_presets_resolve_from_the_kagglehub_cache_offline_and_know_their_chat_format(tiny_gemma4_preset):
+    for name in GEMMA4_PRESETS:
+        handle = keras_hub.models.CausalLM.presets[name]["kaggle_handle"]  # kaggle://keras/gemma4/keras/<name>/<v>
+        _, model_name, _, variation, version = handle.removeprefix("kaggle://").split("/")
+        cached = fill_kagglehub_cache(tiny_gemma4_preset, version, model_name, variation)
+        assert os.path.samefile(model.resolve_preset(name), cached), name
+        # The instruction-tuned ones default to Gemma 4's chat format, by name and by cache directory.
+        expected = "gemma4" if "_instruct_" in name else None
+        assert model.chat_format_of(name) == expected and model.chat_format_of(handle) == expected
+        assert model.chat_format_of(cached, cached) == expected
+    causal_lm = fresh(model.resolve_preset("gemma4_31b"))
+    assert type(causal_lm.backbone).__name__ == "Gemma4Backbone"
+
+
+def tiny_multimodal(tmp_path):
+    """A tiny Gemma 4 with a vision and an audio encoder, saved as a preset (as KerasHub's gemma4_2b is laid out)."""
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+
+    proto = spm_pb2.ModelProto()
+    proto.ParseFromString(gemma4.tiny_proto())
+    pieces = list(proto.pieces)
+    del proto.pieces[:]
+    proto.pieces.extend(pieces[:9])
+    for piece in ("<|image>", "<|image|>", "<image|>", "<|video|>", "<|audio>", "<|audio|>", "<audio|>"):
+        proto.pieces.add(piece=piece, score=0.0, type=spm_pb2.ModelProto.SentencePiece.USER_DEFINED)
+    proto.pieces.extend(pieces[9:])
+    proto.trainer_spec.vocab_size = len(proto.pieces)
+    tokenizer = keras_hub.models.Gemma4Tokenizer(proto=proto.SerializeToString(), has_audio_tokens=True)
+    keras.utils.set_random_seed(3)
+    vision = keras_hub.models.Gemma4VisionEncoder(
+        image_size=32, patch_size=8, num_heads=2, hidden_dim=16, num_layers=1, intermediate_dim=32, head_dim=8,
+        output_dim=64, pool_size=2, position_embedding_size=16)
+    audio = keras_hub.models.Gemma4AudioEncoder(
+        input_feat_size=16, hidden_size=16, num_heads=2, num_layers=1, chunk_size=4, context_left=5,
+        sscp_conv_channels=(8, 4), output_proj_dims=16, output_dim=64)
+    backbone = keras_hub.models.Gemma4Backbone(
+        vocabulary_size=tokenizer.vocabulary_size(), image_size=32, vision_encoder=vision, audio_encoder=audio,
+        num_audio_tokens_per_clip=4, dtype="float32", **gemma4.TINY)
+    preprocessor = keras_hub.models.Gemma4CausalLMPreprocessor(
+        tokenizer, image_converter=keras_hub.layers.Gemma4ImageConverter(image_size=(32, 32), patch_size=8),
+        sequence_length=64, num_vision_tokens_per_image=4, max_images_per_prompt=1)
+    keras_hub.models.Gemma4CausalLM(backbone=backbone, preprocessor=preprocessor).save_to_preset(str(tmp_path / "mm"))
+    return tmp_path / "mm", backbone
+
+
+def test_a_multimodal_preset_loads_as_its_text_stack(tmp_path):
+    """The encoders are left out: never built, so never trained, adapted, merged or exported."""
+    preset, full = tiny_multimodal(tmp_path)
+    causal_lm = fresh(preset)
+    backbone = causal_lm.backbone
+    assert backbone.vision_encoder is None and backbone.audio_encoder is None and backbone.text_only_model
+    assert causal_lm.preprocessor.image_converter is None and causal_lm.preprocessor.sequence_length == 64
+    weights = {v.path: np.asarray(v) for v in full.weights}
+    assert len(backbone.weights) < len(full.weights)
+    for variable in backbone.weights:  # every text weight is the preset's own
+        np.testing.assert_array_equal(np.asarray(variable), weights[variable.path], err_msg=variable.path)
+    layers = model.enable_lora(causal_lm, 4, targets=ALL)
+    assert all(layer.path.startswith("decoder_block_") for layer in layers)
+
+
+def test_cli_trains_gemma4_and_generates(tmp_path, capsys):
+    from gemma_lora.cli import main
+
+    common = ["--preset", "tiny_gemma4", "--max-steps", "2", "--limit", "24", "--validation-rows", "4",
+              "--test-rows", "4", "--sequence-length", "64", "--max-new-tokens", "6"]
+    assert main(["train", *common, "--output-dir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "engine: keras" in out and "[after] What should I do on a trip to Europe?" in out
+    assert main(["generate", "--adapter", str(tmp_path / "run" / adapters.ADAPTER_FILE), "--prompt", "Hi",
+                 "--max-new-tokens", "4"]) == 0
+    assert "### Hi" in capsys.readouterr().out
+    assert main(["train", *common, "--quantize", "int8", "--output-dir", str(tmp_path / "q")]) == 2
+    assert "Gemma 4 cannot be quantized" in capsys.readouterr().err and not (tmp_path / "q").exists()
