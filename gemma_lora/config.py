@@ -144,9 +144,11 @@ class TrainConfig:
     chat: bool | None = _help(
         "Gemma's chat format: each example as <start_of_turn>user / <start_of_turn>model turns (a system "
         "message leads the first user turn), loss on every model turn and its <end_of_turn>, answers that stop "
-        "at <end_of_turn>; multi-turn conversations need it. The template is then unused, and stop_strings "
+        "at <end_of_turn>; multi-turn conversations need it. A Gemma 4 preset writes Gemma 4's format instead: "
+        "<|turn>system / user / model turns, loss on each model turn and its <turn|>, answers that stop at <turn|>. "
+        "The template is then unused, and stop_strings "
         "default to none. None = on for conversation data (messages, sharegpt) and for instruction-tuned presets "
-        "(gemma_instruct_2b_en, gemma3_instruct_1b, ...), off otherwise.",
+        "(gemma_instruct_2b_en, gemma3_instruct_1b, gemma4_instruct_4b, ...), off otherwise.",
         default=None,
     )
     template: str = _help("Template for rows without context.", default=RECIPE_TEMPLATE)
@@ -252,7 +254,7 @@ class TrainConfig:
     top_k: int = _help("k for the top_k sampler.", default=5)
     stop_strings: list[str] | None = _help(
         "Generation is cut at the first of these. None = '\\nInstruction:' (the start of a new templated "
-        "block) with the template, none with the chat format (answers end at <end_of_turn>).",
+        "block) with the template, none with the chat format (answers end at <end_of_turn>, Gemma 4's at <turn|>).",
         default=None,
     )
     # Devices

@@ -215,6 +215,11 @@ def chat_format_of(preset, preset_dir=None):
     return None
 
 
+def chat_format_for(preset_dir):
+    """The chat format a model of this preset writes its turns in: "gemma4" for Gemma 4, else "gemma" (Gemma 1-3)."""
+    return "gemma4" if gemma4.task_class(preset_dir) is not None else "gemma"
+
+
 def check_preset_dir(path):
     """Raise PresetError unless `path` holds a KerasHub preset (config, tokenizer, weights)."""
     path = Path(path)

@@ -271,7 +271,7 @@ def _run_training(config, echo, resume):
     if config.full_finetune:
         # Every weight changed, so there is no adapter: the run keeps the whole model.
         with hosts.whole(causal_lm.weights):
-            model_dir = (save_preset(causal_lm, run_dir / MODEL_DIR, recorded_chat_format(config)) if main
+            model_dir = (save_preset(causal_lm, run_dir / MODEL_DIR, recorded_chat_format(config, causal_lm.preprocessor.tokenizer)) if main
                          else run_dir / MODEL_DIR)
         echo(f"fine-tuned model (a KerasHub preset, usable as --preset): {model_dir}")
     else:
@@ -294,7 +294,7 @@ def _run_training(config, echo, resume):
         "precision": precision,
         "engine": engine,
         "quantize": config.quantize,
-        "chat_format": recorded_chat_format(config),
+        "chat_format": recorded_chat_format(config, causal_lm.preprocessor.tokenizer),
         "data": {k: v for k, v in data_stats.items() if k != "lines"},
         "token_loss_before": before,
         "token_loss_after": after,
@@ -355,8 +355,10 @@ def answer_and_sample(causal_lm, instructions, held_out, config, when):
     Returns:
         (samples, {split: `sampling.endings` of its answers}).
     """
+    from gemma_lora.data import chat
     from gemma_lora.sampling import answer_endings, endings, generate
 
+    chat_format = chat.format_of(causal_lm.preprocessor.tokenizer) if config.chat else None
     rows = sum(len(examples) for examples in held_out.values())
     if config.sampler == "greedy":
         label = f"{when}: answering {rows} held-out rows and {len(instructions)} samples"
@@ -365,7 +367,7 @@ def answer_and_sample(causal_lm, instructions, held_out, config, when):
         samples, out = out[: len(instructions)], out[len(instructions) :]
         answers = {}
         for name, examples in held_out.items():
-            answers[name], out = endings(out[: len(examples)], bool(config.chat)), out[len(examples) :]
+            answers[name], out = endings(out[: len(examples)], chat_format), out[len(examples) :]
         return samples, answers
     samples = generate(causal_lm, instructions, config, label=f"{when}: sampling {len(instructions)} prompts")
     answers = {
@@ -467,7 +469,7 @@ def _prepare(config, echo):
     dataset, splits, preset_dir = hosts.together("data and preset", sources)
     given = config.chat
     config = resolve_chat(config, dataset.format, preset_dir)
-    echo(_describe_format(config, given, dataset.format))
+    echo(_describe_format(config, given, dataset.format, model.chat_format_for(preset_dir)))
     precision = config.resolved_precision(model.platform())
     # Variables take their device layout when created, so before the load.
     plan = distribute.apply(config, preset_dir, precision, echo)
@@ -539,13 +541,15 @@ def resolve_chat(config, data_format, preset_dir=None):
     return dataclasses.replace(config, stop_strings=config.resolved_stop_strings())
 
 
-def _describe_format(config, given, data_format):
-    """One line: how rows are written, and why."""
+def _describe_format(config, given, data_format, chat_format="gemma"):
+    """One line: how rows are written, and why (`chat_format`: the one the preset's model writes)."""
+    from gemma_lora.data import chat
+
     if not config.chat:
         return "prompts: the template" + (" (--no-chat)" if given is False else "; --chat writes Gemma's chat turns instead")
     why = "--chat" if given else "conversation data" if data_format in ("messages", "sharegpt") else "an instruction-tuned preset"
-    return (f"prompts: Gemma's chat format ({why}): <start_of_turn>user / model turns, loss on each model turn and its "
-            "<end_of_turn>, answers stop at <end_of_turn>")
+    name, details = chat.describe(chat_format).split(": ", 1)
+    return f"prompts: {name} ({why}): {details}"
 
 
 def default_run_dir(config):

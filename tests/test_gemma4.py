@@ -239,3 +239,101 @@ def test_cli_trains_gemma4_and_generates(tmp_path, capsys):
     assert "### Hi" in capsys.readouterr().out
     assert main(["train", *common, "--quantize", "int8", "--output-dir", str(tmp_path / "q")]) == 2
     assert "Gemma 4 cannot be quantized" in capsys.readouterr().err and not (tmp_path / "q").exists()
+
+
+# --- chat format ----------------------------------------------------------------------------------
+
+from test_chat import CONVERSATION, EXCHANGES, SYSTEM, conversation_example, weighted_runs, write_chat_file  # noqa: E402
+
+# Gemma 4's prompt formatting (ai.google.dev "Gemma 4 prompt formatting"): a system turn of its own.
+RENDERED = f"<|turn>system\n{SYSTEM}<turn|>\n" + "\n".join(
+    f"<|turn>user\n{q}<turn|>\n<|turn>model\n{a}<turn|>" for q, a in EXCHANGES)
+
+
+@pytest.fixture(scope="module")
+def tokenizer4(tiny_gemma4_preset):
+    return keras_hub.models.Gemma4Tokenizer.from_preset(str(tiny_gemma4_preset))
+
+
+def test_gemma4_markers_are_single_tokens_and_end_generation(tokenizer4):
+    from gemma_lora.data import chat
+
+    marks = chat.markers(tokenizer4)
+    assert marks.format == chat.GEMMA4 and marks.system_role and marks.end_of_turn_token == "<turn|>"
+    for name, token_id in zip(chat.TURN_MARKERS[chat.GEMMA4], (marks.start_of_turn, marks.end_of_turn)):
+        assert tokenizer4.id_to_token(token_id) == name
+        assert list(map(int, tokenizer4([name])[0])) == [token_id]
+    assert marks.stop_ids == [marks.end_of_turn, tokenizer4.end_token_id]
+
+
+def test_a_gemma4_vocabulary_without_its_markers_is_refused():
+    from gemma_lora.data import chat
+    from importlib import resources
+
+    proto = (resources.files("gemma_lora") / "resources" / "tiny_vocab.spm").read_bytes()  # Gemma 1-3 markers only
+    plain = keras_hub.models.Gemma4Tokenizer(proto=proto, has_vision_tokens=False, has_video_tokens=False)
+    with pytest.raises(ConfigError, match=r"no single token for <\|turn> \(written as text it splits into \d+ pieces\), "
+                                          r"so it cannot hold Gemma 4's chat format"):
+        chat.markers(plain)
+
+
+def test_gemma4_rows_have_a_system_turn_and_weigh_exactly_the_model_turns(tokenizer4, make_config):
+    rows = data.tokenize_rows([conversation_example()], tokenizer4, make_config(sequence_length=128))
+    assert weighted_runs(tokenizer4, rows, 0) == [f"{a}<turn|>" for _, a in EXCHANGES]
+    ids = rows.token_ids[0][rows.padding_mask[0]].tolist()
+    assert ids[0] == tokenizer4.start_token_id and ids.count(tokenizer4.start_token_id) == 1
+    assert tokenizer4.detokenize([ids])[0] == RENDERED
+    assert ids[1:] == list(map(int, tokenizer4([RENDERED])[0]))  # what the vocabulary makes of the rendered text
+    # No system message (or an empty one): no system turn.
+    no_system = conversation_example(CONVERSATION[1:])
+    empty = conversation_example((("system", "  "), *CONVERSATION[1:]))
+    for example in (no_system, empty):
+        row = data.tokenize_rows([example], tokenizer4, make_config(sequence_length=128))
+        text = tokenizer4.detokenize([row.token_ids[0][row.padding_mask[0]].tolist()])[0]
+        assert text == RENDERED[RENDERED.index("<|turn>user"):]
+
+
+def test_gemma4_prompts_ask_for_the_last_answer(tokenizer4):
+    from gemma_lora.data import chat
+
+    marks = chat.markers(tokenizer4)
+    conversation, plain = chat.prompt_ids([conversation_example(), "Hi there"], tokenizer4, marks)
+    assert tokenizer4.detokenize([conversation])[0] == RENDERED[: RENDERED.rindex("model\n") + len("model\n")]
+    assert tokenizer4.detokenize([plain])[0] == "<|turn>user\nHi there<turn|>\n<|turn>model\n"
+    row = chat.encode([conversation_example()], tokenizer4, marks)[0]
+    assert row.ids[: len(conversation)] == conversation
+    assert tokenizer4.detokenize([row.ids[len(conversation):]])[0] == EXCHANGES[-1][1] + "<turn|>"
+
+
+def test_gemma4_answers_stop_at_turn_end_and_the_format_travels_with_the_adapter(tmp_path, capsys):
+    """A chat fine-tune of tiny_gemma4 closes its turns with <turn|>; generation stops there, and adapter.json,
+    a merged preset, generate and the instruction-tuned default all say gemma4."""
+    from gemma_lora.cli import main
+
+    run_dir = tmp_path / "run"
+    code = main(["train", "--preset", "tiny_gemma4", "--data", str(write_chat_file(tmp_path / "chat.jsonl")),
+                 "--sequence-length", "64", "--limit", "28", "--validation-rows", "4", "--test-rows", "4",
+                 "--epochs", "5", "--learning-rate", "0.03", "--lora-rank", "8", "--max-new-tokens", "6",
+                 "--checkpoint-every", "none", "--output-dir", str(run_dir)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert ("prompts: Gemma 4's chat format (conversation data): <|turn>user / model turns, a system turn first, "
+            "loss on each model turn and its <turn|>, answers stop at <turn|>") in out
+    assert "test answers ending with <turn|> within 6 tokens (greedy): 0/4 (0%) before → 4/4 (100%) after" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["chat_format"] == "gemma4" and summary["answers_after"]["test"]["stop_tokens"] == ["<turn|>", "<eos>"]
+    answers = json.loads((run_dir / "answers.json").read_text())["test"]
+    assert [(a["after"]["text"], a["after"]["stop_token"]) for a in answers] == [("OK.", "<turn|>")] * 4
+    adapter = str(run_dir / "adapter.lora.h5")
+    assert json.loads((run_dir / "adapter.json").read_text())["chat_format"] == "gemma4"
+    assert main(["generate", "--prompt", "Name a colour.", "--adapter", adapter]) == 0
+    assert "### Name a colour.\nOK.\n" in capsys.readouterr().out
+    merged = tmp_path / "merged"
+    assert main(["merge", adapter, str(merged)]) == 0
+    assert "records chat_format 'gemma4'" in capsys.readouterr().out
+    assert model.chat_format_of(str(merged)) == "gemma4"
+    assert main(["generate", "--preset", str(merged), "--prompt", "Name a colour."]) == 0
+    out = capsys.readouterr().out
+    assert "prompts as user turns of Gemma 4's chat format, answers stop at <turn|>" in out
+    assert "### Name a colour.\nOK.\n" in out
+    assert main(["info", adapter]) == 0 and "prompts: Gemma 4's chat format" in capsys.readouterr().out
