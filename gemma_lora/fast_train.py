@@ -35,7 +35,7 @@ def unsupported_reasons(causal_lm, config):
     """
     reasons = []
     try:
-        fast.architecture(causal_lm.backbone)
+        fast.check_model(causal_lm)
     except ConfigError as error:
         reasons.append(str(error))
     if config.quantize:
@@ -154,6 +154,8 @@ class FastEngine(StepEngine):
         for i, block in enumerate(causal_lm.backbone.transformer_layers):
             for target in self.fast_config.lora_targets:
                 layer = fast._layer_of(block, target)
+                if layer is None:  # a Gemma 4 K = V layer's value
+                    continue
                 where[id(layer.lora_kernel_a)] = (i, target, "lora_kernel_a")
                 where[id(layer.lora_kernel_b)] = (i, target, "lora_kernel_b")
         self.paths = [where[id(v)] for v in causal_lm.trainable_variables]

@@ -337,3 +337,100 @@ def test_gemma4_answers_stop_at_turn_end_and_the_format_travels_with_the_adapter
     assert "prompts as user turns of Gemma 4's chat format, answers stop at <turn|>" in out
     assert "### Name a colour.\nOK.\n" in out
     assert main(["info", adapter]) == 0 and "prompts: Gemma 4's chat format" in capsys.readouterr().out
+
+
+# --- fast engine and decoder ------------------------------------------------------------------------
+
+
+def randomized(causal_lm, seed=0):
+    """Random norm scales and layer scalars (so a wrong norm formula or a dropped scalar shows) and LoRA
+    on every projection with non-zero B factors."""
+    rng = np.random.default_rng(seed)
+    for weight in causal_lm.backbone.weights:
+        if weight.path.endswith("scale"):
+            weight.assign(rng.normal(1.0, 0.4, weight.shape).astype("float32"))
+        elif weight.path.endswith("layer_scalar"):
+            weight.assign(np.float32(rng.uniform(0.5, 1.5)))
+    return trained_like(causal_lm, seed=seed)
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(attention_logit_soft_cap=5.0, num_layers=4, sliding_window_size=4)])
+def test_fast_logits_match_kerashub_float32(overrides):
+    """The fast path reads Gemma 4 off the backbone: x * scale norms, value norm, K = V, partial RoPE,
+    the global layer's own head width, layer scalars, attention scale 1, final soft cap (and an
+    attention soft cap, which KerasHub's Gemma 4 takes too)."""
+    from gemma_lora import fast
+
+    causal_lm = randomized(gemma4.build_tiny_causal_lm(seed=1, **overrides))
+    ids = np.random.default_rng(1).integers(10, 1000, (2, 24)).astype("int32")
+    reference = logits(causal_lm, ids)
+    config, frozen, lora = fast.extract_params(causal_lm, ALL, dtype="float32")
+    assert config.layer_heads[:2] == ((16, 2, False, 16), (32, 1, True, 8))
+    got = np.asarray(fast.logits(config, frozen, lora, ids, np.ones_like(ids), np.tile(np.arange(24), (2, 1))))
+    assert np.abs(got - reference).max() < 1e-5 * np.abs(reference).max()
+
+
+def test_both_engines_give_the_same_loss_and_gradient(tiny_gemma4_preset, make_config):
+    from gemma_lora import fast_train
+    from test_loop import first_moments
+
+    config = make_config(preset="tiny_gemma4", batch_size=4, sequence_length=64, shuffle=False, bucket_by_length=False)
+    results = []
+    for engine in ("keras", "fast"):
+        causal_lm = fresh(tiny_gemma4_preset, sequence_length=64)
+        model.enable_lora(causal_lm, 4, targets=ALL, seed=0)
+        rows = rows_of(causal_lm, config, 4)
+        train.compile_for_training(causal_lm, config)
+        if engine == "keras":
+            stepper, batch = train.KerasEngine(causal_lm, rows, config), np.arange(4)
+        else:
+            stepper = fast_train.FastEngine(causal_lm, rows, config, "float32")
+            lengths = rows.padding_mask.sum(1)
+            batch = {"token_ids": rows.token_ids, "labels": rows.labels, "loss_weights": rows.weights,
+                     "segment_ids": (np.arange(64)[None, :] < lengths[:, None]).astype(np.int32),
+                     "positions": np.tile(np.arange(64), (4, 1))}
+        _, weight, loss = stepper.step(batch, 1.0 / stepper.batch_weight(batch))
+        stepper.sync()
+        results.append((loss, weight, first_moments(causal_lm)))
+    (keras_loss, keras_weight, keras_m), (fast_loss, fast_weight, fast_m) = results
+    assert keras_weight == fast_weight
+    assert fast_loss == pytest.approx(keras_loss, rel=1e-5)
+    for a, b in zip(keras_m, fast_m):
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-7)
+
+
+def test_the_decoder_answers_as_kerashubs_generate(tiny_gemma4_preset):
+    from gemma_lora import decode
+    from gemma_lora.sampling import keras_hub_batch
+
+    causal_lm = randomized(fresh(tiny_gemma4_preset))
+    prompts = [IDS[0, :20].tolist(), IDS[0, :7].tolist()]  # the first longer than the sliding window
+    assert decode.unsupported_reason(causal_lm) is None
+    ours = decode.decode_tokens(causal_lm, prompts, 8, stop_token_ids=[1])
+    assert ours == keras_hub_batch(causal_lm, prompts, 8, stop_ids=[1])
+
+
+def test_what_the_fast_path_cannot_run_is_refused_naming_the_field():
+    from gemma_lora import decode, fast
+
+    causal_lm = gemma4.build_tiny_causal_lm(
+        num_layers=4, enable_moe_block=True, num_experts=4, expert_intermediate_dim=16, num_experts_per_token=2,
+        hidden_size_per_layer_input=8, num_kv_shared_layers=2)
+    message = ("The fast path implements Gemma 4's dense text stack only; this Gemma4Backbone sets enable_moe_block "
+               "(the mixture-of-experts feed-forward block), hidden_size_per_layer_input (per-layer token "
+               "embeddings), num_kv_shared_layers (layers that reuse an earlier layer's keys and values). "
+               "Train it with --engine keras.")
+    with pytest.raises(ConfigError) as error:
+        fast.check_model(causal_lm)
+    assert str(error.value) == message and "\n" not in message
+    assert decode.unsupported_reason(causal_lm) == message  # generation falls back to KerasHub's generate
+
+
+def test_cli_trains_gemma4_on_the_fast_engine(tmp_path, capsys):
+    from gemma_lora.cli import main
+
+    assert main(["train", "--preset", "tiny_gemma4", "--engine", "fast", "--max-steps", "2", "--limit", "24",
+                 "--validation-rows", "4", "--test-rows", "4", "--sequence-length", "64", "--max-new-tokens", "6",
+                 "--output-dir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "engine: fast" in out and (tmp_path / "run" / adapters.ADAPTER_FILE).is_file()
