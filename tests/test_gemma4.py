@@ -9,6 +9,7 @@ engine, decoder, layouts and exports of Gemma 4 are tested further down.
 """
 
 import json
+import math
 import os
 import shutil
 
@@ -342,16 +343,23 @@ def test_gemma4_answers_stop_at_turn_end_and_the_format_travels_with_the_adapter
 # --- fast engine and decoder ------------------------------------------------------------------------
 
 
-def randomized(causal_lm, seed=0):
-    """Random norm scales and layer scalars (so a wrong norm formula or a dropped scalar shows) and LoRA
-    on every projection with non-zero B factors."""
+def randomize(causal_lm, seed=0):
+    """Random norm scales and layer scalars (so a wrong norm formula or a dropped scalar shows), and
+    random experts (KerasHub initialises them to zero)."""
     rng = np.random.default_rng(seed)
     for weight in causal_lm.backbone.weights:
         if weight.path.endswith("scale"):
             weight.assign(rng.normal(1.0, 0.4, weight.shape).astype("float32"))
         elif weight.path.endswith("layer_scalar"):
             weight.assign(np.float32(rng.uniform(0.5, 1.5)))
-    return trained_like(causal_lm, seed=seed)
+        elif "moe_expert_bank" in weight.path and weight.path.endswith("proj"):
+            weight.assign(rng.normal(0, 0.1, weight.shape).astype("float32"))
+    return causal_lm
+
+
+def randomized(causal_lm, seed=0):
+    """`randomize`, then LoRA on every projection with non-zero B factors."""
+    return trained_like(randomize(causal_lm, seed), seed=seed)
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(attention_logit_soft_cap=5.0, num_layers=4, sliding_window_size=4)])
@@ -434,3 +442,188 @@ def test_cli_trains_gemma4_on_the_fast_engine(tmp_path, capsys):
                  "--output-dir", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "engine: fast" in out and (tmp_path / "run" / adapters.ADAPTER_FILE).is_file()
+
+
+# --- layouts --------------------------------------------------------------------------------------
+
+# The text stacks of KerasHub's Gemma 4 presets as their published configs give them (vocabulary
+# 262,144; head_dim 256 sliding, 512 global): 31B dense with K = V on 4 global KV heads, the 26B
+# mixture of experts (128 experts), and E2B with per-layer embeddings (256 per layer).
+GEMMA4_SHAPES = {
+    "gemma4_31b": dict(vocabulary_size=262144, num_layers=60, num_query_heads=32, num_key_value_heads=16,
+                       hidden_dim=5376, intermediate_dim=21504, head_dim=256, global_head_dim=512,
+                       num_global_key_value_heads=4),
+    "gemma4_26b_a4b": dict(vocabulary_size=262144, num_layers=30, num_query_heads=16, num_key_value_heads=8,
+                           hidden_dim=2816, intermediate_dim=2112, head_dim=256, global_head_dim=512,
+                           num_global_key_value_heads=2, enable_moe_block=True, num_experts=128,
+                           expert_intermediate_dim=704),
+    "gemma4_2b": dict(vocabulary_size=262144, num_layers=35, num_query_heads=8, num_key_value_heads=1,
+                      hidden_dim=1536, intermediate_dim=6144, head_dim=256, global_head_dim=512,
+                      hidden_size_per_layer_input=256),
+}
+
+
+def gemma4_shapes(c):
+    """Every sharded variable's shape in a sliding (block 0) and a global (block 5) layer of config `c`."""
+    n, k, d, f = c["num_query_heads"], c["num_key_value_heads"], c["hidden_dim"], c["intermediate_dim"]
+    shapes = {"token_embedding/embeddings": (c["vocabulary_size"], d)}
+    for block, h, kv in ((0, c["head_dim"], k), (5, c["global_head_dim"], c.get("num_global_key_value_heads") or k)):
+        p = f"decoder_block_{block}"
+        shapes.update({f"{p}/attention/query/kernel": (n, d, h), f"{p}/attention/key/kernel": (kv, d, h),
+                       f"{p}/attention/attention_output/kernel": (n, h, d), f"{p}/ffw_gating/kernel": (d, f),
+                       f"{p}/ffw_gating_2/kernel": (d, f), f"{p}/ffw_linear/kernel": (f, d)})
+    shapes["decoder_block_0/attention/value/kernel"] = (k, d, c["head_dim"])
+    if c.get("enable_moe_block"):
+        e, i = c["num_experts"], c["expert_intermediate_dim"]
+        shapes.update({"decoder_block_3/moe_expert_bank/gate_proj": (e, d, i),
+                       "decoder_block_3/moe_expert_bank/up_proj": (e, d, i),
+                       "decoder_block_3/moe_expert_bank/down_proj": (e, i, d)})
+    if c.get("hidden_size_per_layer_input"):
+        width = c["num_layers"] * c["hidden_size_per_layer_input"]
+        shapes.update({"per_layer_token_embedding/embeddings": (c["vocabulary_size"], width),
+                       "per_layer_model_projection/kernel": (d, width)})
+    return shapes
+
+
+@pytest.mark.parametrize("preset", sorted(GEMMA4_SHAPES))
+@pytest.mark.parametrize("shape", [(1, 4), (2, 2), (2, 4), (1, 8)])
+def test_the_layout_map_divides_every_gemma4_dimension_it_shards(preset, shape):
+    from gemma_lora import distribute
+    from test_distribute import mesh
+
+    c = GEMMA4_SHAPES[preset]
+    layout_map = distribute.gemma_layout_map(mesh(*shape), c)
+    sizes = dict(zip(("batch", "model"), shape))
+    for path, dims in gemma4_shapes(c).items():
+        layout = layout_map[path]
+        assert layout is not None and len(layout.axes) == len(dims), path
+        for axis, dim in zip(layout.axes, dims):
+            assert axis is None or dim % sizes[axis] == 0, (path, layout.axes, dims)
+        if path.endswith(("query/kernel", "moe_expert_bank/gate_proj", "token_embedding/embeddings")):
+            assert layout.axes[0] == "model", path  # heads, experts and vocabulary do split
+    key = layout_map["decoder_block_5/attention/key/kernel"].axes[0]
+    kv = math.gcd(c["num_key_value_heads"], c.get("num_global_key_value_heads") or c["num_key_value_heads"])
+    assert key == ("model" if kv % shape[1] == 0 else None)  # 31B: 4 global KV heads split over 4, not over 8
+
+
+# --- exports ----------------------------------------------------------------------------------------
+
+# Gemma 4 text stacks the transformers export is checked on: tiny_gemma4 (31B's features), the
+# mixture of experts (26B's), and per-layer embeddings with KV-shared, double-wide layers (E2B's).
+MOE = dict(enable_moe_block=True, num_experts=4, expert_intermediate_dim=16, num_experts_per_token=2)
+EXPORT_SHAPES = {
+    "dense": {},
+    "moe": MOE,
+    "e2b-like": dict(num_layers=4, hidden_size_per_layer_input=8, num_kv_shared_layers=2, use_double_wide_mlp=True),
+}
+
+
+def hf_logits(folder, ids):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    with torch.no_grad():
+        return type(hf).__name__, hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+
+
+@pytest.mark.parametrize("shape", sorted(EXPORT_SHAPES))
+def test_transformers_gives_the_merged_models_logits(tmp_path, shape):
+    """KerasHub's Gemma 4 exporter with the package's corrections (attention_k_eq_v, proportional RoPE,
+    the architecture name): transformers' Gemma4ForCausalLM computes the merged LoRA model's logits."""
+    pytest.importorskip("transformers")
+    from gemma_lora.export import export_transformers
+
+    preset = tmp_path / "base"
+    randomize(gemma4.build_tiny_causal_lm(seed=1, **EXPORT_SHAPES[shape])).save_to_preset(str(preset))
+    lora = trained_like(fresh(preset))  # LoRA on every projection
+    want = logits(lora)
+    out = export_transformers(adapters.merged_model(lora, preset), tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["attention_k_eq_v"] and config["rope_parameters"]["full_attention"]["rope_type"] == "proportional"
+    name, got = hf_logits(out, IDS)
+    assert name == "Gemma4ForCausalLM"
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+    text = "<|turn>user\nHello<turn|>\n"  # the turn markers stay single tokens
+    assert tokenizer(text).input_ids == [2, *map(int, lora.preprocessor.tokenizer(text))]
+
+
+def test_kerashubs_own_gemma4_export_is_refused_by_transformers(tmp_path, tiny_gemma4_preset):
+    """Why the package corrects KerasHub's config: without attention_k_eq_v transformers expects a value
+    projection and two KV heads in the global layer, and refuses the checkpoint."""
+    pytest.importorskip("transformers")
+    causal_lm = fresh(tiny_gemma4_preset)
+    causal_lm.export_to_transformers(str(tmp_path / "stock"))
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        hf_logits(tmp_path / "stock", IDS)
+
+
+@pytest.mark.parametrize("overrides, reason", [
+    (dict(attention_logit_soft_cap=5.0), "soft-caps attention logits"),
+    (dict(num_layers=3), "its last layer slides"),
+    (dict(num_layers=4, num_kv_shared_layers=2), "shares keys and values across layers without per-layer inputs"),
+])
+def test_what_transformers_would_compute_otherwise_is_refused(tmp_path, overrides, reason):
+    from gemma_lora.errors import ExportError
+    from gemma_lora.export import export_transformers
+
+    with pytest.raises(ExportError, match=f"cannot be written as transformers' Gemma4ForCausalLM: .*{reason}"):
+        export_transformers(gemma4.build_tiny_causal_lm(**overrides), tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_peft_gives_the_keras_adapter_models_logits(tmp_path, tiny_gemma4_preset):
+    """The adapter in PEFT's format (per-head attention LoRA as rank heads x r), on the exported base."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from gemma_lora.export import Provenance
+    from gemma_lora.export.peft import export_peft
+
+    lora = trained_like(fresh(tiny_gemma4_preset))
+    want = logits(lora)
+    out = export_peft(lora, tmp_path / "peft", Provenance("tiny_gemma4", "a.lora.h5"), base=fresh(tiny_gemma4_preset))
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(out / "base"), dtype=torch.float32)
+    tuned = peft.PeftModel.from_pretrained(base, str(out))
+    tuned.eval()
+    with torch.no_grad():
+        got = tuned(torch.tensor(IDS, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+# --- mixture of experts -----------------------------------------------------------------------------
+
+
+def test_moe_lora_reaches_attention_and_the_dense_mlp_not_the_experts(tmp_path, make_config):
+    """In a mixture-of-experts block LoRA takes the attention projections and the block's dense MLP
+    (ffw_gating, ffw_gating_2, ffw_linear, run beside the experts); the experts are one Gemma4MoEBlock
+    holding (experts, in, out) weight tensors, not Dense/EinsumDense layers, so Keras' LoRA cannot attach
+    to them: they stay frozen. Checklist 1, 2, 3, 4 and 5 on a tiny MoE."""
+    preset = tmp_path / "moe"
+    randomize(gemma4.build_tiny_causal_lm(seed=1, **MOE)).save_to_preset(str(preset))
+    causal_lm = fresh(preset, sequence_length=64)
+    expected = hand_count_lora(causal_lm.backbone, 4, ALL)
+    layers = model.enable_lora(causal_lm, 4, targets=ALL, seed=0)
+    assert model.parameter_summary(causal_lm)["trainable_parameters"] == expected
+    assert {layer.name for layer in layers} == set(ALL)
+    assert not any("moe" in v.path for v in causal_lm.trainable_variables)
+    frozen = {v.path: np.array(v) for v in causal_lm.weights if "lora" not in v.path}
+    config = make_config(preset=str(preset), learning_rate=1e-2, epochs=4, batch_size=4, bucket_by_length=False)
+    rows = rows_of(causal_lm, config)
+    train.compile_for_training(causal_lm, config)
+    before = train.token_loss(causal_lm, rows)["token_loss"]
+    train.fit(causal_lm, rows, config, verbose=0)
+    assert train.token_loss(causal_lm, rows)["token_loss"] < before - 0.3
+    for v in causal_lm.weights:
+        if v.path in frozen:
+            np.testing.assert_array_equal(np.array(v), frozen[v.path], err_msg=v.path)
+    adapters.save_adapter(causal_lm, tmp_path, make_config(preset=str(preset), lora_targets=list(ALL)))
+    reloaded = fresh(preset)
+    adapters.load_adapter(reloaded, tmp_path / adapters.ADAPTER_FILE)
+    np.testing.assert_array_equal(logits(reloaded), logits(causal_lm))
+    merged = keras_hub.models.Gemma4CausalLM.from_preset(str(adapters.merge_adapter(causal_lm, preset, tmp_path / "m")))
+    np.testing.assert_allclose(logits(merged), logits(causal_lm), rtol=1e-5, atol=1e-5)
