@@ -627,3 +627,75 @@ def test_moe_lora_reaches_attention_and_the_dense_mlp_not_the_experts(tmp_path, 
     np.testing.assert_array_equal(logits(reloaded), logits(causal_lm))
     merged = keras_hub.models.Gemma4CausalLM.from_preset(str(adapters.merge_adapter(causal_lm, preset, tmp_path / "m")))
     np.testing.assert_allclose(logits(merged), logits(causal_lm), rtol=1e-5, atol=1e-5)
+
+
+# --- GGUF -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gguf_exports(tmp_path_factory):
+    """{shape: (LoRA model, GGUF path)}: each merged model written as f32 GGUF, chat format gemma4."""
+    pytest.importorskip("gguf")
+    from gemma_lora.export import Provenance
+    from gemma_lora.export.gguf import export_gguf
+
+    tmp = tmp_path_factory.mktemp("gguf")
+    out = {}
+    for shape, overrides in EXPORT_SHAPES.items():
+        preset = tmp / f"{shape}-base"
+        randomize(gemma4.build_tiny_causal_lm(seed=1, **overrides)).save_to_preset(str(preset))
+        lora = trained_like(fresh(preset))
+        meta = {"rank": 4, "alpha": 8.0, "targets": list(ALL), "chat_format": "gemma4"}
+        out[shape] = lora, export_gguf(adapters.merged_model(lora, preset), tmp / f"{shape}.gguf", "f32",
+                                       Provenance("tiny_gemma4", "a.lora.h5", meta))
+    return out
+
+
+def test_gguf_has_llama_cpps_gemma4_fields(gguf_exports):
+    import gguf
+
+    _, path = gguf_exports["dense"]
+    reader = gguf.GGUFReader(path)
+    field = lambda key: reader.get_field(key).contents()  # noqa: E731
+    assert field("general.architecture") == "gemma4"
+    assert field("gemma4.attention.head_count_kv") == [2, 1]  # sliding layer 2 KV heads, global (K = V) 1
+    assert field("gemma4.attention.sliding_window_pattern") == [True, False]
+    assert (field("gemma4.attention.key_length"), field("gemma4.attention.key_length_swa")) == (32, 16)
+    names = {t.name for t in reader.tensors}
+    assert "blk.1.attn_v.weight" not in names and "blk.0.attn_v.weight" in names  # K = V: no value tensor
+    assert {"rope_freqs.weight", "blk.0.layer_output_scale.weight"} <= names
+    assert "<|turn>" in field("tokenizer.chat_template")
+    assert 'PARAMETER stop "<turn|>"' in path.with_suffix(".Modelfile").read_text()
+
+
+@pytest.mark.parametrize("shape", sorted(EXPORT_SHAPES))
+def test_llama_cpp_gives_the_keras_logits_and_tokens(gguf_exports, shape):
+    """llama.cpp's own gemma4 loader, graph and tokenizer (llama-cpp-python): dense, MoE, E2B-like."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    lora, path = gguf_exports[shape]
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, verbose=False, type_k=0, type_v=0)
+    llm.eval(IDS[0].tolist())
+    got, want = np.asarray(llm.scores[: IDS.shape[1]]), logits(lora)[0]
+    # f32 KV cache; ggml evaluates GELU from a float16 table, about 1e-3 of the logits' scale.
+    assert np.abs(got - want).max() <= 3e-3 * np.abs(want).max()
+    text = f"<|turn>user\n{EXCHANGES[0][0]}<turn|>\n<|turn>model\n"
+    assert llm.tokenize(text.encode(), add_bos=True, special=True)[1:] == list(map(int, lora.preprocessor.tokenizer(text)))
+
+
+@pytest.mark.parametrize("system", ["Be brief.", "  ", None])
+def test_the_exported_gemma4_chat_template_writes_turns_as_training_did(system, tokenizer4):
+    jinja2 = pytest.importorskip("jinja2")
+    from gemma_lora.data import Example, chat
+    from gemma_lora.export import GEMMA4_CHAT_TEMPLATE
+
+    turns = [("user", " Hi there "), ("assistant", "Hello."), ("user", "Name a colour."), ("assistant", "Blue.")]
+    if system is not None:
+        turns.insert(0, ("system", system))
+    example = Example("", "", conversation=tuple(turns))
+    row = chat.encode([example], tokenizer4, chat.markers(tokenizer4))[0]
+    expected = tokenizer4.detokenize([row.ids])[0] + "\n"
+    messages = [{"role": role, "content": content} for role, content in turns]
+    template = jinja2.Environment().from_string(GEMMA4_CHAT_TEMPLATE)
+    assert template.render(messages=messages, bos_token="", add_generation_prompt=False) == expected
+    prompt = template.render(messages=messages[:-1], bos_token="", add_generation_prompt=True)
+    assert prompt == expected[: expected.rindex("Blue.")]
