@@ -135,12 +135,18 @@ def test_adapter_reloads_onto_a_fresh_base_and_merges(tmp_path, tiny_gemma4_pres
     np.testing.assert_allclose(logits(merged), logits(source), rtol=1e-5, atol=1e-5)
 
 
-def test_quantizing_is_refused_and_why(tiny_gemma4_preset):
+def test_quantizing_is_refused_and_why(tiny_gemma4_preset, tmp_path, capsys):
     """KerasHub's Gemma 4 block reads `ffw_gating.kernel` itself: quantized, that is the raw int8 array,
     and the logits are far from the float model's (int8 rounding alone moves them by about 1%)."""
+    from gemma_lora.cli import main
+
     with pytest.raises(ConfigError, match=r"Gemma 4 cannot be quantized in KerasHub 0.32: .*ops.matmul\(x, "
                                           r"ffw_gating.kernel\).*Train it without --quantize"):
         fresh(tiny_gemma4_preset, quantize="int8")
+    assert main(["train", "--preset", "tiny_gemma4", "--quantize", "int4", "--max-steps", "1", "--limit", "8",
+                 "--validation-rows", "0", "--test-rows", "0", "--output-dir", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Gemma 4 cannot be quantized" in err and not (tmp_path / "q").exists()
     causal_lm = fresh(tiny_gemma4_preset)
     reference = logits(causal_lm)
     causal_lm.backbone.quantize("int8", config=keras.quantizers.Int8QuantizationConfig(activation_quantizer=None))
@@ -227,6 +233,7 @@ def test_a_multimodal_preset_loads_as_its_text_stack(tmp_path):
     assert all(layer.path.startswith("decoder_block_") for layer in layers)
 
 
+@pytest.mark.slow  # the chat test below runs the same CLI (train, generate, merge); CI smoke-trains tiny_gemma4 too
 def test_cli_trains_gemma4_and_generates(tmp_path, capsys):
     from gemma_lora.cli import main
 
@@ -238,8 +245,6 @@ def test_cli_trains_gemma4_and_generates(tmp_path, capsys):
     assert main(["generate", "--adapter", str(tmp_path / "run" / adapters.ADAPTER_FILE), "--prompt", "Hi",
                  "--max-new-tokens", "4"]) == 0
     assert "### Hi" in capsys.readouterr().out
-    assert main(["train", *common, "--quantize", "int8", "--output-dir", str(tmp_path / "q")]) == 2
-    assert "Gemma 4 cannot be quantized" in capsys.readouterr().err and not (tmp_path / "q").exists()
 
 
 # --- chat format ----------------------------------------------------------------------------------
@@ -434,6 +439,7 @@ def test_what_the_fast_path_cannot_run_is_refused_naming_the_field():
     assert decode.unsupported_reason(causal_lm) == message  # generation falls back to KerasHub's generate
 
 
+@pytest.mark.slow  # the engines' equality is tested above; CI smoke-trains tiny_gemma4 with --engine fast
 def test_cli_trains_gemma4_on_the_fast_engine(tmp_path, capsys):
     from gemma_lora.cli import main
 
