@@ -95,7 +95,8 @@ class TrainConfig:
         default=None,
     )
     lora_targets: list[str] = _help(
-        "Layers that get LoRA, by name (the same in Gemma 1, 2 and 3): " + ", ".join(GEMMA_LAYER_NAMES) + ".",
+        "Layers that get LoRA, by name (the same in Gemma 1, 2, 3 and 4; Gemma 4's global layers whose keys are "
+        "their values have no value layer): " + ", ".join(GEMMA_LAYER_NAMES) + ".",
         default_factory=lambda: ["query", "value"],
     )
     full_finetune: bool = _help(
@@ -191,7 +192,8 @@ class TrainConfig:
         "auto | keras | fast: what runs the training steps. keras: KerasHub's model through "
         "keras.Model.fit. fast: gemma_lora.fast's JAX step on packed rows (several examples per "
         "row, none attending to another), LoRA factors float32 over a bfloat16 or float32 base; "
-        "Gemma 1 and Gemma 3 text presets, LoRA only, on one device or several. auto: fast on GPU/TPU where it can run, else keras "
+        "Gemma 1, 2 and 3 text presets and Gemma 4's dense text stack (not its mixture of experts, per-layer "
+        "embeddings or KV-shared layers), LoRA only, on one device or several. auto: fast on GPU/TPU where it can run, else keras "
         "(docs/perf.md).",
         default="auto",
     )
@@ -469,7 +471,7 @@ def validate(config):
     unknown_layers = [t for t in c.lora_targets if t not in GEMMA_LAYER_NAMES]
     need(
         not unknown_layers,
-        f"lora_targets has unknown layer name(s) {unknown_layers}; Gemma 1, 2 and 3 layers are "
+        f"lora_targets has unknown layer name(s) {unknown_layers}; Gemma 1, 2, 3 and 4 layers are "
         f"{', '.join(GEMMA_LAYER_NAMES)}.",
     )
     need(len(c.lora_targets) > 0, "lora_targets is empty: name at least one layer, e.g. query value.")

@@ -58,7 +58,9 @@ def resolve_engine(causal_lm, config, platform):
     switching would change what every CPU user's batch_size and max_steps
     mean (docs/perf.md). Gemma 2 goes the same way; its soft-capped attention
     has not been timed on a GPU against KerasHub's (which cannot use cuDNN's
-    fused attention for it either).
+    fused attention for it either). Gemma 4's dense stack too (untimed on a
+    GPU; its mixture of experts, per-layer embeddings and KV-shared layers
+    stay on the Keras engine).
 
     Raises:
         ConfigError: engine="fast" where the fast engine cannot run, naming why.
