@@ -71,7 +71,7 @@ def resolve_engine(causal_lm, config, platform):
     if config.engine == "fast":
         if reasons:
             raise ConfigError(
-                "engine=fast cannot train this run: " + "; ".join(reasons) + ". Use --engine keras."
+                "engine=fast cannot train this run: " + "; ".join(r.rstrip(".") for r in reasons) + ". Use --engine keras."
             )
         return "fast"
     return "fast" if platform != "cpu" and not reasons else "keras"

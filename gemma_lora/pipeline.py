@@ -116,12 +116,12 @@ def _run_training(config, echo, resume):
             config, causal_lm, parameters, splits, rows, data_stats, precision = _prepare(config, echo)
         hosts.check_same("training data", data_stats["fingerprint"],
                          f"Give every process the same data ({config.data}) and tokenizer (the preset).")
+        engine = fast_train.resolve_engine(causal_lm, config, model.platform())  # --engine fast it cannot run: refused
     except BaseException:
         if main and not resume and not any(run_dir.iterdir()):
             run_dir.rmdir()  # Bad input leaves nothing behind.
         raise
     echo(f"run directory: {run_dir}")
-    engine = fast_train.resolve_engine(causal_lm, config, model.platform())
     total_steps = train.total_steps(rows["train"], config, engine)
     train.compile_for_training(causal_lm, config, total_steps)
     if engine == "fast":
@@ -546,7 +546,8 @@ def _describe_format(config, given, data_format, chat_format="gemma"):
     from gemma_lora.data import chat
 
     if not config.chat:
-        return "prompts: the template" + (" (--no-chat)" if given is False else "; --chat writes Gemma's chat turns instead")
+        name = "Gemma 4's" if chat_format == chat.GEMMA4 else "Gemma's"
+        return "prompts: the template" + (" (--no-chat)" if given is False else f"; --chat writes {name} chat turns instead")
     why = "--chat" if given else "conversation data" if data_format in ("messages", "sharegpt") else "an instruction-tuned preset"
     name, details = chat.describe(chat_format).split(": ", 1)
     return f"prompts: {name} ({why}): {details}"
