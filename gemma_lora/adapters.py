@@ -75,9 +75,10 @@ def save_adapter(causal_lm, directory, config, extra=None):
         "template": config.template,
         "context_template": config.context_template if config.include_context else None,
         # How prompts are written for this adapter: "gemma" (Gemma's chat turns,
-        # answers ending at <end_of_turn>) or None (the template). generate,
+        # answers ending at <end_of_turn>), "gemma4" (Gemma 4's, ending at <turn|>)
+        # or None (the template). generate,
         # merge and the exporters read it.
-        "chat_format": recorded_chat_format(config),
+        "chat_format": recorded_chat_format(config, causal_lm.preprocessor.tokenizer),
         "stop_strings": config.resolved_stop_strings(),
         "versions": versions(),
         "sha256": file_sha256(h5_path),
@@ -87,11 +88,14 @@ def save_adapter(causal_lm, directory, config, extra=None):
     return h5_path
 
 
-def recorded_chat_format(config):
-    """The `chat_format` a run with `config` records: "gemma" with Gemma's chat format, else None."""
-    from gemma_lora.data.chat import GEMMA
+def recorded_chat_format(config, tokenizer=None):
+    """The `chat_format` a run with `config` records: the chat format of `tokenizer`'s model ("gemma", or
+    "gemma4" for Gemma 4; "gemma" without a tokenizer) when it trains in one, else None."""
+    from gemma_lora.data.chat import GEMMA, format_of
 
-    return GEMMA if config.chat else None
+    if not config.chat:
+        return None
+    return format_of(tokenizer) if tokenizer is not None else GEMMA
 
 
 def load_adapter(causal_lm, path, preset=None):
@@ -196,7 +200,7 @@ def merge_adapter(causal_lm, preset_dir, output_dir, precision="float32", chat_f
         preset_dir: the base preset directory (a fresh copy without LoRA is loaded from it).
         output_dir: the new preset directory (must not exist).
         precision: dtype of the merged model's weights.
-        chat_format: the adapter's `chat_format` ("gemma" or None), recorded
+        chat_format: the adapter's `chat_format` ("gemma", "gemma4" or None), recorded
             in the preset's metadata.json so the merged model is used with it.
 
     Returns:
@@ -218,7 +222,7 @@ def merge_adapter(causal_lm, preset_dir, output_dir, precision="float32", chat_f
 def save_preset(causal_lm, output_dir, chat_format=None):
     """Save a whole model as a KerasHub preset directory, atomically (staged, then renamed).
 
-    A `chat_format` ("gemma") is added to the preset's metadata.json, where
+    A `chat_format` ("gemma", "gemma4") is added to the preset's metadata.json, where
     `model.chat_format_of` finds it: KerasHub records no such thing itself.
 
     Raises:

@@ -37,7 +37,8 @@ GENERATE_FIELDS = (
 GENERATE_HELP = {
     "seed": "Seeds top-k sampling (--sampler top_k); greedy answers do not depend on it (default: 0).",
     "preset": "The model, as for train (default: the adapter's base model, else gemma_2b_en).",
-    "chat": "Write each prompt as a user turn of Gemma's chat format and stop answers at <end_of_turn> (default: as "
+    "chat": "Write each prompt as a user turn of Gemma's chat format and stop answers at <end_of_turn> (Gemma 4: "
+            "its own format, <|turn>user ... <turn|>, answers stop at <turn|>) (default: as "
             "the adapter was trained, else on for instruction-tuned presets such as gemma3_instruct_1b; --no-chat: "
             "the template).",
     "template": "Prompt template; the prompt is everything before {response} (default: the adapter's, else the recipe's).",
@@ -367,7 +368,12 @@ def run_generate(args):
         prompts = "Gemma's chat format" if config.chat else "its template and stop strings"
         print(f"adapter {args.adapter}: base {config.preset}, {prompts}")
     elif config.chat:
-        print(f"{config.preset}: prompts as user turns of Gemma's chat format, answers stop at <end_of_turn>")
+        from gemma_lora.data import chat
+
+        fmt = model.chat_format_for(preset_dir)
+        end = chat.TURN_MARKERS[fmt][1]
+        name = "Gemma 4's" if fmt == chat.GEMMA4 else "Gemma's"
+        print(f"{config.preset}: prompts as user turns of {name} chat format, answers stop at {end}")
     causal_lm = model.load_causal_lm(preset_dir, config.resolved_precision(model.platform()), quantize=config.quantize,
                                      frozen_base=True)
     if args.adapter:

@@ -95,7 +95,8 @@ class TrainConfig:
         default=None,
     )
     lora_targets: list[str] = _help(
-        "Layers that get LoRA, by name (the same in Gemma 1, 2 and 3): " + ", ".join(GEMMA_LAYER_NAMES) + ".",
+        "Layers that get LoRA, by name (the same in Gemma 1, 2, 3 and 4; Gemma 4's global layers whose keys are "
+        "their values have no value layer): " + ", ".join(GEMMA_LAYER_NAMES) + ".",
         default_factory=lambda: ["query", "value"],
     )
     full_finetune: bool = _help(
@@ -144,9 +145,11 @@ class TrainConfig:
     chat: bool | None = _help(
         "Gemma's chat format: each example as <start_of_turn>user / <start_of_turn>model turns (a system "
         "message leads the first user turn), loss on every model turn and its <end_of_turn>, answers that stop "
-        "at <end_of_turn>; multi-turn conversations need it. The template is then unused, and stop_strings "
+        "at <end_of_turn>; multi-turn conversations need it. A Gemma 4 preset writes Gemma 4's format instead: "
+        "<|turn>system / user / model turns, loss on each model turn and its <turn|>, answers that stop at <turn|>. "
+        "The template is then unused, and stop_strings "
         "default to none. None = on for conversation data (messages, sharegpt) and for instruction-tuned presets "
-        "(gemma_instruct_2b_en, gemma3_instruct_1b, ...), off otherwise.",
+        "(gemma_instruct_2b_en, gemma3_instruct_1b, gemma4_instruct_4b, ...), off otherwise.",
         default=None,
     )
     template: str = _help("Template for rows without context.", default=RECIPE_TEMPLATE)
@@ -189,7 +192,8 @@ class TrainConfig:
         "auto | keras | fast: what runs the training steps. keras: KerasHub's model through "
         "keras.Model.fit. fast: gemma_lora.fast's JAX step on packed rows (several examples per "
         "row, none attending to another), LoRA factors float32 over a bfloat16 or float32 base; "
-        "Gemma 1, 2 and 3 text presets, LoRA only, on one device or several. auto: fast on GPU/TPU where it can run, else keras "
+        "Gemma 1, 2 and 3 text presets and Gemma 4's dense text stack (not its mixture of experts, per-layer "
+        "embeddings or KV-shared layers), LoRA only, on one device or several. auto: fast on GPU/TPU where it can run, else keras "
         "(docs/perf.md).",
         default="auto",
     )
@@ -252,7 +256,7 @@ class TrainConfig:
     top_k: int = _help("k for the top_k sampler.", default=5)
     stop_strings: list[str] | None = _help(
         "Generation is cut at the first of these. None = '\\nInstruction:' (the start of a new templated "
-        "block) with the template, none with the chat format (answers end at <end_of_turn>).",
+        "block) with the template, none with the chat format (answers end at <end_of_turn>, Gemma 4's at <turn|>).",
         default=None,
     )
     # Devices
@@ -467,7 +471,7 @@ def validate(config):
     unknown_layers = [t for t in c.lora_targets if t not in GEMMA_LAYER_NAMES]
     need(
         not unknown_layers,
-        f"lora_targets has unknown layer name(s) {unknown_layers}; Gemma 1, 2 and 3 layers are "
+        f"lora_targets has unknown layer name(s) {unknown_layers}; Gemma 1, 2, 3 and 4 layers are "
         f"{', '.join(GEMMA_LAYER_NAMES)}.",
     )
     need(len(c.lora_targets) > 0, "lora_targets is empty: name at least one layer, e.g. query value.")

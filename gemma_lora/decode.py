@@ -68,7 +68,7 @@ def unsupported_reason(causal_lm):
     from gemma_lora.errors import ConfigError
 
     try:
-        fast.architecture(causal_lm.backbone)
+        fast.check_model(causal_lm)
     except ConfigError as error:
         return str(error)
     if any(getattr(layer, "quantization_mode", None) for layer in causal_lm.backbone._flatten_layers()):
@@ -92,14 +92,8 @@ def inference_params(causal_lm):
     def value(variable):
         return jnp.asarray(variable.value if hasattr(variable, "value") else variable)
 
-    layers = []
-    for block in backbone.transformer_layers:
-        params = {name: value(norm_of(block).scale) for name, norm_of in fast._norms(config)}
-        for name in fast.EQUATIONS:
-            layer = fast._layer_of(block, name)
-            # `kernel` is W + (alpha / rank) A B when LoRA is enabled, as Keras computes it.
-            params[name] = value(layer.kernel if layer.lora_enabled else fast._base_kernel(layer))
-        layers.append(params)
+    # `kernel` is W + (alpha / rank) A B when LoRA is enabled, as Keras computes it.
+    layers = [fast.frozen_layer(config, block, value, merged=True) for block in backbone.transformer_layers]
     frozen = {
         "embedding": value(backbone.token_embedding.embeddings),
         "final_norm": value(backbone.layer_norm.scale),
@@ -113,9 +107,13 @@ def cache_length(longest_prompt, max_new_tokens):
 
 
 def empty_cache(config, slots, length):
-    shape = (slots, length, config.num_key_value_heads, config.head_dim)
     dtype = jnp.dtype(config.dtype)
-    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)]
+    caches = []
+    for index in range(config.num_layers):
+        head_dim, kv_heads, _, _ = config.heads_of(index)  # Gemma 4's global layers have their own
+        shape = (slots, length, kv_heads, head_dim)
+        caches.append((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)))
+    return caches
 
 
 def _cast(config, frozen):
@@ -159,7 +157,7 @@ def _forward(config, frozen, caches, rows, token_ids, positions, valid):
     x = fast.embed(config, frozen, token_ids)
     for index, (layer, layer_cache) in enumerate(zip(frozen["layers"], caches)):
         x = fast._decoder_layer(config, x, layer, {}, positions, index, attend_for(layer_cache))
-    h = fast._rms_norm(x, frozen["final_norm"], config.layer_norm_epsilon)
+    h = fast._rms_norm(x, frozen["final_norm"], config.layer_norm_epsilon, config.norm_offset)
     return h, new_caches
 
 

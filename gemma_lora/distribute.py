@@ -147,7 +147,7 @@ def make_distribution(plan, backbone_config, devices=None):
 
 
 def gemma_layout_map(mesh, backbone_config):
-    """A `LayoutMap` for any Gemma 1, 2 or 3 backbone (and its LoRA factors) on `mesh`.
+    """A `LayoutMap` for any Gemma 1, 2, 3 or 4 backbone (and its LoRA factors) on `mesh`.
 
     Megatron-style, as KerasHub's: query heads, FFW width and vocabulary go on
     the model axis; the hidden dimension on the batch axis (weights sharded
@@ -157,6 +157,15 @@ def gemma_layout_map(mesh, backbone_config):
     Gemma 2's several KV heads (4, 8, 16) split as its query heads do.
     Unmatched variables (norm scales, Gemma 2/3's post norms, the vision
     tower) are replicated.
+
+    Gemma 4: a key/value kernel's head axis splits only where the model axis
+    divides both the sliding layers' KV heads and the global layers' own
+    (`num_global_key_value_heads`: 4 on gemma4_31b, whose query and output
+    kernels are wider there, which the head split leaves alone); the
+    mixture-of-experts bank (experts x hidden x width) splits its experts over
+    the model axis and hidden over the batch axis; the per-layer embedding
+    table (E2B, E4B: vocabulary x layers·256) splits its vocabulary like the
+    token embedding. The router and the per-layer gates are small: replicated.
 
     A LoRA factor follows its kernel: A (kernel shape[:-1] + rank) shards its
     leading dims as the kernel does, B (rank, out) shards its output dim as the
@@ -174,6 +183,8 @@ def gemma_layout_map(mesh, backbone_config):
         return name if dim % sizes[name] == 0 else None
 
     heads, kv_heads, hidden = c["num_query_heads"], c["num_key_value_heads"], c["hidden_dim"]
+    # Gemma 4's global layers have their own KV head count; one axis must divide both.
+    kv_heads = math.gcd(kv_heads, c.get("num_global_key_value_heads") or kv_heads)
     # Gemma 1/2 gate to intermediate_dim // 2, Gemma 3 to intermediate_dim:
     # a mesh axis dividing the half divides both.
     ffw = c["intermediate_dim"] // 2
@@ -191,6 +202,14 @@ def gemma_layout_map(mesh, backbone_config):
         layout_map[f"{prefix}/kernel"] = spec
         layout_map[f"{prefix}/lora_kernel_a"] = (*spec[:-1], None)
         layout_map[f"{prefix}/lora_kernel_b"] = (None, spec[-1])
+    if c.get("enable_moe_block"):
+        experts = axis(MODEL, c["num_experts"])
+        layout_map[r"decoder_block_\d+/moe_expert_bank/(gate_proj|up_proj)"] = (experts, axis(BATCH, hidden), None)
+        layout_map[r"decoder_block_\d+/moe_expert_bank/down_proj"] = (experts, None, axis(BATCH, hidden))
+    if c.get("hidden_size_per_layer_input"):
+        per_layer_vocab = c.get("vocab_size_per_layer_input") or c["vocabulary_size"]
+        layout_map["per_layer_token_embedding/embeddings"] = (axis(MODEL, per_layer_vocab), None)
+        layout_map["per_layer_model_projection/kernel"] = (axis(BATCH, hidden), None)
     return layout_map
 
 

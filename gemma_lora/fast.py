@@ -1,4 +1,4 @@
-"""A functional Gemma (1, 2 and 3, text) forward pass and LoRA train step in pure JAX.
+"""A functional Gemma (1, 2, 3 and 4, text) forward pass and LoRA train step in pure JAX.
 
 KerasHub's causal LMs train through Keras: they merge every LoRA factor into
 its kernel each step, materialise float32 logits for the whole batch and
@@ -29,6 +29,16 @@ softmax) and on every final logit (before the loss). cuDNN's fused attention
 cannot apply the first, so soft-capped layers take this module's own
 attention (`soft_capped_attention`, slices of queries whose logits are
 recomputed in the backward pass instead of kept).
+
+Gemma 4 (gemma4_backbone.py, gemma4_decoder_block.py, gemma4_attention.py,
+gemma4_layers.py) is Gemma 3's block with: RMS norms that scale by `scale`
+(not 1 + scale), a scale-free RMS norm on the values, queries not scaled
+(its query/key norms do that work), each layer's output multiplied by its
+`layer_scalar`, and global layers with their own head width, fewer KV heads
+whose key projection is also the value's (K = V: the value is the raw key
+projection, RMS-normed but not rotated) and RoPE on only part of each head
+(`global_rope_partial_rotary_factor`). Its mixture-of-experts block, per-layer
+embeddings and KV-shared layers are refused (`architecture` names the field).
 """
 
 import dataclasses
@@ -106,6 +116,19 @@ class FastConfig:
     # final (vocabulary) logit; None = no cap (Gemma 1 and 3 presets).
     attention_logit_soft_cap: float | None = None
     final_logit_soft_cap: float | None = None
+    # Gemma 4: norms scale by `scale` (offset 0; Gemma 1-3 by 1 + scale), values
+    # get a scale-free RMS norm, queries are scaled by query_scale (1.0) instead
+    # of 1/sqrt(width), and each layer's output is multiplied by its layer_scalar.
+    norm_offset: float = 1.0
+    value_norm: bool = False
+    query_scale: float | None = None
+    layer_scalar: bool = False
+    # Per layer (head_dim, num_key_value_heads, k_eq_v, rotary_dim): Gemma 4's
+    # global layers differ from its sliding ones. k_eq_v: the layer has no value
+    # projection, its values are its key projection. rotary_dim: the leading
+    # dimensions of each half-head that RoPE turns. Empty: every layer
+    # (head_dim, num_key_value_heads, False, head_dim).
+    layer_heads: tuple = ()
     lora_targets: tuple = ("query", "value")
     lora_rank: int = 4
     lora_alpha: float = 4.0
@@ -134,12 +157,20 @@ class FastConfig:
 
     @property
     def attention_scale(self):
+        if self.query_scale is not None:
+            return self.query_scale
         width = self.head_dim if self.query_head_dim_normalize else self.hidden_dim // self.num_query_heads
         return 1.0 / math.sqrt(width)
 
     def attention_of(self, index):
         """(sliding_window, rope_wavelength, rope_scaling_factor) of layer `index`."""
         return self.layer_attention[index] if self.layer_attention else (0, 10_000.0, 1.0)
+
+    def heads_of(self, index):
+        """(head_dim, num_key_value_heads, k_eq_v, rotary_dim) of layer `index`."""
+        if self.layer_heads:
+            return self.layer_heads[index]
+        return (self.head_dim, self.num_key_value_heads, False, self.head_dim)
 
     def validate(self):
         """Raise ConfigError listing every invalid setting at once."""
@@ -175,12 +206,13 @@ class FastConfig:
                 f"({self.attention_logit_soft_cap:g}; cuDNN's fused attention has none). "
                 "Use attention='auto', which gives soft-capped layers their own path"
             )
-        if self.layer_attention and len(self.layer_attention) != self.num_layers:
-            problems.append(
-                f"layer_attention needs one entry per layer ({self.num_layers}). "
-                f"Received: {len(self.layer_attention)}"
-            )
-        if self.scan_layers and len(set(self.layer_attention)) > 1:
+        for name in ("layer_attention", "layer_heads"):
+            entries = getattr(self, name)
+            if entries and len(entries) != self.num_layers:
+                problems.append(
+                    f"{name} needs one entry per layer ({self.num_layers}). Received: {len(entries)}"
+                )
+        if self.scan_layers and (len(set(self.layer_attention)) > 1 or len(set(self.layer_heads)) > 1):
             # One scanned body cannot switch between local and global layers.
             problems.append(
                 "scan_layers needs every layer to attend alike; this model mixes "
@@ -195,6 +227,7 @@ class FastConfig:
 
 
 def _layer_of(block, target):
+    """The Keras layer of `target` in `block`; None for the value of a Gemma 4 K = V layer (it has none)."""
     attention = block.attention
     return {
         "query": lambda: attention.query_dense,
@@ -226,13 +259,16 @@ def architecture(backbone):
     Raises:
         ConfigError: the backbone uses something the fast path does not
             implement (dropout, a vision encoder, bidirectional or
-            embedding-model attention, soft caps that differ by layer),
-            naming each.
+            embedding-model attention, soft caps that differ by layer;
+            Gemma 4's mixture of experts, per-layer embeddings and KV-shared
+            layers), naming each.
     """
     kind = type(backbone).__name__
+    if kind == "Gemma4Backbone":
+        return _gemma4_architecture(backbone)
     if kind not in ("GemmaBackbone", "Gemma3Backbone"):
         raise ConfigError(
-            f"The fast path implements Gemma 1, 2 and 3 (text) only; this is a {kind}. "
+            f"The fast path implements Gemma 1, 2, 3 and 4 (text) only; this is a {kind}. "
             "Train it with the Keras path instead."
         )
     blocks = backbone.transformer_layers
@@ -291,6 +327,79 @@ def architecture(backbone):
                 float(b.attention.rope_layer.scaling_factor),
             )
             for b in blocks
+        )
+    return fields
+
+
+def _gemma4_architecture(backbone):
+    """`architecture` of a Gemma4Backbone: its dense text stack, or one ConfigError naming what it cannot run."""
+    blocks = backbone.transformer_layers
+    unsupported = {
+        # Each names the backbone field; the reason is the part of the model this path does not compute.
+        "enable_moe_block (the mixture-of-experts feed-forward block)": backbone.enable_moe_block,
+        "hidden_size_per_layer_input (per-layer token embeddings)": backbone.hidden_size_per_layer_input,
+        "num_kv_shared_layers (layers that reuse an earlier layer's keys and values)": backbone.num_kv_shared_layers,
+        "vision_encoder": backbone.vision_encoder,
+        "audio_encoder": backbone.audio_encoder,
+        "use_bidirectional_attention": backbone.use_bidirectional_attention,
+        "is_embedding_model": backbone.is_embedding_model,
+        "dropout": backbone.dropout,
+        "per-layer attention soft caps": len({b.attention.logit_soft_cap for b in blocks}) > 1,
+    }
+    used = [name for name, value in unsupported.items() if value]
+    if used:
+        raise ConfigError(
+            f"The fast path implements Gemma 4's dense text stack only; this Gemma4Backbone sets {', '.join(used)}. "
+            "Train it with --engine keras."
+        )
+    attention_cap = blocks[0].attention.logit_soft_cap
+    final_cap = backbone.token_embedding.logit_soft_cap
+    return dict(
+        vocabulary_size=backbone.vocabulary_size,
+        num_layers=backbone.num_layers,
+        num_query_heads=backbone.num_query_heads,
+        num_key_value_heads=backbone.num_key_value_heads,
+        hidden_dim=backbone.hidden_dim,
+        head_dim=backbone.head_dim,
+        ffw_dim=int(_base_kernel(blocks[0].gating_ffw).shape[-1]),
+        layer_norm_epsilon=float(backbone.layer_norm_epsilon),
+        query_key_norm=True,
+        post_attention_norm=True,
+        post_ffw_norm=True,
+        attention_logit_soft_cap=None if attention_cap is None else float(attention_cap),
+        final_logit_soft_cap=None if final_cap is None else float(final_cap),
+        norm_offset=0.0,
+        value_norm=True,
+        query_scale=1.0,  # Gemma4TextAttention: "scaling = 1.0"
+        layer_scalar=True,
+        layer_attention=tuple(
+            (
+                int(b.attention.sliding_window_size) if b.use_sliding_window_attention else 0,
+                float(b.attention.rope_wavelength),
+                float(b.attention.rope_scaling_factor),
+            )
+            for b in blocks
+        ),
+        layer_heads=tuple(
+            (int(b.attention.head_dim), int(b.attention.effective_num_kv_heads), bool(b.attention.attention_k_eq_v),
+             int(b.attention.rotary_dim))
+            for b in blocks
+        ),
+    )
+
+
+def check_model(causal_lm):
+    """`architecture(causal_lm.backbone)`, and the task's own final cap, which the fast path does not apply.
+
+    Raises:
+        ConfigError: as `architecture`, or a Gemma4CausalLM built with `final_logit_cap`
+            (KerasHub's presets put Gemma 4's cap on the backbone's embedding instead).
+    """
+    fields = architecture(causal_lm.backbone)
+    if getattr(causal_lm, "final_logit_cap", None) is not None:
+        raise ConfigError(
+            f"The fast path applies the backbone's final_logit_soft_cap only; this {type(causal_lm).__name__} sets "
+            "final_logit_cap on the task as well. Train it with --engine keras."
         )
     return fields
 
@@ -367,14 +476,15 @@ def extract_params(
     import keras
 
     backbone = causal_lm.backbone
-    fields = architecture(backbone)
+    fields = check_model(causal_lm)
     blocks = backbone.transformer_layers
     lora_targets = tuple(lora_targets)
     enabled = [
-        _layer_of(blocks[0], t)
+        layer
+        for block in blocks
         for t in lora_targets
-        if t in EQUATIONS and _layer_of(blocks[0], t).lora_enabled
-    ]
+        if t in EQUATIONS and (layer := _layer_of(block, t)) is not None and layer.lora_enabled
+    ][:1]
     if enabled:
         if rank is not None and rank != enabled[0].lora_rank:
             raise ConfigError(
@@ -400,13 +510,12 @@ def extract_params(
         return jnp.asarray(variable.value, dtype) if cast else jnp.asarray(variable.value)
 
     for block in blocks:
-        layer_params = {name: frozen_array(norm_of(block).scale) for name, norm_of in _norms(config)}
-        for name in EQUATIONS:
-            layer_params[name] = frozen_array(_base_kernel(_layer_of(block, name)))
-        layers.append(layer_params)
+        layers.append(frozen_layer(config, block, frozen_array))
         layer_lora = {}
         for target in lora_targets:
             layer = _layer_of(block, target)
+            if layer is None:  # a Gemma 4 K = V layer's value: no projection of its own, no LoRA (as in Keras)
+                continue
             shape = tuple(_base_kernel(layer).shape)
             if layer.lora_enabled:
                 if layer.lora_rank != rank:
@@ -429,6 +538,23 @@ def extract_params(
         "layers": _arrange(config, layers),
     }
     return config, frozen, _arrange(config, lora)
+
+
+def frozen_layer(config, block, array, merged=False):
+    """A block's frozen weights under `config`: its norm scales, each projection's kernel and
+    Gemma 4's layer scalar, each through `array` (variable -> array).
+
+    merged: the kernel as Keras applies it (`layer.kernel`: W + (alpha / rank) A B
+    where LoRA is enabled), for decoding; else the base kernel alone.
+    """
+    params = {name: array(norm_of(block).scale) for name, norm_of in _norms(config)}
+    for name in EQUATIONS:
+        layer = _layer_of(block, name)
+        if layer is not None:
+            params[name] = array(layer.kernel if merged and layer.lora_enabled else _base_kernel(layer))
+    if config.layer_scalar:
+        params["layer_scalar"] = array(block.layer_scalar)
+    return params
 
 
 def _arrange(config, per_layer):
@@ -459,6 +585,8 @@ def write_back(causal_lm, config, lora):
         factors = layer_lora(config, lora, i)
         for target in config.lora_targets:
             layer = _layer_of(block, target)
+            if layer is None:
+                continue
             if not layer.lora_enabled:
                 layer.enable_lora(config.lora_rank, lora_alpha=config.lora_alpha)
             if (layer.lora_rank, float(layer.lora_alpha)) != (
@@ -482,24 +610,7 @@ def init_params(config, key):
     are small and random rather than zero so no multiply sees only zeros.
     """
     dtype = jnp.dtype(config.dtype)
-    n, k, d, h, f, L = (
-        config.num_query_heads,
-        config.num_key_value_heads,
-        config.hidden_dim,
-        config.head_dim,
-        config.ffw_dim,
-        config.num_layers,
-    )
-    shapes = {
-        "query": (n, d, h),
-        "key": (k, d, h),
-        "value": (k, d, h),
-        "attention_output": (n, h, d),
-        "ffw_gating": (d, f),
-        "ffw_gating_2": (d, f),
-        "ffw_linear": (f, d),
-    }
-    fan_in = {"attention_output": n * h, "ffw_linear": f}
+    n, d, f, L = config.num_query_heads, config.hidden_dim, config.ffw_dim, config.num_layers
     keys = iter(jax.random.split(key, 16 * (L + 1)))
 
     def normal(shape, scale):
@@ -507,16 +618,33 @@ def init_params(config, key):
         return jax.random.normal(next(keys), shape, dtype) * jnp.asarray(scale, dtype)
 
     layers, lora = [], []
-    for _ in range(L):
+    for index in range(L):
+        h, k, k_eq_v, _ = config.heads_of(index)
+        shapes = {
+            "query": (n, d, h),
+            "key": (k, d, h),
+            "value": (k, d, h),
+            "attention_output": (n, h, d),
+            "ffw_gating": (d, f),
+            "ffw_gating_2": (d, f),
+            "ffw_linear": (f, d),
+        }
+        if k_eq_v:
+            del shapes["value"]
+        fan_in = {"attention_output": n * h, "ffw_linear": f}
         layer = {
             name: normal(shape, 1.0 / math.sqrt(fan_in.get(name, d)))
             for name, shape in shapes.items()
         }
         for name, _ in _norms(config):
             layer[name] = normal((h,) if name in ("query_norm", "key_norm") else (d,), 0.1)
+        if config.layer_scalar:
+            layer["layer_scalar"] = jnp.ones((), dtype)
         layers.append(layer)
         factors = {}
         for target in config.lora_targets:
+            if target not in shapes:
+                continue
             shape = shapes[target]
             # he_uniform, as Keras initialises lora_kernel_a; B starts at 0.
             bound = math.sqrt(6.0 / math.prod(shape[:-1]))
@@ -544,24 +672,35 @@ def init_params(config, key):
 # copies of activations for every layer.
 
 
-@functools.partial(jax.checkpoint, static_argnums=(2,))
-def _rms_norm(x, scale, epsilon):
-    # As KerasHub's RMSNormalization: statistics in float32, x * (1 + scale).
-    x32 = x.astype(jnp.float32)
-    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-    y = x32 * jax.lax.rsqrt(var + epsilon) * (1.0 + scale.astype(jnp.float32))
-    return y.astype(x.dtype)
+def _rms_norm(x, scale, epsilon, offset=1.0):
+    # As KerasHub's RMSNormalization: statistics in float32, x * (1 + scale)
+    # (Gemma 4's: x * scale, offset 0; `scale` None: no scale, Gemma 4's value norm).
+    return _checkpointed_rms_norm(x, scale, epsilon, offset)  # static arguments must be given by position
 
 
 @functools.partial(jax.checkpoint, static_argnums=(2, 3))
-def _rope(x, positions, wavelength, scaling_factor):
+def _checkpointed_rms_norm(x, scale, epsilon, offset):
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(var + epsilon)
+    if scale is not None:
+        y = y * (offset + scale.astype(jnp.float32))
+    return y.astype(x.dtype)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2, 3, 4))
+def _rope(x, positions, wavelength, scaling_factor, rotary_dim=None):
     # KerasHub's RotaryEmbedding (rotate-half form, "linear" scaling divides
     # the frequencies). For Gemma 1 KerasHub then interleaves the two halves
     # of q and of k; the same permutation on both leaves every q.k product
-    # unchanged, so we skip it.
+    # unchanged, so we skip it. Gemma 4's partial RoPE (rotary_dim < head
+    # width) turns the first rotary_dim / 2 pairs (x[j], x[half + j]) with the
+    # frequencies of the whole head and leaves the others: a frequency of 0.
     half = x.shape[-1] // 2
     inv_freq = wavelength ** (-np.arange(0, 2 * half, 2, dtype=np.float32) / (2 * half))
     inv_freq = (inv_freq / scaling_factor).astype(np.float32)
+    if rotary_dim is not None and rotary_dim < 2 * half:
+        inv_freq[rotary_dim // 2 :] = 0.0
     angle = positions.astype(jnp.float32)[..., None] * inv_freq  # (b, t, half)
     angle = jnp.concatenate([angle, angle], axis=-1)[:, :, None, :]
     x32 = x.astype(jnp.float32)
@@ -708,26 +847,32 @@ def _decoder_layer(config, x, layer, lora, positions, index, attend):
     when decoding (`gemma_lora.decode`)."""
     s = config.lora_scale
     window, wavelength, scaling = config.attention_of(index)
-    eps = config.layer_norm_epsilon
+    _, _, k_eq_v, rotary_dim = config.heads_of(index)
+    eps, offset = config.layer_norm_epsilon, config.norm_offset
 
     def project(name, inputs):
         return _project(inputs, layer[name], lora.get(name), EQUATIONS[name], s)
 
-    def query_or_key(name):
-        y = project(name, h)
+    def query_or_key(name, y):
         if config.query_key_norm:
-            y = _rms_norm(y, layer[f"{name}_norm"], eps)
-        return _rope(y, positions, wavelength, scaling)
+            y = _rms_norm(y, layer[f"{name}_norm"], eps, offset)
+        return _rope(y, positions, wavelength, scaling, rotary_dim)
 
-    h = _rms_norm(x, layer["pre_attention_norm"], eps)
-    q, k, v = query_or_key("query"), query_or_key("key"), project("value", h)
+    h = _rms_norm(x, layer["pre_attention_norm"], eps, offset)
+    q = query_or_key("query", project("query", h))
+    key = project("key", h)
+    k = query_or_key("key", key)
+    # Gemma 4's K = V layers take the key projection (before its norm and RoPE) as the values.
+    v = key if k_eq_v else project("value", h)
+    if config.value_norm:
+        v = _rms_norm(v, None, eps)
     attended = project("attention_output", attend(q, k, v, window))
     if config.post_attention_norm:
-        attended = _rms_norm(attended, layer["post_attention_norm"], eps)
+        attended = _rms_norm(attended, layer["post_attention_norm"], eps, offset)
     x = x + attended
 
     def feed_forward(x):
-        h = _rms_norm(x, layer["pre_ffw_norm"], eps)
+        h = _rms_norm(x, layer["pre_ffw_norm"], eps, offset)
         up = project("ffw_gating_2", h)
         if config.remat == "gate":
             # Keep h and up; the gate projection is recomputed when needed.
@@ -736,12 +881,15 @@ def _decoder_layer(config, x, layer, lora, positions, index, attend):
         else:
             y = project("ffw_linear", _geglu(project("ffw_gating", h), up))
         if config.post_ffw_norm:
-            y = _rms_norm(y, layer["post_ffw_norm"], eps)
+            y = _rms_norm(y, layer["post_ffw_norm"], eps, offset)
         return y
 
     if config.remat == "ffn":
         feed_forward = jax.checkpoint(feed_forward)
-    return x + feed_forward(x)
+    x = x + feed_forward(x)
+    if config.layer_scalar:
+        x = x * layer["layer_scalar"].astype(x.dtype)
+    return x
 
 
 @jax.checkpoint
@@ -778,7 +926,7 @@ def hidden_states(config, frozen, lora, token_ids, segment_ids, positions):
     else:
         for index, layer_and_lora in enumerate(zip(frozen["layers"], lora)):
             x, _ = body(x, layer_and_lora, index)
-    return _rms_norm(x, frozen["final_norm"], config.layer_norm_epsilon)
+    return _rms_norm(x, frozen["final_norm"], config.layer_norm_epsilon, config.norm_offset)
 
 
 def logits(config, frozen, lora, token_ids, segment_ids, positions):

@@ -35,7 +35,7 @@ def unsupported_reasons(causal_lm, config):
     """
     reasons = []
     try:
-        fast.architecture(causal_lm.backbone)
+        fast.check_model(causal_lm)
     except ConfigError as error:
         reasons.append(str(error))
     if config.quantize:
@@ -58,7 +58,9 @@ def resolve_engine(causal_lm, config, platform):
     switching would change what every CPU user's batch_size and max_steps
     mean (docs/perf.md). Gemma 2 goes the same way; its soft-capped attention
     has not been timed on a GPU against KerasHub's (which cannot use cuDNN's
-    fused attention for it either).
+    fused attention for it either). Gemma 4's dense stack too (untimed on a
+    GPU; its mixture of experts, per-layer embeddings and KV-shared layers
+    stay on the Keras engine).
 
     Raises:
         ConfigError: engine="fast" where the fast engine cannot run, naming why.
@@ -69,7 +71,7 @@ def resolve_engine(causal_lm, config, platform):
     if config.engine == "fast":
         if reasons:
             raise ConfigError(
-                "engine=fast cannot train this run: " + "; ".join(reasons) + ". Use --engine keras."
+                "engine=fast cannot train this run: " + "; ".join(r.rstrip(".") for r in reasons) + ". Use --engine keras."
             )
         return "fast"
     return "fast" if platform != "cpu" and not reasons else "keras"
@@ -154,6 +156,8 @@ class FastEngine(StepEngine):
         for i, block in enumerate(causal_lm.backbone.transformer_layers):
             for target in self.fast_config.lora_targets:
                 layer = fast._layer_of(block, target)
+                if layer is None:  # a Gemma 4 K = V layer's value
+                    continue
                 where[id(layer.lora_kernel_a)] = (i, target, "lora_kernel_a")
                 where[id(layer.lora_kernel_b)] = (i, target, "lora_kernel_b")
         self.paths = [where[id(v)] for v in causal_lm.trainable_variables]

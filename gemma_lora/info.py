@@ -89,7 +89,9 @@ def adapter_lines(path, as_json=False):
         f"({meta.get('backbone_class')}{', base ' + meta['quantize'] if meta.get('quantize') else ''})"
     )
     lines.append(f"  alpha {meta.get('alpha')} on {', '.join(meta.get('targets', []))}")
-    lines.append("  prompts: " + ("Gemma's chat format" if meta.get("chat_format") else "the template"))
+    formats = {"gemma": "Gemma's chat format", "gemma4": "Gemma 4's chat format"}
+    fmt = meta.get("chat_format")
+    lines.append("  prompts: " + (formats.get(fmt, f"chat format {fmt!r}") if fmt else "the template"))
     if meta.get("data"):
         lines.append(f"  trained on {meta['data']} (fingerprint {meta.get('data_fingerprint')}), split {meta.get('split')}")
     for split in ("validation", "test"):

@@ -1,4 +1,4 @@
-"""Find a preset (name, kaggle:// handle, directory, `tiny` or `tiny_gemma2`), load it, add LoRA; tell an instruction-tuned one.
+"""Find a preset (name, kaggle:// handle, directory, `tiny`, `tiny_gemma2`, `tiny_gemma4`), load it, add LoRA; tell an instruction-tuned one.
 
 Named presets are downloaded whole with kagglehub and then loaded from the
 local directory: KerasHub's own `from_preset("kaggle://...")` fetches file by
@@ -14,7 +14,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-from gemma_lora import runtime
+from gemma_lora import gemma4, runtime
 from gemma_lora.errors import ConfigError, CredentialsError, PresetError
 from gemma_lora.layers import layers_with_weights, lora_layers  # noqa: F401  (re-exported)
 
@@ -27,7 +27,9 @@ TINY = "tiny"
 # The same offline test model with Gemma 2's architecture (post norms, soft
 # caps, sliding-window layers alternating with global ones, 2 KV heads).
 TINY_GEMMA2 = "tiny_gemma2"
-TINY_PRESETS = (TINY, TINY_GEMMA2)
+# Gemma 4's text architecture (gemma4.TINY: gemma4_31b's features in miniature) and its turn markers.
+TINY_GEMMA4 = "tiny_gemma4"
+TINY_PRESETS = (TINY, TINY_GEMMA2, TINY_GEMMA4)
 # Kaggle versions the classic recipe used, where KerasHub now maps the name to a newer one.
 RECIPE_VERSIONS = {"gemma_2b_en": 2}
 # The real Gemma 3 270M base model, from the PyPI package of its GGUF file,
@@ -60,6 +62,9 @@ INSTRUCT_PRESETS = (
     "gemma2_instruct_9b_en",
     "gemma2_instruct_27b_en",
 )
+# The chat format each instruction-tuned preset was tuned on (data/chat.py's format names).
+CHAT_FORMAT_OF_PRESET = {**{name: "gemma" for name in INSTRUCT_PRESETS},
+                         **{name: "gemma4" for name in gemma4.INSTRUCT_PRESETS}}
 # The key a preset's metadata.json gets when the package saves a model
 # trained in a chat format (a merge or a full fine-tune); KerasHub's own
 # metadata.json records versions, parameter count, date and tasks only.
@@ -133,7 +138,7 @@ def resolve_preset(preset, version=None):
     """Return a local preset directory for `preset`, downloading if needed.
 
     Args:
-        preset: "tiny" or "tiny_gemma2", a KerasHub preset name such as "gemma_2b_en", a
+        preset: "tiny", "tiny_gemma2" or "tiny_gemma4", a KerasHub preset name such as "gemma_2b_en", a
             "kaggle://owner/model/framework/variation[/version]" handle, or a
             local preset directory.
         version: int or None; the Kaggle version for a named preset (None:
@@ -141,7 +146,8 @@ def resolve_preset(preset, version=None):
             own choice). A version in a kaggle:// handle wins.
 
     Raises:
-        PresetError: unknown name or a directory missing preset files.
+        PresetError: unknown name, a Gemma 4 speculative-decoding assistant
+            (refused before any download), or a directory missing preset files.
         CredentialsError: a download needs Kaggle credentials or consent.
     """
     if preset in TINY_PRESETS:
@@ -159,9 +165,12 @@ def resolve_preset(preset, version=None):
         hint = f" Similar names: {', '.join(close)}." if close else ""
         raise PresetError(
             f"Unknown preset {preset!r}: not a KerasHub preset name, kaggle:// handle or existing "
-            f"directory.{hint} Use e.g. gemma_2b_en, gemma2_2b_en, 'demo' (the real Gemma 3 270M, offline "
-            "from PyPI) or 'tiny' / 'tiny_gemma2' (the offline test models)."
+            f"directory.{hint} Use e.g. gemma_2b_en, gemma2_2b_en, gemma4_31b, 'demo' (the real Gemma 3 270M, "
+            "offline from PyPI) or 'tiny' / 'tiny_gemma2' / 'tiny_gemma4' (the offline test models)."
         )
+    problem = gemma4.assistant_problem(preset)
+    if problem:
+        raise PresetError(problem)
     handle = presets[preset]["kaggle_handle"].removeprefix("kaggle://")
     version = version if version is not None else RECIPE_VERSIONS.get(preset)
     if version is not None:
@@ -170,10 +179,10 @@ def resolve_preset(preset, version=None):
 
 
 def chat_format_of(preset, preset_dir=None):
-    """The chat format a preset was tuned for: "gemma", or None for a base model. Reads no network.
+    """The chat format a preset was tuned for: "gemma" (Gemma 1-3), "gemma4", or None for a base model. Reads no network.
 
     KerasHub records no "instruction-tuned" flag in a preset's files, so a
-    preset is known by its name in `INSTRUCT_PRESETS`, a kaggle:// handle of
+    preset is known by its name in `CHAT_FORMAT_OF_PRESET`, a kaggle:// handle of
     one of them, a kagglehub cache directory of one (…/models/OWNER/MODEL/
     FRAMEWORK/VARIATION/VERSION), or a directory whose metadata.json carries
     `chat_format` (written by `gemma-lora merge` and full fine-tunes). Any
@@ -183,15 +192,15 @@ def chat_format_of(preset, preset_dir=None):
         preset: the preset as the user named it.
         preset_dir: its local directory, if resolved.
     """
-    if preset in INSTRUCT_PRESETS:
-        return "gemma"
+    if preset in CHAT_FORMAT_OF_PRESET:
+        return CHAT_FORMAT_OF_PRESET[preset]
     handles = {
-        "/".join(keras_hub.models.CausalLM.presets[name]["kaggle_handle"].removeprefix("kaggle://").split("/")[:4])
-        for name in INSTRUCT_PRESETS
+        "/".join(keras_hub.models.CausalLM.presets[name]["kaggle_handle"].removeprefix("kaggle://").split("/")[:4]): fmt
+        for name, fmt in CHAT_FORMAT_OF_PRESET.items()
         if name in keras_hub.models.CausalLM.presets
     }
     if preset.startswith("kaggle://") and "/".join(preset.removeprefix("kaggle://").split("/")[:4]) in handles:
-        return "gemma"
+        return handles["/".join(preset.removeprefix("kaggle://").split("/")[:4])]
     directory = Path(preset_dir) if preset_dir else Path(preset).expanduser()
     metadata = directory / "metadata.json"
     if metadata.is_file():
@@ -202,8 +211,13 @@ def chat_format_of(preset, preset_dir=None):
         if recorded:
             return recorded
     if directory.is_dir() and "/".join(directory.resolve().parts[-5:-1]) in handles:
-        return "gemma"
+        return handles["/".join(directory.resolve().parts[-5:-1])]
     return None
+
+
+def chat_format_for(preset_dir):
+    """The chat format a model of this preset writes its turns in: "gemma4" for Gemma 4, else "gemma" (Gemma 1-3)."""
+    return "gemma4" if gemma4.task_class(preset_dir) is not None else "gemma"
 
 
 def check_preset_dir(path):
@@ -271,13 +285,14 @@ def download_kaggle(handle):
 
 
 def tiny_preset_dir(name=TINY):
-    """Build (once) and return a tiny preset: "tiny" (Gemma) or "tiny_gemma2", 2 layers, random weights.
+    """Build (once) and return a tiny preset: "tiny" (Gemma), "tiny_gemma2" or "tiny_gemma4", 2 layers, random weights.
 
     It tokenizes with a 1,024-piece SentencePiece vocabulary trained on the
     shipped Dolly sample (scripts/make_tiny_vocab.py), so it exercises the
     whole pipeline in seconds on a CPU. It knows nothing: its samples are noise.
     """
-    build = {TINY: build_tiny_causal_lm, TINY_GEMMA2: build_tiny_gemma2_causal_lm}[name]
+    build = {TINY: build_tiny_causal_lm, TINY_GEMMA2: build_tiny_gemma2_causal_lm,
+             TINY_GEMMA4: gemma4.build_tiny_causal_lm}[name]
     path = cache_dir() / "presets" / f"{name}-v{TINY_VERSION}"
     if path.is_dir():
         return path
@@ -372,7 +387,7 @@ PROJECTIONS = ("query", "key", "value", "attention_output", "ffw_gating", "ffw_g
 
 
 def load_causal_lm(preset_dir, precision="float32", sequence_length=None, quantize=None, frozen_base=False):
-    """Load a KerasHub CausalLM from a local preset directory.
+    """Load a KerasHub CausalLM from a local preset directory (a Gemma 4 one as its text stack, see gemma4.py).
 
     Args:
         preset_dir: directory from `resolve_preset`.
@@ -385,8 +400,15 @@ def load_causal_lm(preset_dir, precision="float32", sequence_length=None, quanti
             stored in bfloat16 instead of float32 (`frozen_base_policy`).
     """
     dtype = frozen_base_policy(precision) if frozen_base else precision
+    # Gemma 4: KerasHub's CausalLM.from_preset would pick Gemma4AssistantCausalLM, so
+    # the class comes from the preset; a multimodal one is loaded as its text stack.
     try:
-        causal_lm = keras_hub.models.CausalLM.from_preset(str(preset_dir), dtype=dtype)
+        if gemma4.task_class(preset_dir) is None:
+            causal_lm = keras_hub.models.CausalLM.from_preset(str(preset_dir), dtype=dtype)
+        elif gemma4.has_encoders(preset_dir):
+            causal_lm = gemma4.load_text_model(preset_dir, dtype)
+        else:
+            causal_lm = gemma4.from_preset(preset_dir, dtype)
     except (ValueError, OSError, KeyError) as e:
         raise PresetError(f"Cannot load the preset in {preset_dir}: {e}") from None
     if sequence_length and causal_lm.preprocessor is not None:

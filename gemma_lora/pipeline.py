@@ -116,12 +116,12 @@ def _run_training(config, echo, resume):
             config, causal_lm, parameters, splits, rows, data_stats, precision = _prepare(config, echo)
         hosts.check_same("training data", data_stats["fingerprint"],
                          f"Give every process the same data ({config.data}) and tokenizer (the preset).")
+        engine = fast_train.resolve_engine(causal_lm, config, model.platform())  # --engine fast it cannot run: refused
     except BaseException:
         if main and not resume and not any(run_dir.iterdir()):
             run_dir.rmdir()  # Bad input leaves nothing behind.
         raise
     echo(f"run directory: {run_dir}")
-    engine = fast_train.resolve_engine(causal_lm, config, model.platform())
     total_steps = train.total_steps(rows["train"], config, engine)
     train.compile_for_training(causal_lm, config, total_steps)
     if engine == "fast":
@@ -273,7 +273,7 @@ def _run_training(config, echo, resume):
     if config.full_finetune:
         # Every weight changed, so there is no adapter: the run keeps the whole model.
         with hosts.whole(causal_lm.weights):
-            model_dir = (save_preset(causal_lm, run_dir / MODEL_DIR, recorded_chat_format(config)) if main
+            model_dir = (save_preset(causal_lm, run_dir / MODEL_DIR, recorded_chat_format(config, causal_lm.preprocessor.tokenizer)) if main
                          else run_dir / MODEL_DIR)
         echo(f"fine-tuned model (a KerasHub preset, usable as --preset): {model_dir}")
     else:
@@ -296,7 +296,7 @@ def _run_training(config, echo, resume):
         "precision": precision,
         "engine": engine,
         "quantize": config.quantize,
-        "chat_format": recorded_chat_format(config),
+        "chat_format": recorded_chat_format(config, causal_lm.preprocessor.tokenizer),
         "data": {k: v for k, v in data_stats.items() if k != "lines"},
         "token_loss_before": before,
         "token_loss_after": after,
@@ -357,8 +357,10 @@ def answer_and_sample(causal_lm, instructions, held_out, config, when):
     Returns:
         (samples, {split: `sampling.endings` of its answers}).
     """
+    from gemma_lora.data import chat
     from gemma_lora.sampling import answer_endings, endings, generate
 
+    chat_format = chat.format_of(causal_lm.preprocessor.tokenizer) if config.chat else None
     rows = sum(len(examples) for examples in held_out.values())
     if config.sampler == "greedy":
         label = f"{when}: answering {rows} held-out rows and {len(instructions)} samples"
@@ -367,7 +369,7 @@ def answer_and_sample(causal_lm, instructions, held_out, config, when):
         samples, out = out[: len(instructions)], out[len(instructions) :]
         answers = {}
         for name, examples in held_out.items():
-            answers[name], out = endings(out[: len(examples)], bool(config.chat)), out[len(examples) :]
+            answers[name], out = endings(out[: len(examples)], chat_format), out[len(examples) :]
         return samples, answers
     samples = generate(causal_lm, instructions, config, label=f"{when}: sampling {len(instructions)} prompts")
     answers = {
@@ -469,7 +471,7 @@ def _prepare(config, echo):
     dataset, splits, preset_dir = hosts.together("data and preset", sources)
     given = config.chat
     config = resolve_chat(config, dataset.format, preset_dir)
-    echo(_describe_format(config, given, dataset.format))
+    echo(_describe_format(config, given, dataset.format, model.chat_format_for(preset_dir)))
     precision = config.resolved_precision(model.platform())
     # Variables take their device layout when created, so before the load.
     plan = distribute.apply(config, preset_dir, precision, echo)
@@ -541,13 +543,16 @@ def resolve_chat(config, data_format, preset_dir=None):
     return dataclasses.replace(config, stop_strings=config.resolved_stop_strings())
 
 
-def _describe_format(config, given, data_format):
-    """One line: how rows are written, and why."""
+def _describe_format(config, given, data_format, chat_format="gemma"):
+    """One line: how rows are written, and why (`chat_format`: the one the preset's model writes)."""
+    from gemma_lora.data import chat
+
     if not config.chat:
-        return "prompts: the template" + (" (--no-chat)" if given is False else "; --chat writes Gemma's chat turns instead")
+        name = "Gemma 4's" if chat_format == chat.GEMMA4 else "Gemma's"
+        return "prompts: the template" + (" (--no-chat)" if given is False else f"; --chat writes {name} chat turns instead")
     why = "--chat" if given else "conversation data" if data_format in ("messages", "sharegpt") else "an instruction-tuned preset"
-    return (f"prompts: Gemma's chat format ({why}): <start_of_turn>user / model turns, loss on each model turn and its "
-            "<end_of_turn>, answers stop at <end_of_turn>")
+    name, details = chat.describe(chat_format).split(": ", 1)
+    return f"prompts: {name} ({why}): {details}"
 
 
 def default_run_dir(config):

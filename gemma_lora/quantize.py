@@ -20,6 +20,7 @@ import numpy as np
 
 from gemma_lora import runtime
 from gemma_lora.errors import ConfigError
+from gemma_lora.gemma4 import quantize_problem
 from gemma_lora.layers import lora_layers
 
 runtime.ensure_runtime()
@@ -38,10 +39,14 @@ def quantize_base(causal_lm, mode):
         mode: "int8" or "int4" (int4 in blocks of 128 inputs, Keras' default).
 
     Raises:
-        ConfigError: unknown mode, or LoRA is already enabled.
+        ConfigError: unknown mode, LoRA is already enabled, or a Gemma 4
+            (whose KerasHub decoder block would read the integers unscaled).
     """
     if mode not in MODES:
         raise ConfigError(f"quantize={mode!r} must be one of {', '.join(MODES)} (or None for no quantization).")
+    problem = quantize_problem(causal_lm.backbone)
+    if problem:
+        raise ConfigError(problem)
     if lora_layers(causal_lm):
         raise ConfigError("Quantize the base before enabling LoRA: load a fresh model with quantize=..., then enable_lora.")
     if mode == "int8":

@@ -2,9 +2,9 @@
 
 Prompts are templated (or written as a user turn of Gemma's chat format) and
 tokenized here. The model's own stop token is `<eos>` with the template, and
-`<end_of_turn>` (or `<eos>`) with the chat format.
+`<end_of_turn>` (Gemma 4: `<turn|>`), or `<eos>`, with the chat format.
 
-Gemma 1, 2 and 3 text models decode with `gemma_lora.decode` (a key/value
+Gemma 1, 2 and 3 text models and Gemma 4's dense text stack decode with `gemma_lora.decode` (a key/value
 cache, continuous batching, compiled once per shape; why not KerasHub's
 `generate` is said there); other models (quantized bases, architectures the
 fast path does not implement) go through KerasHub's compiled `generate` in
@@ -225,26 +225,30 @@ def answer_endings(causal_lm, examples, config, batch_size=SLOTS, label=None):
     greedy = dataclasses.replace(config, sampler="greedy")
     examples = list(examples)
     samples = generate(causal_lm, examples, greedy, batch_size, label=label)
-    return endings(samples, chat.uses_chat(config, examples))
+    chat_format = chat.format_of(causal_lm.preprocessor.tokenizer) if chat.uses_chat(config, examples) else None
+    return endings(samples, chat_format)
 
 
-def endings(samples, chat_format=False):
+def endings(samples, chat_format=None):
     """How a list of `Sample`s ended.
 
     Args:
         samples: list of `Sample`.
-        chat_format: bool, default False; they were generated with the chat format.
+        chat_format: None, or the chat format they were generated with
+            ("gemma", "gemma4"; True means "gemma").
 
     Returns:
         dict with `rows`, `model_ended_share` (the share the model ended with
         its stop token), `ended_share` (by its stop token or a stop string),
         `stop_tokens` (the tokens that count: ["<end_of_turn>", "<eos>"] with
-        the chat format, else ["<eos>"]) and `samples` (in row order).
+        Gemma's chat format, ["<turn|>", "<eos>"] with Gemma 4's, else
+        ["<eos>"]) and `samples` (in row order).
     """
     n = len(samples)
+    fmt = chat.GEMMA if chat_format is True else chat_format
     return {
         "rows": n,
-        "stop_tokens": [chat.END_OF_TURN, "<eos>"] if chat_format else ["<eos>"],
+        "stop_tokens": [chat.TURN_MARKERS[fmt][1], "<eos>"] if fmt else ["<eos>"],
         "model_ended_share": sum(s.ended_by_model for s in samples) / n if n else float("nan"),
         "ended_share": sum(s.ended for s in samples) / n if n else float("nan"),
         "samples": samples,

@@ -16,6 +16,7 @@ import numpy as np
 
 from gemma_lora import distribute, loop, runtime
 from gemma_lora.errors import ConfigError
+from gemma_lora.layers import model_inputs
 from gemma_lora.loop import (  # noqa: F401  (re-exported: they were train's before loop.py)
     History,
     Position,
@@ -159,7 +160,7 @@ def _keras_train_step(causal_lm, optimizer):
         # The name is what tests count traces of.
         def objective(trainable):
             logits, _ = model().stateless_call(
-                trainable, non_trainable, {"token_ids": token_ids, "padding_mask": padding_mask}, training=True
+                trainable, non_trainable, model_inputs(model(), token_ids, padding_mask), training=True
             )
             nll, weight = weighted_nll(logits, labels, weights)
             # The mean over the optimizer step's loss-carrying tokens (`scale`, from the
@@ -204,7 +205,7 @@ def keras_fit(causal_lm, rows, config, callbacks, start):
         history.extend(
             keras.Model.fit(
                 causal_lm,
-                Batches(rows, batches, config),
+                Batches(rows, batches, config, causal_lm),
                 initial_epoch=epoch,
                 epochs=epoch + 1,
                 shuffle=False,
@@ -302,15 +303,20 @@ def positions_per_epoch(rows, config):
 class Batches(keras.utils.PyDataset):
     """An epoch's batches for `keras.Model.fit`, each trimmed to its own length."""
 
-    def __init__(self, rows, batches, config):
+    def __init__(self, rows, batches, config, model=None):
         super().__init__()
-        self.rows, self.batches, self.config = rows, batches, config
+        self.rows, self.batches, self.config, self.model = rows, batches, config, model
 
     def __len__(self):
         return len(self.batches)
 
     def __getitem__(self, i):
-        return batch_arrays(self.rows, self.batches[i], self.config.batch_size, self.config.bucket_by_length)
+        x, labels, weights = batch_arrays(self.rows, self.batches[i], self.config.batch_size, self.config.bucket_by_length)
+        return {**x, **self.extra_inputs(x)}, labels, weights
+
+    def extra_inputs(self, x):
+        # Gemma 4's position ids; Keras' fit keeps no model here, so it is given at construction.
+        return {} if self.model is None else model_inputs(self.model, x["token_ids"], x["padding_mask"])
 
 
 def take(rows, index):
@@ -634,9 +640,7 @@ def _scorer(causal_lm):
 
     @jax.jit
     def score(trainable, non_trainable, token_ids, padding_mask, labels, weights):
-        logits, _ = model().stateless_call(
-            trainable, non_trainable, {"token_ids": token_ids, "padding_mask": padding_mask}
-        )
+        logits, _ = model().stateless_call(trainable, non_trainable, model_inputs(model(), token_ids, padding_mask))
         # -log softmax(logits)[label] = logsumexp(logits) - logits[label]: no
         # second vocabulary-sized array of log-probabilities (262k wide on Gemma 3).
         logits = logits.astype(jnp.float32)

@@ -77,6 +77,14 @@ def tiny_gemma2_preset():
     return tiny_preset_dir(TINY_GEMMA2)
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma4_preset():
+    """Directory of the tiny_gemma4 preset (Gemma 4's text architecture; built once per test session)."""
+    from gemma_lora.model import TINY_GEMMA4, tiny_preset_dir
+
+    return tiny_preset_dir(TINY_GEMMA4)
+
+
 @pytest.fixture
 def tiny_lm(tiny_preset):
     """A fresh tiny GemmaCausalLM (float32) loaded from the preset."""

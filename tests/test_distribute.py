@@ -205,7 +205,8 @@ def trained():
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     worker = os.path.join(REPO, "tests", "distributed_worker.py")
     done = subprocess.run([sys.executable, worker, "none", "data", "model:2", "fast/none", "fast/data", "fast/model:2",
-                           "tiny_gemma2@none", "tiny_gemma2@model:2"],
+                           "tiny_gemma2@none", "tiny_gemma2@model:2", "tiny_gemma4@none", "tiny_gemma4@model:2",
+                           "fast/tiny_gemma4@none", "fast/tiny_gemma4@model:2"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
@@ -224,7 +225,8 @@ def test_worker_saw_the_devices_and_trained(trained):
 
 
 # Each distributed setup and the one-device run of the same preset it must match.
-ONE_DEVICE = {"data": "none", "model:2": "none", "tiny_gemma2@model:2": "tiny_gemma2@none"}
+ONE_DEVICE = {"data": "none", "model:2": "none", "tiny_gemma2@model:2": "tiny_gemma2@none",
+              "tiny_gemma4@model:2": "tiny_gemma4@none", "fast/tiny_gemma4@model:2": "fast/tiny_gemma4@none"}
 
 
 @pytest.mark.parametrize("setup", sorted(ONE_DEVICE))
@@ -296,3 +298,18 @@ def _planned_axes(path, shape, layout_map, variables):
         path = next(p for p in variables if p.replace("/", "_") == slot_of)
     planned = layout_map[path]
     return list(planned.axes) if planned is not None else [None] * len(shape)
+
+
+def test_gemma4_model_parallel_splits_heads_and_keeps_its_single_global_kv_head_whole(trained, tiny_gemma4_preset):
+    """tiny_gemma4 on a 2 x 2 mesh: query heads and the sliding layer's 2 KV heads split, the global layer's
+    one KV head (K = V) cannot, and both engines train to the one-device loss (test above)."""
+    variables = trained["tiny_gemma4@model:2"]["variables"]
+    layout_map = distribute.gemma_layout_map(mesh(2, 2), distribute.backbone_config(tiny_gemma4_preset))
+    for path, v in variables.items():
+        axes = _planned_axes(path, v["shape"], layout_map, variables)
+        assert v["spec"] + [None] * (len(axes) - len(v["spec"])) == axes, path
+    assert variables["decoder_block_1/attention/query/kernel"]["shard_shapes"][0][0] == 2  # 4 heads over 2
+    for block in (0, 1):  # gcd(2 KV heads, 1 global KV head) = 1: the key/value head axis stays whole
+        key = variables[f"decoder_block_{block}/attention/key/kernel"]
+        assert key["shard_shapes"][0][0] == key["shape"][0]
+    assert "decoder_block_1/attention/value/kernel" not in variables  # K = V: no value projection

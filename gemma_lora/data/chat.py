@@ -28,6 +28,23 @@ has each marker as a single token.
 The loss weighs every model turn and its `<end_of_turn>`, nothing else (the
 user turns, the headers and the line break after each turn are context).
 Generation stops at `<end_of_turn>` (and `<eos>`).
+
+Gemma 4 ("gemma4", the format of a `Gemma4Tokenizer`) has its own markers
+and a real system role (Google's "Gemma 4 prompt formatting"):
+
+    <bos><|turn>system
+    {system}<turn|>
+    <|turn>user
+    {first user turn}<turn|>
+    <|turn>model
+    {answer}<turn|>
+    ...
+
+Rows are built the same way, the loss is on each model turn and its
+`<turn|>`, and generation stops at `<turn|>` (KerasHub's Gemma4CausalLM
+stops there too). An empty system message writes no system turn. Thinking
+(`<|think|>` in the system turn, `<|channel>thought ... <channel|>` in the
+answer) is not written: answers are trained and generated as plain text.
 """
 
 from dataclasses import dataclass
@@ -37,11 +54,27 @@ from gemma_lora.errors import ConfigError, DataError
 # adapter.json's `chat_format` (and a preset's metadata.json, for merged
 # models): the name of the chat format an adapter was trained on, or null.
 GEMMA = "gemma"
-CHAT_FORMATS = (GEMMA,)
+GEMMA4 = "gemma4"
+CHAT_FORMATS = (GEMMA, GEMMA4)
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
+# Each format's (start of turn, end of turn) markers.
+TURN_MARKERS = {GEMMA: (START_OF_TURN, END_OF_TURN), GEMMA4: ("<|turn>", "<turn|>")}
 # The package's roles (see formats.ROLES) → Gemma's.
-GEMMA_ROLES = {"user": "user", "assistant": "model"}
+GEMMA_ROLES = {"user": "user", "assistant": "model", "system": "system"}
+
+
+def format_of(tokenizer):
+    """The chat format a tokenizer's model was tuned on: "gemma4" for a Gemma4Tokenizer, else "gemma" (Gemma 1-3)."""
+    return GEMMA4 if type(tokenizer).__name__ == "Gemma4Tokenizer" else GEMMA
+
+
+def describe(fmt):
+    """One phrase naming a format's turns and its end-of-turn marker, for the run's output."""
+    start, end = TURN_MARKERS[fmt]
+    name = "Gemma 4's chat format" if fmt == GEMMA4 else "Gemma's chat format"
+    system = ", a system turn first" if fmt == GEMMA4 else ""
+    return f"{name}: {start}user / model turns{system}, loss on each model turn and its {end}, answers stop at {end}"
 
 
 @dataclass(frozen=True)
@@ -52,33 +85,47 @@ class Markers:
     eos: int
     start_of_turn: int
     end_of_turn: int
+    format: str = GEMMA
 
     @property
     def stop_ids(self):
-        """What ends a model turn in generation: `<end_of_turn>`, and `<eos>` should the model write that."""
+        """What ends a model turn in generation: the end-of-turn marker, and `<eos>` should the model write that."""
         return [self.end_of_turn, self.eos]
+
+    @property
+    def end_of_turn_token(self):
+        """The end-of-turn marker as text: `<end_of_turn>`, or Gemma 4's `<turn|>`."""
+        return TURN_MARKERS[self.format][1]
+
+    @property
+    def system_role(self):
+        """Gemma 4 writes a system message as its own turn; Gemma 1-3 lead the first user turn with it."""
+        return self.format == GEMMA4
 
 
 def markers(tokenizer):
-    """The chat format's token ids in `tokenizer`, each checked to be one token of the vocabulary.
+    """The chat format's token ids in `tokenizer` (its format: `format_of`), each checked to be one token of the vocabulary.
 
     Raises:
         ConfigError: the vocabulary has no single token for a marker (it is
             not a Gemma vocabulary).
     """
+    fmt = format_of(tokenizer)
     ids = {}
-    for name in (START_OF_TURN, END_OF_TURN):
+    for name in TURN_MARKERS[fmt]:
         token_id = tokenizer.token_to_id(name)
         # SentencePiece answers an unknown piece with <unk>'s id.
         if token_id is None or tokenizer.id_to_token(int(token_id)) != name:
             pieces = len(list(tokenizer([name])[0]))
+            which = "Gemma 4 vocabularies have" if fmt == GEMMA4 else "Gemma 1, 2 and 3 vocabularies have"
             raise ConfigError(
                 f"The tokenizer has no single token for {name} (written as text it splits into {pieces} pieces), "
-                "so it cannot hold Gemma's chat format. Use a Gemma preset (Gemma 1, 2 and 3 vocabularies have "
-                "the turn markers), or train without --chat."
+                f"so it cannot hold {'Gemma 4' if fmt == GEMMA4 else 'Gemma'}'s chat format. Use a Gemma preset "
+                f"({which} the turn markers), or train without --chat."
             )
         ids[name] = int(token_id)
-    return Markers(int(tokenizer.start_token_id), int(tokenizer.end_token_id), ids[START_OF_TURN], ids[END_OF_TURN])
+    start, end = TURN_MARKERS[fmt]
+    return Markers(int(tokenizer.start_token_id), int(tokenizer.end_token_id), ids[start], ids[end], fmt)
 
 
 def uses_chat(config, examples=()):
@@ -129,13 +176,14 @@ def _article(role):
     return "an" if role == "assistant" else "a"
 
 
-def gemma_turns(example):
-    """An example's turns as Gemma reads them: [("user" | "model", text)], alternating, ending with the model.
+def gemma_turns(example, system_role=False):
+    """An example's turns as Gemma reads them: [(role, text)], user and model alternating, ending with the model.
 
     A conversation's turns, with a system message leading the first user
-    turn; any other example is one exchange: its prompt (the instruction,
-    with a context after a blank line; a completion's prompt as written) and
-    its response.
+    turn (Gemma 1-3), or, with `system_role` (Gemma 4), as a ("system", text)
+    turn of its own before it; any other example is one exchange: its prompt
+    (the instruction, with a context after a blank line; a completion's
+    prompt as written) and its response.
 
     Raises:
         DataError: a conversation that `conversation_problem` refuses, or a
@@ -148,10 +196,12 @@ def gemma_turns(example):
         turns = list(example.conversation)
         system = ""
         if turns[0][0] == "system":
-            (_, text), *turns = turns
-            system = f"{text}\n\n" if text.strip() else ""
+            (_, system), *turns = turns
         gemma = [(GEMMA_ROLES[role], content.strip()) for role, content in turns]
-        gemma[0] = ("user", system + gemma[0][1])
+        if system.strip() and system_role:
+            return [("system", system.strip()), *gemma]
+        if system.strip():
+            gemma[0] = ("user", f"{system}\n\n{gemma[0][1]}")
         return gemma
     if example.prompt == "":
         raise DataError(
@@ -191,7 +241,7 @@ def encode(examples, tokenizer, marks, response_only=True):
     Raises:
         DataError: as `gemma_turns`.
     """
-    plans = [_row_plan(gemma_turns(e), marks) for e in examples]
+    plans = [_row_plan(gemma_turns(e, marks.system_role), marks) for e in examples]
     out = []
     for plan, pieces in zip(plans, _tokenized(tokenizer, plans)):
         ids, weights, ends = [marks.bos], [], []
@@ -212,7 +262,10 @@ def prompt_ids(examples, tokenizer, marks):
     """
     plans = []
     for example in examples:
-        turns = [("user", example.strip()), ("model", "")] if isinstance(example, str) else gemma_turns(example)
+        if isinstance(example, str):
+            turns = [("user", example.strip()), ("model", "")]
+        else:
+            turns = gemma_turns(example, marks.system_role)
         plans.append(_row_plan(turns, marks)[:-2])  # everything before the last answer and its <end_of_turn>
     return [[marks.bos, *(t for piece in pieces for t in piece)] for pieces in _tokenized(tokenizer, plans)]
 
@@ -223,8 +276,9 @@ def _row_plan(turns, marks):
     for index, (role, text) in enumerate(turns):
         if index:
             plan.append(("\n", False, False))  # Gemma's line break after each <end_of_turn>
-        if role == "user":
-            plan += [(marks.start_of_turn, False, False), (f"user\n{text}", False, False), (marks.end_of_turn, False, False)]
+        if role in ("user", "system"):
+            plan += [(marks.start_of_turn, False, False), (f"{role}\n{text}", False, False),
+                     (marks.end_of_turn, False, False)]
         else:
             # The header apart from the answer: generation is given the header and writes the answer.
             plan += [(marks.start_of_turn, False, False), ("model\n", False, False), (text, True, False),

@@ -48,7 +48,18 @@ GEMMA_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
-CHAT_TEMPLATES = {"gemma": GEMMA_CHAT_TEMPLATE}
+# Gemma 4's turns, with its own system turn (data/chat.py): an empty system message writes none.
+GEMMA4_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{% if role != 'system' or message['content'] | trim %}"
+    "<|turn>{{ role }}\n{{ message['content'] | trim }}<turn|>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|turn>model\n{% endif %}"
+)
+CHAT_TEMPLATES = {"gemma": GEMMA_CHAT_TEMPLATE, "gemma4": GEMMA4_CHAT_TEMPLATE}
 # The same turns in Ollama's Go template language, and the marker that ends a turn.
 OLLAMA_CHAT = {
     "gemma": (
@@ -56,6 +67,12 @@ OLLAMA_CHAT = {
         "{{- range .Messages }}<start_of_turn>{{ if eq .Role \"assistant\" }}model{{ else }}user{{ end }}\n"
         "{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n",
         "<end_of_turn>",
+    ),
+    "gemma4": (
+        # Gemma 4 has a system role: each message is a turn of its own role.
+        "{{- range .Messages }}<|turn>{{ if eq .Role \"assistant\" }}model{{ else }}{{ .Role }}{{ end }}\n"
+        "{{ .Content }}<turn|>\n{{ end }}<|turn>model\n",
+        "<turn|>",
     ),
 }
 

@@ -1,4 +1,4 @@
-"""Export a merged Gemma, Gemma 2 or Gemma 3 (text) model as one GGUF file for llama.cpp and Ollama.
+"""Export a merged Gemma, Gemma 2, Gemma 3 or Gemma 4 (text) model as one GGUF file for llama.cpp and Ollama.
 
     gemma-lora export runs/<run>/adapter.lora.h5 model.gguf --to gguf --gguf-type q8_0
     llama-cli -m model.gguf -p "..."          # or: ollama create mine -f model.Modelfile
@@ -13,6 +13,13 @@ llama.cpp's key names. `general.*` names the base and the adapter. Matrices
 take the asked type (`gguf.quants.quantize` for bf16 and q8_0), norms stay
 float32 as in llama.cpp's own files. A `<stem>.Modelfile` for Ollama is
 written beside the file, with the prompt template the adapter was trained on.
+
+Gemma 4 (`gemma4_gguf.py`) is written as llama.cpp's converter writes a
+Gemma4ForCausalLM checkpoint: the transformers tensors the package exports
+(checked against transformers' logits), renamed by gguf-py's own tensor map
+for `gemma4`, with its hyper-parameters (per-layer KV heads and the sliding
+pattern as arrays, the global and sliding head widths and RoPE bases) and
+its `rope_freqs` tensor for the partial RoPE of global layers.
 """
 
 from pathlib import Path
@@ -23,10 +30,12 @@ from gemma_lora.errors import ExportError
 from gemma_lora.export import (
     CHAT_TEMPLATES, GGUF_TYPES, OLLAMA_CHAT, Provenance, check_new, check_plain, gemma2_features, query_scale_width,
 )
+from gemma_lora.gemma4 import TURN_MARKERS as GEMMA4_TURN_TOKENS
 from gemma_lora.gguf_import import SPIECE_SPACE, TO_GGUF, TURN_TOKENS, tensor_layout
 from gemma_lora.io import atomic_path, write_text_atomic
 
-ARCHITECTURES = {"GemmaBackbone": "gemma", "Gemma3Backbone": "gemma3"}  # a GemmaBackbone may be gemma2
+ARCHITECTURES = {"GemmaBackbone": "gemma", "Gemma3Backbone": "gemma3",  # a GemmaBackbone may be gemma2
+                 "Gemma4Backbone": "gemma4"}
 # Neither backbone records a context length; these are the shortest of each
 # family (Gemma and Gemma 2: 8K; Gemma 3 270M and 1B: 32K), so no size is over-promised.
 CONTEXT_LENGTH = {"gemma": 8192, "gemma2": 8192, "gemma3": 32768}
@@ -104,6 +113,10 @@ def refusal(backbone):
         return (f"gemma-lora cannot write a {name} as GGUF; it writes {', '.join(ARCHITECTURES)} "
                 "(llama.cpp's gemma, gemma2, gemma3).")
     arch = gguf_architecture(backbone)
+    if arch == "gemma4":
+        from gemma_lora.export.gemma4_gguf import refusal as gemma4_refusal
+
+        return gemma4_refusal(backbone)
     if arch == "gemma":
         if query_scale_width(backbone) != backbone.head_dim:
             return "This GemmaBackbone scales queries by hidden/heads; llama.cpp's Gemma scales them by head_dim."
@@ -150,11 +163,18 @@ def write_gguf(causal_lm, path, gguf_type, provenance):
     tensor_type, file_type = GGUF_TYPES[gguf_type]
     writer = gguf.GGUFWriter(str(path), arch)
     write_general(writer, provenance, getattr(gguf.LlamaFileType, file_type))
-    write_hyperparameters(writer, backbone, arch)
+    if arch == "gemma4":
+        from gemma_lora.export import gemma4_gguf
+
+        gemma4_gguf.write_hyperparameters(writer, backbone)
+        layout = gemma4_gguf.tensors(backbone)
+    else:
+        write_hyperparameters(writer, backbone, arch)
+        layout = ((name, TO_GGUF[kind](np.asarray(variable, dtype=np.float32)))
+                  for name, variable, kind in tensor_layout(backbone))
     tokens = write_vocabulary(writer, causal_lm.preprocessor.tokenizer.proto, provenance)
     qtype = getattr(gguf.GGMLQuantizationType, tensor_type)
-    for name, variable, layout in tensor_layout(backbone):
-        array = TO_GGUF[layout](np.asarray(variable, dtype=np.float32))
+    for name, array in layout:
         if name == "token_embd.weight":
             array = embedding_rows(array, tokens)
         data, raw_dtype = encode(np.ascontiguousarray(array), qtype)
@@ -251,7 +271,7 @@ def vocabulary(proto):
     for piece in proto.pieces:
         kind = spm_pb2.ModelProto.SentencePiece.Type.Name(piece.type)
         text = piece.piece
-        if kind == "UNKNOWN" or text in TURN_TOKENS:
+        if kind == "UNKNOWN" or text in TURN_TOKENS + GEMMA4_TURN_TOKENS:
             kind = "CONTROL"
         elif kind == "USER_DEFINED":
             text = text.replace(SPIECE_SPACE, " ")

@@ -22,9 +22,20 @@ most tensors; where it is wrong, this module corrects it or refuses:
   written here as `Gemma2ForCausalLM` (model type gemma2: both soft caps,
   the four norms of each layer, every KV head, the query scale the Keras model
   uses, the sliding window and which layers slide);
-- shapes transformers' Gemma2ForCausalLM or Gemma3ForCausalLM cannot
-  express are refused, as is every other architecture (no logit test here
-  covers them).
+- its Gemma 4 config leaves out `attention_k_eq_v`, so transformers gives
+  the global layers of a K = V model (gemma4_31b, gemma4_26b_a4b) a value
+  projection and as many KV heads as the sliding ones, and refuses the
+  checkpoint; it names the architecture Gemma4TextForCausalLM, which
+  transformers does not have; and its RoPE parameters name no rope_type,
+  so transformers rotates the global layers' partial share of each head
+  with frequencies of that width instead of the whole head's ("proportional"):
+  all three are set here (Gemma4ForCausalLM, model type gemma4_text: text
+  only, as the package trains it);
+- shapes transformers' Gemma2ForCausalLM, Gemma3ForCausalLM or
+  Gemma4ForCausalLM cannot express are refused (for Gemma 4: an attention
+  soft cap, which its text attention does not apply; a last layer that
+  slides, which it makes global; RoPE scaling factors, which it does not
+  read), as is every other architecture (no logit test here covers them).
 The weights come from the model's variables as they are, so a model with
 LoRA still attached or quantized weights is refused (see export.check_plain).
 """
@@ -39,8 +50,9 @@ from gemma_lora.export import check_new, check_plain, gemma2_features, query_sca
 from gemma_lora.io import atomic_dir
 
 # Backbones whose export is checked against transformers' logits (tests/test_export.py).
-SUPPORTED = ("Gemma3Backbone", "GemmaBackbone")
-ARCHITECTURES = {"GemmaBackbone": "GemmaForCausalLM", "Gemma3Backbone": "Gemma3ForCausalLM"}
+SUPPORTED = ("Gemma3Backbone", "GemmaBackbone", "Gemma4Backbone")
+ARCHITECTURES = {"GemmaBackbone": "GemmaForCausalLM", "Gemma3Backbone": "Gemma3ForCausalLM",
+                 "Gemma4Backbone": "Gemma4ForCausalLM"}
 GEMMA2_ARCHITECTURE = "Gemma2ForCausalLM"  # a GemmaBackbone with Gemma 2's features
 # KerasHub's Gemma (1) map names the pre-FFW norm `post_attention_layernorm`
 # (Gemma 1's name for it); transformers' Gemma 2 has four norms per layer.
@@ -82,6 +94,8 @@ def refusal(backbone):
         if not gemma2 and query_scale_width(backbone) != backbone.head_dim:
             return "This GemmaBackbone scales queries by hidden/heads; transformers' Gemma scales them by head_dim."
         return None
+    if name == "Gemma4Backbone":
+        return gemma4_refusal(backbone)
     missing = [
         what for what, on in (
             ("query/key norms", backbone.use_query_key_norm),
@@ -98,6 +112,29 @@ def refusal(backbone):
         )
     if getattr(backbone, "is_embedding_model", False):
         return "This Gemma3Backbone is an embedding model, not a causal LM."
+    return None
+
+
+def gemma4_refusal(backbone):
+    """Why a Gemma4Backbone cannot be written as transformers' Gemma4ForCausalLM, or None."""
+    problems = []
+    if not backbone.text_only_model:
+        problems.append("it has a vision or audio encoder (the package exports the text stack it trains)")
+    if backbone.attention_logit_soft_cap is not None:
+        problems.append(f"it soft-caps attention logits ({backbone.attention_logit_soft_cap:g}), which transformers' "
+                        "Gemma 4 text attention does not")
+    if backbone.layer_types and backbone.layer_types[-1] != "full_attention":
+        problems.append("its last layer slides, and transformers' Gemma 4 makes the last layer global")
+    if backbone.local_rope_scaling_factor != 1.0 or backbone.global_rope_scaling_factor != 1.0:
+        problems.append("it scales RoPE positions, which KerasHub's exporter does not write")
+    if backbone.num_kv_shared_layers and not backbone.hidden_size_per_layer_input:
+        # transformers 5.x slices per-layer inputs for KV-shared layers unconditionally (Gemma 4 E2B/E4B have both).
+        problems.append("it shares keys and values across layers without per-layer inputs, which transformers' "
+                        "Gemma 4 cannot run")
+    if backbone.is_embedding_model or backbone.use_bidirectional_attention:
+        problems.append("it is an embedding model, not a causal LM")
+    if problems:
+        return "This Gemma 4 cannot be written as transformers' Gemma4ForCausalLM: " + "; ".join(problems) + "."
     return None
 
 
@@ -153,13 +190,22 @@ def hf_config(backbone, tokenizer=None):
     name = type(backbone).__name__
     config = hf_exporter.MODEL_CONFIGS[name](backbone)
     config["architectures"] = [ARCHITECTURES[name]]
+    if name == "Gemma4Backbone":
+        # KerasHub's global layers take K = V exactly when num_global_key_value_heads is set.
+        config["attention_k_eq_v"] = backbone.num_global_key_value_heads is not None
+        # Without a rope_type transformers reads partial_rotary_factor as "rotate that share of the head
+        # with frequencies of that width"; KerasHub's (and Google's) is "proportional": the frequencies of
+        # the whole head, the rest not rotated.
+        rope = config["rope_parameters"]
+        rope["full_attention"]["rope_type"] = "proportional"
+        rope["sliding_attention"]["rope_type"] = "default"
     config["rms_norm_eps"] = backbone.layer_norm_epsilon
     if name == "Gemma3Backbone":
         config["attn_logit_softcapping"] = backbone.attention_logit_soft_cap
         config["final_logit_softcapping"] = backbone.final_logit_soft_cap
         # KerasHub writes the backbone's setting (hidden/heads for gemma3_27b), not what its attention computes.
         config["query_pre_attn_scalar"] = query_scale_width(backbone)
-    elif gemma2_features(backbone):
+    elif name == "GemmaBackbone" and gemma2_features(backbone):
         config.update(gemma2_config(backbone))
     if tokenizer is not None:
         # The ids of this vocabulary (KerasHub's Gemma 3 config hard-codes
@@ -199,6 +245,8 @@ def hf_weights(backbone):
 
     weights = hf_exporter.MODEL_EXPORTERS[type(backbone).__name__](backbone, include_lm_head=True)
     weights = {name: np.asarray(tensor) for name, tensor in weights.items()}
+    if type(backbone).__name__ == "Gemma4Backbone":
+        return weights  # KerasHub's Gemma 4 map writes every head (checked by transformers' logits)
     gemma2 = type(backbone).__name__ == "GemmaBackbone" and bool(gemma2_features(backbone))
     for i, block in enumerate(backbone.transformer_layers):
         attention = block.attention
@@ -234,6 +282,8 @@ def hf_module_paths(backbone):
         attention = block.attention
         for layer in (attention.query_dense, attention.key_dense, attention.value_dense, attention.output_dense,
                       block.gating_ffw, block.gating_ffw_2, block.ffw_linear):
+            if layer is None:  # a Gemma 4 K = V layer has no value projection
+                continue
             if layer.name not in HF_MODULES:
                 raise ExportError(f"Unexpected layer {layer.path} in {type(backbone).__name__}; cannot map it to transformers.")
             paths[id(layer)] = f"model.layers.{i}.{HF_MODULES[layer.name][0]}"

@@ -121,6 +121,7 @@ def adapter_tensors(causal_lm, layers):
     paths = hf_module_paths(causal_lm.backbone)
     rank, alpha = layers[0].lora_rank, float(layers[0].lora_alpha)
     tensors, rank_pattern, alpha_pattern, targets = {}, {}, {}, set()
+    ranks = {}  # module -> {layer path: rank}: Gemma 4's global layers have their own KV heads
     for layer in layers:
         if id(layer) not in paths:
             raise ExportError(
@@ -137,10 +138,15 @@ def adapter_tensors(causal_lm, layers):
         tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(lora_a)
         tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(lora_b)
         targets.add(module.split(".")[-1])
-        module_rank = lora_a.shape[0]
-        if module_rank != rank:
-            rank_pattern[module] = module_rank
-            alpha_pattern[module] = alpha * module_rank / rank  # so alpha/rank stays the package's alpha/r
+        ranks.setdefault(module, {})[paths[id(layer)]] = lora_a.shape[0]
+    for module, by_layer in ranks.items():
+        # One key per module where every layer has one rank; else one per layer (PEFT matches a key
+        # against the end of each module's path).
+        keys = {module: next(iter(by_layer.values()))} if len(set(by_layer.values())) == 1 else by_layer
+        for key, module_rank in keys.items():
+            if module_rank != rank:
+                rank_pattern[key] = module_rank
+                alpha_pattern[key] = alpha * module_rank / rank  # so alpha/rank stays the package's alpha/r
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
