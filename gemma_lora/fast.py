@@ -287,23 +287,11 @@ def architecture(backbone):
             f"The fast path implements Gemma 1, 2 and 3 (text) only; this {kind} sets "
             f"{sorted(used)}. Train it with the Keras path instead."
         )
-    attention_cap = caps.pop()
-    final_cap = backbone.token_embedding.logit_soft_cap
-    fields = dict(
-        vocabulary_size=backbone.vocabulary_size,
-        num_layers=backbone.num_layers,
-        num_query_heads=backbone.num_query_heads,
-        num_key_value_heads=backbone.num_key_value_heads,
-        hidden_dim=backbone.hidden_dim,
-        head_dim=backbone.head_dim,
-        # Each GeGLU half: intermediate_dim // 2 in Gemma 1 and 2, intermediate_dim in Gemma 3.
-        ffw_dim=int(_base_kernel(blocks[0].gating_ffw).shape[-1]),
-        layer_norm_epsilon=float(backbone.layer_norm_epsilon),
+    fields = _shared_fields(backbone, caps.pop())
+    fields.update(
         query_head_dim_normalize=bool(blocks[0].attention.query_head_dim_normalize),
         post_attention_norm=bool(backbone.use_post_attention_norm),
         post_ffw_norm=bool(backbone.use_post_ffw_norm),
-        attention_logit_soft_cap=None if attention_cap is None else float(attention_cap),
-        final_logit_soft_cap=None if final_cap is None else float(final_cap),
     )
     if kind == "Gemma3Backbone":
         fields.update(
@@ -331,6 +319,24 @@ def architecture(backbone):
     return fields
 
 
+def _shared_fields(backbone, attention_cap):
+    """The FastConfig fields every Gemma backbone gives the same way: sizes, epsilon, soft caps."""
+    final_cap = backbone.token_embedding.logit_soft_cap
+    return dict(
+        vocabulary_size=backbone.vocabulary_size,
+        num_layers=backbone.num_layers,
+        num_query_heads=backbone.num_query_heads,
+        num_key_value_heads=backbone.num_key_value_heads,
+        hidden_dim=backbone.hidden_dim,
+        head_dim=backbone.head_dim,
+        # Each GeGLU half: intermediate_dim // 2 in Gemma 1 and 2, intermediate_dim in Gemma 3 and 4.
+        ffw_dim=int(_base_kernel(backbone.transformer_layers[0].gating_ffw).shape[-1]),
+        layer_norm_epsilon=float(backbone.layer_norm_epsilon),
+        attention_logit_soft_cap=None if attention_cap is None else float(attention_cap),
+        final_logit_soft_cap=None if final_cap is None else float(final_cap),
+    )
+
+
 def _gemma4_architecture(backbone):
     """`architecture` of a Gemma4Backbone: its dense text stack, or one ConfigError naming what it cannot run."""
     blocks = backbone.transformer_layers
@@ -352,22 +358,11 @@ def _gemma4_architecture(backbone):
             f"The fast path implements Gemma 4's dense text stack only; this Gemma4Backbone sets {', '.join(used)}. "
             "Train it with --engine keras."
         )
-    attention_cap = blocks[0].attention.logit_soft_cap
-    final_cap = backbone.token_embedding.logit_soft_cap
     return dict(
-        vocabulary_size=backbone.vocabulary_size,
-        num_layers=backbone.num_layers,
-        num_query_heads=backbone.num_query_heads,
-        num_key_value_heads=backbone.num_key_value_heads,
-        hidden_dim=backbone.hidden_dim,
-        head_dim=backbone.head_dim,
-        ffw_dim=int(_base_kernel(blocks[0].gating_ffw).shape[-1]),
-        layer_norm_epsilon=float(backbone.layer_norm_epsilon),
+        _shared_fields(backbone, blocks[0].attention.logit_soft_cap),
         query_key_norm=True,
         post_attention_norm=True,
         post_ffw_norm=True,
-        attention_logit_soft_cap=None if attention_cap is None else float(attention_cap),
-        final_logit_soft_cap=None if final_cap is None else float(final_cap),
         norm_offset=0.0,
         value_norm=True,
         query_scale=1.0,  # Gemma4TextAttention: "scaling = 1.0"
