@@ -1,5 +1,6 @@
 """Data: JSONL errors with line numbers, filter, splits, masks, KerasHub-equal recipe rows."""
 
+import dataclasses
 import gzip
 import json
 
@@ -69,7 +70,8 @@ def test_data_empty_after_filtering(tmp_path, make_config):
 def test_too_few_rows_for_validation(tmp_path, make_config):
     path = write_jsonl(tmp_path / "two.jsonl", [{"instruction": "a", "response": "b"}] * 2)
     config = make_config(data=str(path), limit=10, validation_rows=5)
-    with pytest.raises(DataError, match="too few to hold out validation_rows=5"):
+    with pytest.raises(DataError, match=r"Only 2 rows to split into training, validation_rows=5 and test_rows=\d+: "
+                                        r"at least \d+ are needed\. Lower validation_rows or test_rows"):
         data.split(data.load_examples(config), config)
 
 
@@ -187,8 +189,8 @@ def test_the_shipped_category_task_is_what_its_script_builds(make_config):
     config = make_config(data="dolly-category", limit=1000, validation_rows=100, test_rows=1000)
     dataset = data.read_dataset(config)
     assert dataset.format == "completion" and [e.response for e in dataset.examples] == categories
-    test = data.split(dataset.examples, config).test
-    assert {e.response for e in test[:68]} == set(script.CATEGORIES)  # the default test rows hold all 8 labels
+    test = data.split(dataset.examples, dataclasses.replace(config, test_rows=68)).test
+    assert {e.response for e in test} == set(script.CATEGORIES)  # the default test rows hold all 8 labels
     assert all(e.prompt.endswith("Category:\n") for e in dataset.examples)
 
 
@@ -201,3 +203,23 @@ def test_exact_match_scores_a_known_toy_case():
     samples = [Sample(e.instruction, a, True, None, 3) for e, a in zip(examples, answers)]
     assert exact_match(samples, examples) == 2 / 3
     assert exact_match(samples[1:2], examples[1:2]) == 0.0
+
+
+def test_a_small_file_gets_every_split_it_asks_for(tmp_path, make_config):
+    path = write_jsonl(tmp_path / "own.jsonl", [{"instruction": f"Q{i}?", "response": f"A{i}."} for i in range(31)])
+    config = make_config(data=str(path), limit=1000, validation_rows=4, test_rows=4)
+    examples = data.load_examples(config)
+    splits = data.split(examples, config)
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (23, 4, 4)
+    assert splits.train + splits.validation + splits.test == examples  # contiguous, in file order
+    with pytest.raises(DataError, match="Only 31 rows to split .* at least 33 are needed"):
+        data.split(examples, make_config(data=str(path), limit=1000, validation_rows=16, test_rows=16))
+
+
+def test_a_file_with_enough_rows_keeps_todays_splits(make_config):
+    config = make_config(limit=1000, validation_rows=20, test_rows=20)
+    examples = data.load_examples(config)
+    splits = data.split(examples, config)
+    # The rows the demo has always used: train [0, 980), validation [980, 1000), test [1000, 1020).
+    assert splits.train == examples[:980] and splits.validation == examples[980:1000]
+    assert splits.test == examples[1000:1020]

@@ -11,6 +11,11 @@ With the defaults on the shipped sample (1,068 rows without context) that is
 900 train / 100 validation / 68 test; the recipe trains on all first 1,000.
 The test rows are the same in the shipped sample and the full Dolly file,
 which starts with the same records. Reading stops once every split is filled.
+
+A file with fewer than `limit + test_rows` rows still gets its held-out
+splits: the test rows are its last `test_rows`, the validation rows the
+`validation_rows` before them, and the rest trains (a 31-row file with 4 and
+4 gives 23 / 4 / 4). The splits stay contiguous and in file order either way.
 """
 
 import hashlib
@@ -45,6 +50,7 @@ class Dataset:
     context_dropped: int = 0  # records with a context (dolly) or input (alpaca) left out
     bad_rows: int = 0  # records that did not fit their format, left out (skip_bad_rows)
     first_bad: str | None = None  # the first one's error
+    places: list = field(default_factory=list)  # where each example was read ("data.jsonl:12"), for messages
 
     def describe(self):
         """One line: what was read, in which format, and what was left out."""
@@ -84,7 +90,7 @@ def read_dataset(config, path=None):
     if fmt:
         check_fields(fmt, fields, "given with --data-format")
     wanted = config.limit + config.test_rows
-    examples, read, dropped, bad, first_bad = [], 0, 0, 0, None
+    examples, places, read, dropped, bad, first_bad = [], [], 0, 0, 0, None
     records = read_records(source, split)
     try:
         for where, record in records:
@@ -108,6 +114,7 @@ def read_dataset(config, path=None):
                 dropped += 1
                 continue
             examples.append(example)
+            places.append(where)
             if len(examples) >= wanted:
                 break
     finally:
@@ -128,7 +135,7 @@ def read_dataset(config, path=None):
         )
     return Dataset(
         examples, config.data, source.location, source.kind, fmt, config.data_format == "auto",
-        fields, split, read, dropped, bad, first_bad,
+        fields, split, read, dropped, bad, first_bad, places,
     )
 
 
@@ -142,20 +149,27 @@ def load_examples(config, path=None):
 
 
 def split(examples, config):
-    """Cut examples into the fixed train / validation / test splits (see module doc)."""
-    pool = examples[: config.limit]
-    n_val = config.validation_rows if len(pool) > config.validation_rows else 0
-    if config.validation_rows and not n_val:
+    """Cut examples into the fixed train / validation / test splits (see module doc).
+
+    Raises:
+        DataError: too few rows for every split asked for.
+    """
+    held_out = config.validation_rows + config.test_rows
+    if len(examples) >= config.limit + config.test_rows:
+        # Enough rows: the test rows follow the training pool.
+        pool, test = examples[: config.limit], examples[config.limit : config.limit + config.test_rows]
+    elif len(examples) > held_out:
+        # Fewer: hold the test rows out of the end first, so every split exists.
+        cut = len(examples) - config.test_rows
+        pool, test = examples[:cut], examples[cut:]
+    else:
         raise DataError(
-            f"Only {len(pool)} rows to train on, too few to hold out validation_rows="
-            f"{config.validation_rows}. Lower validation_rows or use more data."
+            f"Only {len(examples)} rows to split into training, validation_rows={config.validation_rows} and "
+            f"test_rows={config.test_rows}: at least {held_out + 1} are needed. Lower validation_rows or test_rows, "
+            "or use more data."
         )
-    cut = len(pool) - n_val
-    return Splits(
-        train=pool[:cut],
-        validation=pool[cut:],
-        test=examples[config.limit : config.limit + config.test_rows],
-    )
+    cut = len(pool) - config.validation_rows
+    return Splits(train=pool[:cut], validation=pool[cut:], test=test)
 
 
 def fingerprint(examples):
