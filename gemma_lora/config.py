@@ -54,6 +54,7 @@ FORMAT_FIELD_NAMES = {
     "text": ("text",),
 }
 METRICS = ("exact_match",)
+MARKER_TEXT = ("keep", "error")
 DISTRIBUTIONS = ("auto", "none", "data", "model")
 
 
@@ -141,6 +142,13 @@ class TrainConfig:
         "with the user, an unknown role, ...) and count them, instead of stopping at the first. A file or line "
         "that cannot be read still stops the run.",
         default=False,
+    )
+    marker_text: str = _help(
+        "keep | error: what to do with data whose text holds a control token of the tokenizer written as text "
+        "(<start_of_turn>, <end_of_turn>, Gemma 4's <|turn>, ...). keep: train it as the plain text it is (it never "
+        "becomes a turn boundary or any other control token) and count the rows; error: refuse the data, naming the "
+        "first such row and the token.",
+        default="keep",
     )
     chat: bool | None = _help(
         "Gemma's chat format: each example as <start_of_turn>user / <start_of_turn>model turns (a system "
@@ -506,6 +514,10 @@ def validate(config):
         not (c.chat and c.data_format == "text"),
         "chat=True writes prompts and answers as turns, and text data has neither; drop --chat or choose "
         "another data_format.",
+    )
+    need(
+        c.marker_text in MARKER_TEXT,
+        f"marker_text={c.marker_text!r} must be one of {', '.join(MARKER_TEXT)}.",
     )
     need(
         c.metric is None or c.metric in METRICS,

@@ -508,11 +508,36 @@ def _prepare(config, echo):
         name: data.tokenize_rows(getattr(splits, name), tokenizer, config)
         for name in ("train", "validation", "test")
     }
+    refuse_marker_text(rows, dataset, config)
     data_stats = describe_data(rows, config)
     data_stats["source"] = data.splits_record(dataset, splits)
+    data_stats["source"]["marker_text_rows"] = {name: len(r.marker_text) for name, r in rows.items()}
     for line in data_stats["lines"]:
         echo(line)
     return config, causal_lm, parameters, splits, rows, data_stats, precision
+
+
+def refuse_marker_text(rows, dataset, config):
+    """With marker_text="error", raise DataError naming the first row whose text holds a control token.
+
+    Rows are counted in the order read (train, validation, test follow each
+    other), so `dataset.places` names the record in its file.
+    """
+    from gemma_lora.errors import DataError
+
+    if config.marker_text != "error":
+        return
+    offset = 0
+    for name in ("train", "validation", "test"):
+        if rows[name].marker_text:
+            row, marker = rows[name].marker_text[0]
+            place = dataset.places[offset + row] if offset + row < len(dataset.places) else f"{name} row {row}"
+            raise DataError(
+                f"{place}: the text holds {marker!r}, a control token of the tokenizer, written as text "
+                f"(marker_text=error; {sum(len(r.marker_text) for r in rows.values())} rows hold such text). "
+                "Remove it from the data, or drop --marker-text error to train it as plain text."
+            )
+        offset += len(rows[name])
 
 
 def resolve_chat(config, data_format, preset_dir=None):
@@ -581,9 +606,18 @@ def describe_data(rows, config):
         )
         + (f"; {lossless} of them kept no loss token (the cut fell before the response)" if lossless else ""),
     ]
+    marked = {name: len(r.marker_text) for name, r in rows.items()}
+    if any(marked.values()):
+        example = next(r.marker_text[0][1] for r in rows.values() if r.marker_text)
+        lines.append(
+            "marker text: " + ", ".join(f"{name} {n} rows" for name, n in marked.items())
+            + f" hold a control token written as text (e.g. {example!r}); it is trained as the plain text it is, "
+            "never as the token (--marker-text error refuses such data)"
+        )
     return {
         "rows": {name: len(r) for name, r in rows.items()},
         "truncated": {name: r.truncated for name, r in rows.items()},
+        "marker_text": marked,
         "turns_cut": {name: r.turns_cut for name, r in rows.items()},
         "real_token_fraction": train_rows.real_tokens / positions,
         "loss_tokens": train_rows.loss_tokens,

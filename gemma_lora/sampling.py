@@ -19,7 +19,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from gemma_lora import decode, hosts, runtime
-from gemma_lora.data import Example, chat, prompt_text
+from gemma_lora.data import Example, chat
+from gemma_lora.data.control_tokens import encoder
+from gemma_lora.data.tokenize import prompt_parts
 from gemma_lora.progress import Progress
 
 runtime.ensure_runtime()
@@ -71,7 +73,7 @@ def generate(causal_lm, instructions, config, batch_size=SLOTS, label=None):
         causal_lm: a KerasHub CausalLM with a preprocessor (for its tokenizer).
         instructions: list of str (templated as instructions, or a user turn
             with the chat format), or of `data.Example`s, answered from their
-            whole prompt (`prompt_text`: the context, or a completion's prompt
+            whole prompt (`data.prompt_text`: the context, or a completion's prompt
             as written; with the chat format, a conversation's turns before
             its last answer).
         config: a `TrainConfig` (chat, template, sampler, top_k, seed,
@@ -86,16 +88,7 @@ def generate(causal_lm, instructions, config, batch_size=SLOTS, label=None):
     tokenizer = causal_lm.preprocessor.tokenizer
     examples = [i if isinstance(i, Example) else Example(i, "") for i in instructions]
     chat_format = chat.uses_chat(config, examples)
-    if chat_format:
-        marks = chat.markers(tokenizer)
-        stop_ids = marks.stop_ids
-        prompts = chat.prompt_ids(examples, tokenizer, marks)
-    else:
-        stop_ids = [tokenizer.end_token_id]
-        prompts = [
-            [tokenizer.start_token_id, *map(int, ids)]
-            for ids in _tokenize(tokenizer, [prompt_text(e, config) for e in examples])
-        ]
+    prompts, stop_ids = prompt_ids(tokenizer, examples, config)
     stop_strings = config.resolved_stop_strings(chat_format)
     progress = Progress(len(prompts), label, unit="row", enabled=bool(label and prompts))
 
@@ -115,6 +108,19 @@ def generate(causal_lm, instructions, config, batch_size=SLOTS, label=None):
     return [_sample(tokenizer, e.instruction, new, config, stop_ids, stop_strings) for e, new in zip(examples, outputs)]
 
 
+def prompt_ids(tokenizer, examples, config):
+    """(token ids of each example's prompt, the ids that end an answer) for the template or the chat format.
+
+    A prompt is text: a control token written in it (`<end_of_turn>`, ...)
+    stays text and cannot end its turn early (control_tokens.py).
+    """
+    if chat.uses_chat(config, examples):
+        marks = chat.markers(tokenizer)
+        return chat.prompt_ids(examples, tokenizer, marks), marks.stop_ids
+    prompts = encoder(tokenizer).encode([prompt_parts(e, config) for e in examples])
+    return [[tokenizer.start_token_id, *ids] for ids in prompts], [tokenizer.end_token_id]
+
+
 def _sample(tokenizer, instruction, new, config, stop_ids, stop_strings):
     new = list(new[: config.max_new_tokens])
     at = next((i for i, token in enumerate(new) if token in stop_ids), None)
@@ -124,10 +130,6 @@ def _sample(tokenizer, instruction, new, config, stop_ids, stop_strings):
     text, stop = cut_at_stop_strings(_detokenize(tokenizer, new), stop_strings)
     # An answer cut at a stop string did not end with the stop token at its own end.
     return Sample(instruction, text, stop_token if stop is None else None, stop, len(new) + int(at is not None))
-
-
-def _tokenize(tokenizer, texts):
-    return [list(map(int, ids)) for ids in tokenizer(texts)] if texts else []
 
 
 def _detokenize(tokenizer, ids):

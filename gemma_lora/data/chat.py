@@ -16,14 +16,16 @@ followed by a blank line, as Gemma's own chat template writes it. Turn texts
 are stripped of white space at both ends, as that template does.
 
 Rows are built from token ids, never from a string template: each stretch of
-text between two markers is tokenized on its own and the markers are put in
-by id. A string template tokenized whole relies on the vocabulary knowing
-`<start_of_turn>` as one piece; where it does not, the marker splits into
-pieces silently. With Gemma's vocabulary (where the markers are user-defined
-pieces, which cut the text before it is split into pieces) both ways give the
-same ids, except that the model's header `model\\n` is tokenized apart from
-its answer here, as generation sees it. `markers` checks that the tokenizer
-has each marker as a single token.
+text between two markers is encoded on its own and the markers are put in by
+id. A turn's text is data: a marker written inside it (`<end_of_turn>`, any
+control token of the vocabulary) stays text and never becomes a turn
+boundary (`control_tokens.py`). A string template tokenized whole relies on
+the vocabulary knowing `<start_of_turn>` as one piece; where it does not, the
+marker splits into pieces silently. With Gemma's vocabulary (where the markers
+are user-defined pieces, which cut the text before it is split into pieces)
+both ways give the same ids for text without markers, except that the model's
+header `model\\n` is tokenized apart from its answer here, as generation sees
+it. `markers` checks that the tokenizer has each marker as a single token.
 
 The loss weighs every model turn and its `<end_of_turn>`, nothing else (the
 user turns, the headers and the line break after each turn are context).
@@ -49,6 +51,7 @@ answer) is not written: answers are trained and generated as plain text.
 
 from dataclasses import dataclass
 
+from gemma_lora.data.control_tokens import encoder
 from gemma_lora.errors import ConfigError, DataError
 
 # adapter.json's `chat_format` (and a preset's metadata.json, for merged
@@ -287,7 +290,7 @@ def _row_plan(turns, marks):
 
 
 def _tokenized(tokenizer, plans):
-    """Per plan, per item: its token ids (a marker's id, or its text tokenized; every text in one call)."""
+    """Per plan, per item: its token ids (a marker's id, or its text encoded as text; every text in one call)."""
     texts = sorted({item for plan in plans for item, *_ in plan if isinstance(item, str) and item})
-    ids = dict(zip(texts, (list(map(int, piece)) for piece in tokenizer(texts)))) if texts else {}
+    ids = dict(zip(texts, encoder(tokenizer).encode(texts)))
     return [[[item] if isinstance(item, int) else ids.get(item, []) for item, *_ in plan] for plan in plans]

@@ -11,13 +11,21 @@ or, for `completion` and `text` data, the example's own prompt as written
 response and its `<eos>` only; otherwise on every next token (the recipe).
 With Gemma's chat format (`chat.py`) a row is the example's turns, the loss on
 each model turn and its `<end_of_turn>`.
+
+Data text is text: a control token written in an instruction, context,
+response or turn (`<end_of_turn>`, `<bos>`, ...) is encoded as ordinary
+pieces, never as the token (`control_tokens.py`); the template's own text is
+the config's, and a marker written there stays a marker. `TokenizedRows`
+records the rows whose text held such strings (`marker_text`).
 """
 
+import string
 from dataclasses import dataclass
 
 import numpy as np
 
 from gemma_lora.data.chat import encode, markers, uses_chat
+from gemma_lora.data.control_tokens import Part, encoder
 from gemma_lora.data.formats import Example
 from gemma_lora.errors import ConfigError
 
@@ -40,6 +48,8 @@ class TokenizedRows:
     # Chat rows are cut after their last whole exchange that fits: the model
     # turns left out (or cut, where not even the first exchange fits).
     turns_cut: int = 0
+    # (row, the first control-token string its data text holds) of each row whose text held one.
+    marker_text: tuple = ()
 
     def __len__(self):
         return len(self.token_ids)
@@ -55,15 +65,35 @@ class TokenizedRows:
 
 def prompt_text(example, config):
     """The text before the response (what generation is given): the template filled, or the example's own prompt."""
+    return "".join(part.text for part in prompt_parts(example, config))
+
+
+def prompt_parts(example, config):
+    """`prompt_text` as `Part`s: the template's own text (not data) and the example's fields (data)."""
     if example.prompt is not None:
-        return example.prompt
+        return [Part(example.prompt)]
     template = config.context_template if example.context else config.template
     head = template[: template.index("{response}")]
-    return head.format(instruction=example.instruction, context=example.context)
+    values = {"instruction": example.instruction, "context": example.context}
+    formatter = string.Formatter()
+    parts = []
+    for literal, name, spec, conversion in formatter.parse(head):
+        if literal:
+            parts.append(Part(literal, data=False))
+        if name is not None:
+            value = formatter.convert_field(formatter.get_field(name, (), values)[0], conversion)
+            parts.append(Part(formatter.format_field(value, spec or "")))
+    return parts
 
 
 def full_text(example, config):
     return prompt_text(example, config) + example.response
+
+
+def example_texts(example):
+    """Every text of an example that comes from the data (fields and turns)."""
+    texts = [example.instruction, example.response, example.context, example.prompt or ""]
+    return texts + [content for _, content in example.conversation]
 
 
 def tokenize_rows(examples, tokenizer, config):
@@ -85,17 +115,24 @@ def tokenize_rows(examples, tokenizer, config):
             tokenizer lacks the chat format's markers.
         DataError: chat format for text data, or a conversation it cannot hold.
     """
+    text = encoder(tokenizer)
+    marker_text = tuple(
+        (row, found[0]) for row, example in enumerate(examples)
+        if (found := [m for t in example_texts(example) for m in text.marker_text(t)])
+    )
     if uses_chat(config, examples):
-        return _chat_rows(examples, tokenizer, config)
+        rows = _chat_rows(examples, tokenizer, config)
+        rows.marker_text = marker_text
+        return rows
     bos, eos = tokenizer.start_token_id, tokenizer.end_token_id
     if any(e.prompt is None for e in examples):
         check_sequence_length(tokenizer, config)
     if config.response_only_loss:
-        prompts = _tokenize(tokenizer, [prompt_text(e, config) for e in examples])
-        responses = _tokenize(tokenizer, [e.response for e in examples])
+        prompts = text.encode([prompt_parts(e, config) for e in examples])
+        responses = text.encode([e.response for e in examples])
     else:
         prompts = [[] for _ in examples]
-        responses = _tokenize(tokenizer, [full_text(e, config) for e in examples])
+        responses = text.encode([[*prompt_parts(e, config), Part(e.response)] for e in examples])
 
     sequences, truncated = [], 0
     seq = config.sequence_length
@@ -113,7 +150,9 @@ def tokenize_rows(examples, tokenizer, config):
                 ids = ids[: seq + 1]
                 target_weight = target_weight[:seq]
         sequences.append((ids, target_weight))
-    return _rows(sequences, tokenizer.pad_token_id, seq, truncated)
+    rows = _rows(sequences, tokenizer.pad_token_id, seq, truncated)
+    rows.marker_text = marker_text
+    return rows
 
 
 def _chat_rows(examples, tokenizer, config):
@@ -153,17 +192,10 @@ def _rows(sequences, pad, seq, truncated, turns_cut=0):
 def check_sequence_length(tokenizer, config):
     """Raise ConfigError if the template alone fills the sequence length (templated examples only)."""
     empty = Example(instruction="", response="", context="x" if config.include_context else "")
-    overhead = len(_tokenize(tokenizer, [prompt_text(empty, config)])[0]) + 2  # <bos>, <eos>
+    overhead = len(encoder(tokenizer).encode([prompt_parts(empty, config)])[0]) + 2  # <bos>, <eos>
     if config.sequence_length <= overhead:
         raise ConfigError(
             f"sequence_length={config.sequence_length} is too small for the template: its fixed "
             f"text with <bos> and <eos> takes {overhead} tokens, leaving no room for an instruction "
             f"and a response. Use a sequence_length well above {overhead} (e.g. 256 or 512)."
         )
-
-
-def _tokenize(tokenizer, texts):
-    """Token id lists from a KerasHub tokenizer (runs on its pure-Python path)."""
-    if not texts:
-        return []
-    return [list(map(int, ids)) for ids in tokenizer(texts)]
