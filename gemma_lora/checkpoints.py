@@ -18,7 +18,6 @@ after.
 
 import re
 import signal
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +26,13 @@ from gemma_lora import hosts, runtime
 from gemma_lora.errors import TrainingError
 from gemma_lora.io import atomic_path
 from gemma_lora.loop import Position
+from gemma_lora.run_files import CHECKPOINT_DIR, latest_checkpoint, read_checkpoint  # noqa: F401  (latest_checkpoint: re-exported)
 
 runtime.ensure_runtime()
 
 import keras  # noqa: E402
 
-DIRECTORY = "checkpoints"
+DIRECTORY = CHECKPOINT_DIR
 KEEP = 2
 _NAME = re.compile(r"step-(\d+)\.npz$")
 
@@ -71,12 +71,6 @@ def save_checkpoint(causal_lm, run_dir, position, global_step, arrays=None):
     return path
 
 
-def latest_checkpoint(run_dir):
-    """The newest checkpoint file in a run directory, or None."""
-    found = sorted(Path(run_dir, DIRECTORY).glob("step-*.npz"))
-    return found[-1] if found else None
-
-
 def restore_checkpoint(causal_lm, path):
     """Load weights and optimizer state saved by `save_checkpoint`; return (Position, global_step).
 
@@ -96,13 +90,7 @@ def restore_checkpoint(causal_lm, path):
     paths = {name: v.path for name, v in zip(weight_names, causal_lm.trainable_variables)}
 
     def read():
-        try:
-            with np.load(path) as file:
-                saved = {name: file[name] for name in file.files}  # a truncated or damaged file fails here
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            older = [p for p in sorted(Path(path).parent.glob("step-*.npz")) if p != Path(path)]
-            fix = f"Delete it to resume from {older[-1].name}" if older else "Start the run again"
-            raise TrainingError(f"Checkpoint {path} is unreadable ({type(e).__name__}). {fix}.") from None
+        saved = read_checkpoint(path)
         if any(name not in saved for name in [*names, *weight_names, "epoch", "step", "global_step"]) or (
             f"optimizer_{len(names)}" in saved
         ):

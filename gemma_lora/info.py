@@ -41,6 +41,9 @@ def describe(target, as_json=False):
 
 
 def run_lines(run_dir, as_json=False):
+    from gemma_lora.run_files import check_intact
+
+    check_intact(run_dir)  # a damaged adapter or newest checkpoint: one line, as `generate --adapter` says it
     records = {name: read_json(run_dir / name, GemmaLoraError) for name in RUN_FILES if (run_dir / name).is_file()}
     if as_json:
         return [json.dumps(records, indent=2)]

@@ -432,22 +432,10 @@ def _new_run_dir(config):
 
 
 def _resumable(run_dir):
-    """Check a run directory can be resumed; return it and its newest checkpoint."""
-    from gemma_lora.checkpoints import latest_checkpoint
+    """Check a run directory can be resumed (its adapter and newest checkpoint readable); return it and that checkpoint."""
+    from gemma_lora.run_files import resumable
 
-    from gemma_lora.adapters import ADAPTER_FILE, metadata_path
-
-    # The last outputs of a LoRA run and of a full fine-tune.
-    for done in (metadata_path(ADAPTER_FILE).name, MODEL_DIR):
-        if (run_dir / done).exists():
-            raise TrainingError(f"The run in {run_dir} already finished (it has {done}); nothing to resume.")
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None or not (run_dir / BEFORE_FILE).is_file():
-        raise TrainingError(
-            f"No checkpoint in {run_dir / 'checkpoints'}: the run stopped before its first one. "
-            "Start it again instead of resuming."
-        )
-    return run_dir, checkpoint
+    return run_dir, resumable(run_dir)
 
 
 def _prepare(config, echo):
@@ -573,8 +561,12 @@ def _describe_format(config, given, data_format, chat_format="gemma"):
     from gemma_lora.data import chat
 
     if not config.chat:
+        if data_format == "text":
+            return "prompts: none (text data: each row is its text, loss on every token, no template)"
         name = "Gemma 4's" if chat_format == chat.GEMMA4 else "Gemma's"
-        return "prompts: the template" + (" (--no-chat)" if given is False else f"; --chat writes {name} chat turns instead")
+        rows = ("as written (completion data: each row is its prompt followed by its completion, no template)"
+                if data_format == "completion" else "the template")
+        return f"prompts: {rows}" + (" (--no-chat)" if given is False else f"; --chat writes {name} chat turns instead")
     why = "--chat" if given else "conversation data" if data_format in ("messages", "sharegpt") else "an instruction-tuned preset"
     name, details = chat.describe(chat_format).split(": ", 1)
     return f"prompts: {name} ({why}): {details}"

@@ -122,6 +122,39 @@ def test_a_damaged_run_file_is_one_line_naming_it(run_dir, tmp_path, capsys, nam
     one_line_error(capsys, code, str(copy / name))
 
 
+def snapshot(directory):
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("truncated", ["adapter", "checkpoint"])
+def test_resume_and_info_refuse_a_truncated_adapter_or_checkpoint_and_change_nothing(run_dir, tmp_path, capsys, truncated):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    if truncated == "adapter":
+        damaged = copy / "adapter.lora.h5"
+    else:  # an interrupted run: no adapter yet, and its newest checkpoint cut short
+        for name in ("adapter.lora.h5", "adapter.json", "summary.json"):
+            (copy / name).unlink()
+        damaged = sorted((copy / "checkpoints").glob("*.npz"))[-1]
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    before = snapshot(copy)
+    fix = "--resume" if truncated == "adapter" else "Delete it to resume from"
+    one_line_error(capsys, main(["train", "--resume", str(copy)]), str(damaged), fix)
+    one_line_error(capsys, main(["info", str(copy)]), str(damaged), fix)
+    assert snapshot(copy) == before
+
+
+def test_the_prompts_line_says_what_the_rows_are(make_config):
+    from gemma_lora.pipeline import _describe_format
+
+    config = make_config(chat=False)
+    assert _describe_format(config, None, "dolly").startswith("prompts: the template; --chat writes")
+    assert _describe_format(config, None, "completion").startswith(
+        "prompts: as written (completion data: each row is its prompt followed by its completion, no template)")
+    assert _describe_format(config, None, "text").startswith("prompts: none (text data")
+    assert _describe_format(make_config(chat=True), True, "completion").startswith("prompts: Gemma's chat format (--chat)")
+
+
 def test_an_adapter_reads_its_own_metadata_not_a_neighbours(run_dir, tmp_path, capsys):
     """foo.lora.h5 goes with foo.json; an adapter.json beside it belongs to adapter.lora.h5."""
     from gemma_lora.adapters import metadata_path, read_adapter
