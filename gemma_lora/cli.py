@@ -185,7 +185,7 @@ def build_parser():
 def add_job_flags(parser):
     """Flags of a job of several processes (docs/multihost.md); not config fields: they differ per process and launch."""
     from gemma_lora.hosts import (
-        COORDINATOR_VARIABLE, HEARTBEAT_TIMEOUT, JOIN_TIMEOUT, NUM_PROCESSES_VARIABLE, PROCESS_ID_VARIABLE,
+        COORDINATOR_VARIABLE, EXIT_PEER_LOST, HEARTBEAT_TIMEOUT, JOIN_TIMEOUT, NUM_PROCESSES_VARIABLE, PROCESS_ID_VARIABLE,
     )
 
     job = parser.add_argument_group(
@@ -201,8 +201,9 @@ def add_job_flags(parser):
     job.add_argument("--coordinator-timeout", type=float, default=JOIN_TIMEOUT, metavar="SECONDS",
                      help=f"A process that cannot join the job within this stops with one line (default: {JOIN_TIMEOUT}).")
     job.add_argument("--heartbeat-timeout", type=float, default=HEARTBEAT_TIMEOUT, metavar="SECONDS",
-                     help="JAX ends the job when a process has been silent this long, e.g. after it died in a step "
-                          f"on GPU or TPU (default: {HEARTBEAT_TIMEOUT}).")
+                     help="A process silent this long has vanished (died, killed, its host or network lost): every "
+                          "other process stops with one line naming it and the --resume command, exit code "
+                          f"{EXIT_PEER_LOST} (default: {HEARTBEAT_TIMEOUT}).")
 
 
 def add_field_flags(parser, names, defaults=None, helps=None):

@@ -12,12 +12,21 @@ and process 0 alone prints and writes.
 
 Small values (configs, results, errors) go through the key-value store of
 JAX's coordination service, which works before any device is used; arrays go
-through device collectives (`jax.experimental.multihost_utils`). What JAX does
-when a process dies is in docs/multihost.md.
+through device collectives (`jax.experimental.multihost_utils`).
+
+A process that dies must not leave the others waiting, nor let JAX abort them
+with a page of log lines: every process of a job runs a `Liveness` thread
+that writes a heartbeat to the key-value store and watches the others'. A
+process silent for `--heartbeat-timeout` seconds ends the job: each survivor
+prints one line naming it and the `--resume` command and exits with
+`EXIT_PEER_LOST`. JAX's own heartbeat timeout is set `HEARTBEAT_SLACK`
+seconds later, so this line comes first (docs/multihost.md).
 """
 
+import atexit
 import contextlib
 import json
+import math
 import os
 import sys
 import threading
@@ -46,6 +55,12 @@ JOIN_SLACK = 30
 WAIT_TIMEOUT = 3600
 # How long process 0, ending after an error, waits for the others to end first.
 LEAVE_TIMEOUT = 10
+# The exit code of a process that stops because another process of its job vanished
+# (EX_TEMPFAIL: the job can go on, with --resume, once every host is back).
+EXIT_PEER_LOST = 75
+# JAX's own heartbeat timeout is this much longer than ours, so that our one
+# line, not JAX's abort (exit 134, a stack trace), ends a job whose process died.
+HEARTBEAT_SLACK = 20
 
 
 @dataclass(frozen=True)
@@ -180,10 +195,12 @@ def join(job, timeout=JOIN_TIMEOUT, heartbeat_timeout=HEARTBEAT_TIMEOUT):
     watchdog = threading.Timer(timeout, _give_up, args=(message,))
     watchdog.daemon = True
     watchdog.start()
+    heartbeat_timeout = max(heartbeat_timeout, 1.0)
     try:
         jax.distributed.initialize(
             job.coordinator, job.num_processes, job.process_id,
-            initialization_timeout=round(timeout) + JOIN_SLACK, heartbeat_timeout_seconds=max(round(heartbeat_timeout), 1),
+            initialization_timeout=round(timeout) + JOIN_SLACK,
+            heartbeat_timeout_seconds=math.ceil(heartbeat_timeout) + HEARTBEAT_SLACK,
         )
     except (RuntimeError, ValueError, TypeError) as error:
         fix = (
@@ -193,6 +210,10 @@ def join(job, timeout=JOIN_TIMEOUT, heartbeat_timeout=HEARTBEAT_TIMEOUT):
         raise HostsError(f"Cannot join {job.describe()}: {_first_line(error).rstrip('.')}. {fix}.") from None
     finally:
         watchdog.cancel()
+    global _liveness
+    _liveness = Liveness(_client(), process_index(), process_count(), heartbeat_timeout)
+    _liveness.start()
+    atexit.register(_liveness.stop)  # registered after JAX's shutdown, so it runs first
 
 
 def _give_up(message):
@@ -454,16 +475,127 @@ def whole(variables):
             variable._value = value
 
 
+_liveness = None  # this process's Liveness, once it joined a job
+_resume_hint = "RUN_DIR"  # the run directory, once known, for the line a lost process prints
+
+
+def note_run_dir(run_dir):
+    """The run directory a job trains into, named in the line printed if a process vanishes."""
+    global _resume_hint
+    _resume_hint = str(run_dir)
+
+
+class Liveness(threading.Thread):
+    """Heartbeats of this process in the key-value store, and a watch on every other process's.
+
+    Every `interval` seconds it writes `gemma_lora/alive/I` (a counter) and
+    reads the others'. A process whose counter has not moved for `timeout`
+    seconds, and that did not say it ended normally (`stop`), has vanished:
+    this process prints one line and exits with `EXIT_PEER_LOST`. The one
+    that notices first also writes which process it was, so that every
+    survivor names the same one. Losing the coordinator (process 0, which
+    holds the store) is JAX's to report: its client aborts the process from
+    a C++ thread the moment the connection breaks, before Python runs
+    (docs/multihost.md); the line for process 0 covers a store that fails
+    first.
+
+    Python threads run while the main thread waits in a collective (JAX
+    releases the GIL there), so a survivor stuck in a step with a dead peer
+    is ended too.
+    """
+
+    def __init__(self, client, index, count, timeout):
+        super().__init__(name="gemma-lora-liveness", daemon=True)
+        self.client, self.index, self.count, self.timeout = client, index, count, timeout
+        self.interval = min(max(timeout / 10, 0.1), 5.0)
+        self._stopped = threading.Event()
+
+    def run(self):
+        beat = 0
+        seen = {i: (None, time.monotonic()) for i in range(self.count) if i != self.index}
+        while not self._stopped.is_set():
+            beat += 1
+            try:
+                self.client.key_value_set(f"gemma_lora/alive/{self.index}", str(beat), allow_overwrite=True)
+                lost = self._read("gemma_lora/lost")
+            except Exception:  # the store is process 0's: it is gone
+                if self._stopped.is_set():
+                    return
+                self._vanished(0, "the job's key-value store, which it holds, stopped answering")
+            if lost is not None:
+                self._vanished(int(lost))
+            now = time.monotonic()
+            for i, (value, since) in list(seen.items()):
+                current = self._read(f"gemma_lora/alive/{i}")
+                if self._read(f"gemma_lora/done/{i}") is not None:
+                    del seen[i]  # ended normally
+                elif current != value:
+                    seen[i] = (current, now)
+                elif now - since > self.timeout and not self._stopped.is_set():
+                    try:
+                        self.client.key_value_set("gemma_lora/lost", str(i), allow_overwrite=True)
+                    except Exception:
+                        pass
+                    time.sleep(2 * self.interval)  # the other survivors read it before the store may go
+                    self._vanished(i)
+            self._stopped.wait(self.interval)
+
+    def _read(self, key):
+        try:
+            return self.client.key_value_try_get(key)
+        except Exception:  # not written yet
+            return None
+
+    def _vanished(self, index, how=None):
+        if self._stopped.is_set():
+            return
+        role = " (the coordinator)" if index == 0 else ""
+        how = how or f"no heartbeat for {self.timeout:g} s"
+        print(
+            f"gemma-lora: error: process {index} of {self.count}{role} vanished: {how} "
+            "(its host died, it was killed, or the network between the hosts failed); "
+            f"process {self.index} stops too. The checkpoints written so far are whole: once every host is back, "
+            f"resume with `gemma-lora train --resume {_resume_hint}` and the same job flags.",
+            file=sys.stderr, flush=True,
+        )
+        sys.stdout.flush()
+        os._exit(EXIT_PEER_LOST)
+
+    def stop(self):
+        """This process ends normally: say so, so the others do not take its silence for a loss."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        try:
+            self.client.key_value_set(f"gemma_lora/done/{self.index}", "1", allow_overwrite=True)
+        except Exception:
+            pass
+
+    def await_loss(self):
+        """Wait until a lost process is noticed (`_vanished` then ends this one), at most the timeout and a beat."""
+        deadline = time.monotonic() + self.timeout + 3 * self.interval
+        while time.monotonic() < deadline and not self._stopped.is_set():
+            time.sleep(self.interval)
+
+
 def lost_peer(error):
-    """A HostsError for a JAX runtime error in a job of several processes (a collective that failed), else None."""
+    """A HostsError for a JAX runtime error in a job of several processes (a collective that failed), else None.
+
+    A step shared with a process that died fails on the others: first the
+    `Liveness` watch is given the time to name the process that vanished (it
+    then ends this one with its own line); a step that failed for another
+    reason gets this error.
+    """
     import jax
 
     if not several() or not isinstance(error, jax.errors.JaxRuntimeError):
         return None
+    if _liveness is not None:
+        _liveness.await_loss()
     return HostsError(
         f"Process {process_index()} stopped: a step shared with the other processes failed "
         f"({_first_line(error)[:300]}). Another process has probably ended; its log says why. Resume with "
-        "`gemma-lora train --resume RUN_DIR` and the same job flags."
+        f"`gemma-lora train --resume {_resume_hint}` and the same job flags."
     )
 
 
@@ -481,6 +613,8 @@ def leave(code):
         return code
     sys.stdout.flush()
     sys.stderr.flush()
+    if _liveness is not None:
+        _liveness.stop()
     try:
         client = _client()
         if is_main():

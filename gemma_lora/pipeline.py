@@ -111,6 +111,7 @@ def _run_training(config, echo, resume):
         run_dir, checkpoint = map(Path, hosts.first("run to resume", lambda: list(map(str, _resumable(Path(config.output_dir))))))
     else:
         run_dir, checkpoint = Path(hosts.first("run directory", lambda: str(_new_run_dir(config)))), None
+    hosts.note_run_dir(run_dir)  # named in the line a job prints if one of its processes vanishes
     try:
         with phases("load"):
             config, causal_lm, parameters, splits, rows, data_stats, precision = _prepare(config, echo)

@@ -147,13 +147,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(tmp_path, args, processes=2, devices=2, timeout=300, job=True):
-    """Run `gemma-lora train ARGS` as `processes` processes of `devices` CPU devices each, each in its own directory.
-
-    Returns one dict per process: returncode, stdout, stderr, cwd. Every
-    process is killed at `timeout` seconds (a hang fails the test, never
-    blocks the suite).
-    """
+def start(tmp_path, args, processes=2, devices=2, job=True):
+    """Start `gemma-lora train ARGS` as `processes` processes of `devices` CPU devices each, each in its own directory."""
     port = free_port()
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -166,6 +161,12 @@ def launch(tmp_path, args, processes=2, devices=2, timeout=300, job=True):
         process = subprocess.Popen([sys.executable, "-m", "gemma_lora.cli", "train", *args, *(flags if job else [])],
                                    cwd=cwd, env=env, stdout=out, stderr=err, start_new_session=True)
         started.append((process, cwd, out, err))
+    return started
+
+
+def finish(started, timeout):
+    """Wait for started processes, killing any still running at `timeout` seconds (a hang fails the test, never
+    blocks the suite). Returns one dict per process: returncode, stdout, stderr, cwd."""
     deadline = time.monotonic() + timeout
     results = []
     try:
@@ -184,6 +185,11 @@ def launch(tmp_path, args, processes=2, devices=2, timeout=300, job=True):
             results.append({"returncode": process.returncode, "cwd": cwd,
                             "stdout": (cwd / "stdout").read_text(), "stderr": (cwd / "stderr").read_text()})
     return results
+
+
+def launch(tmp_path, args, processes=2, devices=2, timeout=300, job=True):
+    """Run `gemma-lora train ARGS` as a job to its end (see `start` and `finish`)."""
+    return finish(start(tmp_path, args, processes, devices, job), timeout)
 
 
 # Gloo (the CPU collectives) prints "[Gloo] Rank 2 is connected to 3 peer ranks. Expected number of
@@ -342,3 +348,32 @@ def test_a_job_resumes_with_another_number_of_processes(tmp_path, tiny_preset):
         assert all(not lines(r["stdout"]) for r in results[1:])  # process 1 read process 0's run, wrote nothing
     assert json.loads((run_dir / "summary.json").read_text())["train"]["steps"] == 6
     assert_same_adapter(adapter_arrays(run_dir), reference["adapter"])
+
+
+@pytest.mark.slow
+def test_when_a_process_dies_the_other_stops_in_one_line_and_its_checkpoints_stay_whole(tmp_path, tiny_preset):
+    from gemma_lora import run_files
+
+    timeout = 5
+    started = start(tmp_path, [*TINY, "--distribution", "data", "--max-steps", "400", "--epochs", "100",
+                               "--checkpoint-every", "1", "--heartbeat-timeout", str(timeout), "--output-dir", "run"])
+    (survivor, cwd, *_), (victim, *_) = started
+    checkpoints = cwd / "run" / run_files.CHECKPOINT_DIR
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.glob("*.npz")) and survivor.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert list(checkpoints.glob("*.npz")), (cwd / "stderr").read_text()[-3000:]
+    killed = time.monotonic()
+    os.killpg(victim.pid, signal.SIGKILL)
+    # The margin: the heartbeat's interval, the slowest step in flight, Python's exit.
+    margin = 15
+    results = finish(started, timeout=timeout + margin + 30)
+    took = time.monotonic() - killed
+    result = results[0]
+    assert result["returncode"] == hosts.EXIT_PEER_LOST, result["stderr"][-3000:]
+    assert took < timeout + margin, took
+    errors = [line for line in lines(result["stderr"]) if line.startswith("gemma-lora:")]
+    assert len(errors) == 1, result["stderr"][-3000:]
+    assert "process 1 of 2 vanished" in errors[0] and "--resume" in errors[0], errors[0]
+    assert "Terminating process" not in result["stderr"]  # JAX's own abort never came
+    run_files.read_checkpoint(run_files.latest_checkpoint(cwd / "run"))  # whole: a resume can start from it
