@@ -19,7 +19,6 @@ TOML/YAML/JSON file first. User mistakes print one line on stderr and exit 2;
 
 import argparse
 import dataclasses
-import json
 import sys
 import types
 import typing
@@ -61,7 +60,9 @@ def main(argv=None):
 
         quiet_startup()
     _one_line_warnings()
-    from gemma_lora.hosts import leave  # in a job of several processes, the one line printed ends the process
+    from gemma_lora.parallel.hosts import (
+        leave,  # in a job of several processes, the one line printed ends the process
+    )
 
     try:
         return args.handler(args) or 0
@@ -184,8 +185,13 @@ def build_parser():
 
 def add_job_flags(parser):
     """Flags of a job of several processes (docs/multihost.md); not config fields: they differ per process and launch."""
-    from gemma_lora.hosts import (
-        COORDINATOR_VARIABLE, EXIT_PEER_LOST, HEARTBEAT_TIMEOUT, JOIN_TIMEOUT, NUM_PROCESSES_VARIABLE, PROCESS_ID_VARIABLE,
+    from gemma_lora.parallel.hosts import (
+        COORDINATOR_VARIABLE,
+        EXIT_PEER_LOST,
+        HEARTBEAT_TIMEOUT,
+        JOIN_TIMEOUT,
+        NUM_PROCESSES_VARIABLE,
+        PROCESS_ID_VARIABLE,
     )
 
     job = parser.add_argument_group(
@@ -283,8 +289,8 @@ def config_from_args(args, names, defaults=None):
 
 
 def run_train(args):
-    from gemma_lora import hosts
     from gemma_lora.errors import ConfigError
+    from gemma_lora.parallel import hosts
 
     for name in ("coordinator_timeout", "heartbeat_timeout"):
         if not getattr(args, name) > 0:
@@ -314,7 +320,7 @@ def run_train(args):
 
         # Process 0's run directory: the other hosts need not have it.
         config = resolve_config(hosts.first("config to resume", read_config), {"output_dir": str(args.resume)})
-    from gemma_lora.pipeline import run_training
+    from gemma_lora.training.run import run_training
 
     result = run_training(config, resume=bool(args.resume))
     if hosts.is_main():
@@ -338,7 +344,7 @@ def run_compare(args):
 def run_generate(args):
     meta = {}
     if args.adapter:
-        from gemma_lora.adapters import read_adapter
+        from gemma_lora.adapters.files import read_adapter
 
         meta = read_adapter(args.adapter)[2]
         if meta is None and not hasattr(args, "preset"):
@@ -359,66 +365,59 @@ def run_generate(args):
     from gemma_lora import runtime
 
     runtime.configure_runtime(config.memory_fraction, config.seed, config.compilation_cache)
-    from gemma_lora import model
+    from gemma_lora.model import loading, presets
     from gemma_lora.sampling import generate
 
-    preset_dir = model.resolve_preset(config.preset, config.preset_version)
+    preset_dir = presets.resolve_preset(config.preset, config.preset_version)
     if config.chat is None:
-        config = dataclasses.replace(config, chat=model.chat_format_of(config.preset, preset_dir) is not None)
+        config = dataclasses.replace(config, chat=presets.chat_format_of(config.preset, preset_dir) is not None)
     if meta:
         prompts = "Gemma's chat format" if config.chat else "its template and stop strings"
         print(f"adapter {args.adapter}: base {config.preset}, {prompts}")
     elif config.chat:
         from gemma_lora.data import chat
 
-        fmt = model.chat_format_for(preset_dir)
+        fmt = presets.chat_format_for(preset_dir)
         end = chat.TURN_MARKERS[fmt][1]
         name = "Gemma 4's" if fmt == chat.GEMMA4 else "Gemma's"
         print(f"{config.preset}: prompts as user turns of {name} chat format, answers stop at {end}")
-    causal_lm = model.load_causal_lm(preset_dir, config.resolved_precision(model.platform()), quantize=config.quantize,
+    causal_lm = loading.load_causal_lm(preset_dir, config.resolved_precision(loading.platform()), quantize=config.quantize,
                                      frozen_base=True)
     if args.adapter:
-        from gemma_lora.adapters import load_adapter
+        from gemma_lora.adapters.store import load_adapter
 
         load_adapter(causal_lm, args.adapter, preset=config.preset)
     for sample in generate(causal_lm, args.prompt, config, label=f"answering {len(args.prompt)} prompts"):
         print(f"### {sample.instruction}\n{sample.text.strip()}\n")
 
 
-def _merged(args):
+def _merged(args, adapter):
     """Load the adapter's base (quantized as it was trained), apply the adapter, merge in memory."""
-    from gemma_lora.adapters import read_adapter
+    from gemma_lora.adapters.files import read_adapter
+    from gemma_lora.config import config_for_adapter
 
-    _, _, meta = read_adapter(args.adapter)
-    meta = meta or {}
-    overrides = {
-        "preset": getattr(args, "preset", meta.get("base_preset")),
-        "preset_version": getattr(args, "preset_version", meta.get("base_preset_version")),
-        "precision": getattr(args, "precision", "float32"),
-        "quantize": meta.get("quantize"),
-    }
-    if overrides["preset"] is None:
-        from gemma_lora.errors import ConfigError
-
-        raise ConfigError(f"{args.adapter} has no adapter.json naming its base: pass --preset.")
-    config = resolve_config(overrides=overrides)
+    _, _, meta = read_adapter(adapter)
+    config = config_for_adapter(meta, adapter, preset=getattr(args, "preset", None),
+                                preset_version=getattr(args, "preset_version", None),
+                                precision=getattr(args, "precision", None))
     from gemma_lora import runtime
 
     runtime.configure_runtime(config.memory_fraction)
-    from gemma_lora import model
-    from gemma_lora.adapters import load_adapter
+    from gemma_lora.adapters.store import load_adapter
+    from gemma_lora.model import loading, presets
 
-    preset_dir = model.resolve_preset(config.preset, config.preset_version)
-    precision = config.resolved_precision(model.platform()) if config.precision == "auto" else config.precision
-    causal_lm = model.load_causal_lm(preset_dir, precision, quantize=config.quantize)
-    load_adapter(causal_lm, args.adapter, preset=config.preset)
+    preset_dir = presets.resolve_preset(config.preset, config.preset_version)
+    precision = config.resolved_precision(loading.platform()) if config.precision == "auto" else config.precision
+    causal_lm = loading.load_causal_lm(preset_dir, precision, quantize=config.quantize)
+    load_adapter(causal_lm, adapter, preset=config.preset)
     stored = f"{precision} weights" + (f", dequantized from {config.quantize}" if config.quantize else "")
     return causal_lm, preset_dir, config, precision, f"{stored}, no LoRA"
 
 
 def run_merge(args):
-    causal_lm, preset_dir, config, precision, described = _merged(args)
-    from gemma_lora.adapters import merge_adapter, read_metadata
+    causal_lm, preset_dir, config, precision, described = _merged(args, args.adapter)
+    from gemma_lora.adapters.files import read_metadata
+    from gemma_lora.adapters.merge import merge_adapter
 
     chat_format = (read_metadata(args.adapter) or {}).get("chat_format")
     out = merge_adapter(causal_lm, preset_dir, args.output_dir, precision, chat_format=chat_format)
@@ -449,13 +448,13 @@ def run_export(args):
     if args.to == "peft":
         return _export_peft(args)
     if args.source.endswith(".lora.h5"):
-        args.adapter = args.source
-        causal_lm, preset_dir, config, precision, described = _merged(args)
-        from gemma_lora.adapters import merged_model, read_adapter
+        causal_lm, preset_dir, config, precision, described = _merged(args, args.source)
+        from gemma_lora.adapters.files import read_adapter
+        from gemma_lora.adapters.merge import merged_model
 
         plain = merged_model(causal_lm, preset_dir, precision)
-        what = f"{args.adapter} merged into {config.preset} ({described})"
-        provenance = Provenance(config.preset, args.adapter, read_adapter(args.adapter)[2] or {})
+        what = f"{args.source} merged into {config.preset} ({described})"
+        provenance = Provenance(config.preset, args.source, read_adapter(args.source)[2] or {})
     else:
         if hasattr(args, "preset"):
             raise ConfigError(f"--preset names an adapter's base; {args.source} is exported as it is. Drop --preset.")
@@ -463,10 +462,10 @@ def run_export(args):
         from gemma_lora import runtime
 
         runtime.configure_runtime(config.memory_fraction)
-        from gemma_lora import model
+        from gemma_lora.model import loading, presets
 
         precision = "float32" if config.precision == "auto" else config.precision
-        plain = model.load_causal_lm(model.resolve_preset(args.source, config.preset_version), precision)
+        plain = loading.load_causal_lm(presets.resolve_preset(args.source, config.preset_version), precision)
         what = f"{args.source} ({precision} weights)"
         provenance = Provenance(args.source)
     if args.to == "gguf":
@@ -487,25 +486,24 @@ def _export_peft(args):
 
     if not args.source.endswith(".lora.h5"):
         raise ConfigError(f"--to peft exports an adapter; {args.source} is not a .lora.h5 file. Give RUN_DIR/adapter.lora.h5.")
-    args.adapter = args.source
-    causal_lm, preset_dir, config, precision, _ = _merged(args)
-    from gemma_lora import model
-    from gemma_lora.adapters import read_adapter
+    causal_lm, preset_dir, config, precision, _ = _merged(args, args.source)
+    from gemma_lora.adapters.files import read_adapter
     from gemma_lora.export import Provenance
     from gemma_lora.export.peft import export_peft
+    from gemma_lora.model import loading
 
-    base = model.load_causal_lm(preset_dir, precision) if args.with_base else None
-    provenance = Provenance(config.preset, args.adapter, read_adapter(args.adapter)[2] or {})
+    base = loading.load_causal_lm(preset_dir, precision) if args.with_base else None
+    provenance = Provenance(config.preset, args.source, read_adapter(args.source)[2] or {})
     out = export_peft(causal_lm, args.output, provenance, base=base)
     with_base = f" with the base in {out / 'base'}" if base is not None else ""
-    print(f"exported {args.adapter} as a PEFT adapter to {out}{with_base}: see {out / 'README.md'} to load it")
+    print(f"exported {args.source} as a PEFT adapter to {out}{with_base}: see {out / 'README.md'} to load it")
 
 
 def run_convert(args):
     from gemma_lora import runtime
 
     runtime.configure_runtime()
-    from gemma_lora.gguf_import import convert_gguf
+    from gemma_lora.model.gguf_import import convert_gguf
 
     out = convert_gguf(args.gguf_file, args.output_dir)
     print(f"converted {args.gguf_file} into {out}; use it with --preset {out}")

@@ -197,8 +197,9 @@ class TrainConfig:
         default=True,
     )
     engine: str = _help(
-        "auto | keras | fast: what runs the training steps. keras: KerasHub's model through "
-        "keras.Model.fit. fast: gemma_lora.fast's JAX step on packed rows (several examples per "
+        "auto | keras | fast: what runs the training steps. keras: KerasHub's model in one jitted step on "
+        "length-bucketed batches (with --recipe, keras.Model.fit itself). fast: the package's functional "
+        "Gemma (gemma_lora.fast) on packed rows (several examples per "
         "row, none attending to another), LoRA factors float32 over a bfloat16 or float32 base; "
         "Gemma 1, 2 and 3 text presets and Gemma 4's dense text stack (not its mixture of experts, per-layer "
         "embeddings or KV-shared layers), LoRA only, on one device or several. auto: fast on GPU/TPU where it can run, else keras "
@@ -216,7 +217,7 @@ class TrainConfig:
     )
     epochs: int = _help("Passes over the training rows.", default=1)
     max_steps: int | None = _help(
-        "Stop after this many optimizer steps; None = all epochs.", default=None
+        "Stop after this many optimizer steps (each grad_accumulation batches); None = all epochs.", default=None
     )
     learning_rate: float = _help("AdamW learning rate (the peak, with a schedule).", default=2e-4)
     lr_schedule: str = _help(
@@ -251,7 +252,8 @@ class TrainConfig:
     )
     seed: int = _help("Seeds data order, LoRA initialisation and sampling.", default=0)
     checkpoint_every: int | None = _help(
-        "Save trainable weights and optimizer state every N steps (for --resume); None = never.",
+        "Save trainable weights and optimizer state every N optimizer steps (for --resume; the file is numbered "
+        "by the batches done); None = never.",
         default=50,
     )
     # Generation
@@ -335,7 +337,7 @@ class TrainConfig:
         # Measured, see docs/precision.md. Pure bfloat16 stores the LoRA factors
         # in bfloat16 too, where AdamW steps smaller than ~1/256 of a weight
         # round away; mixed_bfloat16 keeps float32 weights and computes in
-        # bfloat16 (2.5x the float32 recipe on an H100, ../shared/perf-notes.md).
+        # bfloat16 (2.5x the float32 recipe on an H100, docs/perf.md).
         return "float32" if platform == "cpu" else "mixed_bfloat16"
 
 
@@ -407,6 +409,29 @@ def load_config_file(path):
     return values
 
 
+def config_for_adapter(meta, adapter, preset=None, preset_version=None, precision=None):
+    """The config to load an adapter's base with: what was given, else what its metadata records.
+
+    Args:
+        meta: the adapter's metadata (adapter.json) or None (a stock KerasHub adapter).
+        adapter: its path, for the error.
+        preset, preset_version, precision: given on the command line (None: not given).
+
+    Raises:
+        ConfigError: no preset given and none recorded.
+    """
+    meta = meta or {}
+    overrides = {
+        "preset": preset if preset is not None else meta.get("base_preset"),
+        "preset_version": preset_version if preset_version is not None else meta.get("base_preset_version"),
+        "precision": precision if precision is not None else "float32",
+        "quantize": meta.get("quantize"),  # the base is loaded as it was trained
+    }
+    if overrides["preset"] is None:
+        raise ConfigError(f"{adapter} has no adapter.json naming its base: pass --preset.")
+    return resolve_config(overrides=overrides)
+
+
 def resolve_config(file_values=None, overrides=None, recipe=False):
     """Build and validate a `TrainConfig` from a profile, file values and overrides.
 
@@ -452,6 +477,14 @@ def validate(config):
     if problems:  # Range checks below assume the right types.
         raise ConfigError(_invalid(problems))
 
+    for check in (_check_model, _check_data, _check_training, _check_generation):
+        check(c, need)
+    if problems:
+        raise ConfigError(_invalid(problems))
+
+
+def _check_model(c, need):
+    """The preset, precision, engine, quantization and LoRA fields."""
     need(c.preset.strip() != "", "preset is empty: give a preset name, kaggle:// handle or directory.")
     need(
         c.preset_version is None or c.preset_version > 0,
@@ -483,6 +516,10 @@ def validate(config):
         f"{', '.join(GEMMA_LAYER_NAMES)}.",
     )
     need(len(c.lora_targets) > 0, "lora_targets is empty: name at least one layer, e.g. query value.")
+
+
+def _check_data(c, need):
+    """The data, its format, fields, templates and splits."""
     hub = c.data.startswith("hf://")
     folder = not hub and c.data not in BUILTIN_DATA and Path(c.data).is_dir()
     if c.data not in BUILTIN_DATA and not hub:
@@ -550,6 +587,10 @@ def validate(config):
         not unknown_splits,
         f"answer_splits has unknown split(s) {unknown_splits}; choose from validation, test (or none).",
     )
+
+
+def _check_training(c, need):
+    """Batches, steps, the optimizer's schedule and controls, the recipe's limits, checkpoints."""
     need(c.sequence_length >= 8, f"sequence_length={c.sequence_length} must be >= 8.")
     need(c.batch_size > 0, f"batch_size={c.batch_size} must be > 0.")
     need(c.epochs > 0, f"epochs={c.epochs} must be > 0.")
@@ -597,6 +638,10 @@ def validate(config):
         math.isfinite(c.weight_decay) and c.weight_decay >= 0,
         f"weight_decay={c.weight_decay} must be >= 0.",
     )
+
+
+def _check_generation(c, need):
+    """Generation, devices and memory."""
     need(c.max_new_tokens > 0, f"max_new_tokens={c.max_new_tokens} must be > 0.")
     need(c.sampler in SAMPLERS, f"sampler={c.sampler!r} must be one of {', '.join(SAMPLERS)}.")
     need(c.top_k > 0, f"top_k={c.top_k} must be > 0.")
@@ -618,8 +663,6 @@ def validate(config):
         0.0 < c.memory_fraction <= 1.0,
         f"memory_fraction={c.memory_fraction} must be in (0, 1], e.g. 0.9.",
     )
-    if problems:
-        raise ConfigError(_invalid(problems))
 
 
 def _invalid(problems):

@@ -77,7 +77,7 @@ def run_lines(run_dir, as_json=False):
 
 
 def adapter_lines(path, as_json=False):
-    from gemma_lora.adapters import metadata_path, read_adapter
+    from gemma_lora.adapters.files import metadata_path, read_adapter
 
     rank, factors, meta = read_adapter(path)
     size = sum(a.size + b.size for a, b in factors.values())
@@ -123,10 +123,10 @@ def preset_lines(preset_dir, as_json=False, name=None):
 
 
 def _resolve_name(name):
-    from gemma_lora import model
+    from gemma_lora.model import presets
 
     try:
-        return model.resolve_preset(name)
+        return presets.resolve_preset(name)
     except GemmaLoraError as e:
         raise GemmaLoraError(f"{name} is not {KINDS} ({e})") from None
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gemma_lora.adapter_files import ADAPTER_FILE, metadata_path, read_adapter
+from gemma_lora.adapters.files import ADAPTER_FILE, metadata_path, read_adapter
 from gemma_lora.errors import AdapterError, TrainingError
 
 CONFIG_FILE = "config.json"

@@ -18,10 +18,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from gemma_lora import decode, hosts, runtime
+from gemma_lora import runtime
 from gemma_lora.data import Example, chat
 from gemma_lora.data.control_tokens import encoder
 from gemma_lora.data.tokenize import prompt_parts
+from gemma_lora.fast import decode
+from gemma_lora.parallel import hosts
 from gemma_lora.progress import Progress
 
 runtime.ensure_runtime()

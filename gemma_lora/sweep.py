@@ -179,7 +179,7 @@ def run_series(variants, series_dir, kind, echo=print):
         ConfigError: a finished variant in `series_dir` ran with other settings.
         OutputError: `series_dir` holds other files, or cannot be written.
     """
-    from gemma_lora.pipeline import run_training
+    from gemma_lora.training.run import run_training
 
     _require_matplotlib()
     series_dir = Path(series_dir)
@@ -418,8 +418,7 @@ def _finished(run_dir):
 
 def _resumable(run_dir, config):
     """Whether a half-finished run directory can continue: same config, a checkpoint, before.json."""
-    from gemma_lora.checkpoints import latest_checkpoint
-    from gemma_lora.pipeline import BEFORE_FILE
+    from gemma_lora.run_files import BEFORE_FILE, latest_checkpoint
 
     saved = run_dir / "config.json"
     return (
@@ -507,7 +506,7 @@ def _platform(config):
 
 
 def _named_presets():
-    from gemma_lora.model import DEMO_NAMES, TINY_PRESETS, keras_hub
+    from gemma_lora.model.presets import DEMO_NAMES, TINY_PRESETS, keras_hub
 
     return set(keras_hub.models.CausalLM.presets) | set(DEMO_NAMES) | set(TINY_PRESETS)
 
@@ -516,7 +515,7 @@ def _saved_bytes(run_dir):
     adapter = run_dir / "adapter.lora.h5"
     if adapter.is_file():
         return adapter.stat().st_size
-    from gemma_lora.pipeline import MODEL_DIR
+    from gemma_lora.run_files import MODEL_DIR
 
     return sum(p.stat().st_size for p in (run_dir / MODEL_DIR).rglob("*") if p.is_file())
 

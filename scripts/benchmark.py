@@ -279,13 +279,15 @@ def _run_fast(shape, batch, seq, steps, warmup, options):
         jax.config.update("jax_compilation_cache_dir", os.environ["BENCH_CACHE_DIR"])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    from gemma_lora import fast
+    import fast_trainer
+
+    from gemma_lora.fast import extract
 
     dims = fast_dims(shape)
     options.pop("xla_flags", None)  # read by XLA from the environment
     part = options.pop("part", None)
-    config = fast.FastConfig(**{**dims, **options}).validate()  # a variant may override the shape's cap
-    frozen, lora = fast.init_params(config, jax.random.key(0))
+    config = extract.FastConfig(**{**dims, **options}).validate()  # a variant may override the shape's cap
+    frozen, lora = fast_trainer.init_params(config, jax.random.key(0))
     ids, labels = _random_rows(batch, seq, dims["vocabulary_size"], 0)
     # Four packed examples per row, no padding: the segment mask is in play.
     quarter = seq // 4
@@ -301,7 +303,7 @@ def _run_fast(shape, batch, seq, steps, warmup, options):
         "loss_weights": weights,
     }
     data = jax.device_put(data)
-    step = fast.make_train_step(config, fast.AdamW(learning_rate=5e-5, weight_decay=0.01))
+    step = fast_trainer.make_train_step(config, fast_trainer.AdamW(learning_rate=5e-5, weight_decay=0.01))
     opt_state = step.init(lora)
     if part:
         return _time_part(part, config, frozen, lora, data, steps, warmup)
@@ -336,15 +338,15 @@ def _time_part(part, config, frozen, lora, data, steps, warmup):
     import jax
     import jax.numpy as jnp
 
-    from gemma_lora import fast
+    from gemma_lora.fast import forward
 
     if part == "forward":
-        fn = jax.jit(lambda lora, frozen: fast.loss_sums(config, frozen, lora, data))
+        fn = jax.jit(lambda lora, frozen: forward.loss_sums(config, frozen, lora, data))
         arg = lora
     elif part == "backbone":
 
         def backbone(lora, frozen):
-            h = fast.hidden_states(
+            h = forward.hidden_states(
                 config, frozen, lora, data["token_ids"], data["segment_ids"], data["positions"]
             )
             return jnp.mean(h.astype(jnp.float32))
@@ -354,7 +356,7 @@ def _time_part(part, config, frozen, lora, data, steps, warmup):
         d = config.hidden_dim
 
         def head(h, frozen):
-            return fast._lm_nll(
+            return forward._lm_nll(
                 h, frozen["embedding"], data["labels"].reshape(-1),
                 data["loss_weights"].reshape(-1), config.loss_chunk,
                 jnp.dtype(config.logits_dtype), config.final_logit_soft_cap,
@@ -411,7 +413,7 @@ def dolly_fractions(seq):
     import numpy as np
     import sentencepiece
 
-    from gemma_lora.packing import pack, real_token_fraction
+    from gemma_lora.data.packing import pack, real_token_fraction
 
     path = _dolly_path()
     opener = gzip.open if path.suffix == ".gz" else open

@@ -76,38 +76,39 @@ def run_package(name, shape, batch, seq, steps, warmup):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + options.pop("xla_flags")).strip()
     os.environ["KERAS_BACKEND"] = "jax"
     import jax
+    import keras
     import numpy as np
-
     from benchmark import SHAPES, keras_causal_lm
-    from gemma_lora import fast, fast_train, model, train
+
     from gemma_lora.config import resolve_config
     from gemma_lora.data import TokenizedRows
-
-    import keras
+    from gemma_lora.model import loading
+    from gemma_lora.training import engines, fast_engine
 
     keras.utils.set_random_seed(0)
     causal_lm = keras_causal_lm(shape, "float32")
-    model.enable_lora(causal_lm, 8, targets=TARGETS, seed=0)
+    loading.enable_lora(causal_lm, 8, targets=TARGETS, seed=0)
     config = resolve_config(overrides=dict(preset="tiny", sequence_length=seq, batch_size=batch, lora_rank=8,
                                            lora_targets=list(TARGETS), learning_rate=2e-4, shuffle=False,
                                            bucket_by_length=False))
-    train.compile_for_training(causal_lm, config)
+    engines.compile_for_training(causal_lm, config)
     rng = np.random.default_rng(0)
     tokens = rng.integers(1, SHAPES[shape]["vocabulary_size"], (batch, seq + 1)).astype("int32")
     rows = TokenizedRows(tokens[:, :-1], np.ones((batch, seq), bool), tokens[:, 1:], np.ones((batch, seq), "float32"),
                          truncated=0, real_tokens=batch * seq)
     scale = 1.0 / (batch * seq)
     if engine == "keras":
-        stepper = train.KerasEngine(causal_lm, rows, config)
+        stepper = engines.KerasEngine().stepper(causal_lm, engines.KerasEngine().plan(rows, config))
         batch_of = np.arange(batch)
     else:
         dtype = options.pop("dtype", "float32")
-        stepper = fast_train.FastEngine(causal_lm, rows, config, "float32" if dtype == "float32" else "mixed_bfloat16")
+        engine = engines.FastEngine()
+        stepper = engine.stepper(causal_lm, engine.plan(rows, config), "float32" if dtype == "float32" else "mixed_bfloat16")
         if options:  # one FastConfig lever: rebuild the step with it
             import dataclasses
 
             stepper.fast_config = dataclasses.replace(stepper.fast_config, **options)
-            stepper._step = jax.jit(fast_train._fast_train_step(stepper.fast_config, stepper.paths, stepper.optimizer),
+            stepper._step = jax.jit(fast_engine._fast_train_step(stepper.fast_config, stepper.paths, stepper.optimizer),
                                     donate_argnums=(0, 1))
         batch_of = {"token_ids": rows.token_ids, "segment_ids": np.ones((batch, seq), "int32"),
                     "positions": np.tile(np.arange(seq, dtype="int32"), (batch, 1)), "labels": rows.labels,

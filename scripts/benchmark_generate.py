@@ -37,9 +37,11 @@ def main():
 
     runtime.quiet_startup()
     runtime.configure_runtime()
-    from gemma_lora import data, decode, model
+    from gemma_lora import data
     from gemma_lora.config import resolve_config
     from gemma_lora.data import Example, prompt_text
+    from gemma_lora.fast import decode
+    from gemma_lora.model import loading, presets
     from gemma_lora.sampling import SLOTS, keras_hub_batch
 
     slots = args.slots or SLOTS
@@ -47,9 +49,9 @@ def main():
     config = resolve_config(overrides=dict(preset=args.preset, sequence_length=256, test_rows=args.rows,
                                            max_new_tokens=args.max_new_tokens, stop_strings=[]))
     rows = data.split(data.load_examples(config), config).test[: args.rows]
-    causal_lm = model.load_causal_lm(model.resolve_preset(config.preset), "float32", config.sequence_length)
+    causal_lm = loading.load_causal_lm(presets.resolve_preset(config.preset), "float32", config.sequence_length)
     if args.adapter:
-        from gemma_lora.adapters import load_adapter
+        from gemma_lora.adapters.store import load_adapter
 
         load_adapter(causal_lm, args.adapter)
     tokenizer = causal_lm.preprocessor.tokenizer

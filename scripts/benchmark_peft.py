@@ -3,7 +3,7 @@
     python scripts/benchmark_peft.py                 # GPU only (torch, transformers, peft)
     python scripts/benchmark_peft.py --variants bf16_compile
 
-Settings are those recorded in ../shared/perf-notes.md: random weights, LoRA
+Settings are those recorded in docs/perf.md: random weights, LoRA
 r=4 alpha=4 on q_proj/v_proj with float32 adapters, autocast to bfloat16,
 torch AdamW(5e-5, weight decay 0.01) over the LoRA parameters, loss from
 `model(input_ids=ids, labels=ids)`, TF32 allowed, 3 warm-up and 20 timed steps

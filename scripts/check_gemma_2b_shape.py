@@ -21,8 +21,10 @@ import jax  # noqa: E402
 import keras  # noqa: E402
 import keras_hub  # noqa: E402
 
-from gemma_lora import data, model, train  # noqa: E402
+from gemma_lora import data  # noqa: E402
 from gemma_lora.config import resolve_config  # noqa: E402
+from gemma_lora.model import loading, presets
+from gemma_lora.training import engines
 
 GEMMA_2B = dict(
     vocabulary_size=256000, num_layers=18, num_query_heads=8, num_key_value_heads=1,
@@ -45,18 +47,18 @@ SMALL = dict(GEMMA_2B, num_layers=2, hidden_dim=64, intermediate_dim=128, head_d
 def run(profile, steps, shape):
     recipe = profile == "recipe"
     config = resolve_config(overrides={"preset": "tiny", "max_steps": steps, "limit": 1000}, recipe=recipe)
-    precision = config.resolved_precision(model.platform())
-    tiny = model.load_causal_lm(model.tiny_preset_dir())
+    precision = config.resolved_precision(loading.platform())
+    tiny = loading.load_causal_lm(presets.tiny_preset_dir())
     backbone = keras_hub.models.GemmaBackbone(**shape, dtype=precision)
     causal_lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=tiny.preprocessor)
-    model.enable_lora(causal_lm, config.lora_rank, config.lora_alpha, config.lora_targets, seed=0)
-    summary = model.parameter_summary(causal_lm)
+    loading.enable_lora(causal_lm, config.lora_rank, config.lora_alpha, config.lora_targets, seed=0)
+    summary = loading.parameter_summary(causal_lm)
     splits = data.split(data.load_examples(config), config)
     rows = data.tokenize_rows(splits.train, causal_lm.preprocessor.tokenizer, config)
-    train.compile_for_training(causal_lm, config)
+    engines.compile_for_training(causal_lm, config)
     times = StepTimes()
     start = time.perf_counter()
-    train.fit(causal_lm, rows, config, callbacks=[times], verbose=0)
+    engines.fit(causal_lm, rows, config, callbacks=[times], verbose=0)
     first = times.times[0] - start
     steady = (times.times[-1] - times.times[1]) / (len(times.times) - 2)
     real_per_row = rows.real_tokens / len(rows)

@@ -83,11 +83,12 @@ def main():
     import keras_hub
     import numpy as np
 
-    from gemma_lora import data, model
+    from gemma_lora import data
     from gemma_lora.config import resolve_config
     from gemma_lora.errors import GemmaLoraError
+    from gemma_lora.model import presets
 
-    preset_dir = model.resolve_preset(args.preset)
+    preset_dir = presets.resolve_preset(args.preset)
     tokenizer = keras_hub.tokenizers.Tokenizer.from_preset(str(preset_dir))
     sample = []
     with gzip.open(data.resolve_data_path("dolly-sample"), "rt", encoding="utf-8") as f:

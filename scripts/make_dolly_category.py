@@ -13,7 +13,7 @@ information_extraction, summarization) occur only in records with a context.
 White space is collapsed and long instructions and contexts are cut (at a
 word, marked " ...") so that rows fit 256 tokens with room to spare.
 
-The output is deterministic (gzip without a timestamp); tests/test_data.py
+The output is deterministic (gzip without a timestamp); tests/unit/test_data.py
 checks that the shipped file equals what this script writes.
 """
 

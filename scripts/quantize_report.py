@@ -24,24 +24,26 @@ def measure(preset, mode, steps, sequence_length, batch_size):
     from gemma_lora import runtime
 
     runtime.configure_runtime(seed=0)
-    from gemma_lora import data, model, train
+    from gemma_lora import data
     from gemma_lora.config import resolve_config
-    from gemma_lora.quantize import base_weight_bytes, quantize_base
+    from gemma_lora.model import loading, presets
+    from gemma_lora.model.quantize import base_weight_bytes, quantize_base
+    from gemma_lora.training import engines, scoring
 
     config = resolve_config(overrides=dict(
         preset=preset, sequence_length=sequence_length, batch_size=batch_size, max_steps=steps,
         limit=max(steps * batch_size, 8) + 8, validation_rows=8, learning_rate=1e-3,
         quantize=None if mode == "none" else mode,
     ))
-    causal_lm = model.load_causal_lm(model.resolve_preset(preset), "float32", sequence_length)
+    causal_lm = loading.load_causal_lm(presets.resolve_preset(preset), "float32", sequence_length)
     if config.quantize:
         quantize_base(causal_lm, config.quantize)
-    model.enable_lora(causal_lm, config.lora_rank, targets=config.lora_targets, seed=0)
+    loading.enable_lora(causal_lm, config.lora_rank, targets=config.lora_targets, seed=0)
     splits = data.split(data.load_examples(config), config)
     rows = data.tokenize_rows(splits.train, causal_lm.preprocessor.tokenizer, config)
-    train.compile_for_training(causal_lm, config)
+    engines.compile_for_training(causal_lm, config)
     start = time.perf_counter()
-    train.fit(causal_lm, rows, config, verbose=0)
+    engines.fit(causal_lm, rows, config, verbose=0)
     seconds = time.perf_counter() - start
     seen = min(steps * batch_size, len(rows))
     return {
@@ -49,7 +51,7 @@ def measure(preset, mode, steps, sequence_length, batch_size):
         "base_weight_mib": base_weight_bytes(causal_lm) / 2**20,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "tokens_per_s": seen * rows.real_tokens / len(rows) / seconds,
-        "train_token_loss": train.token_loss(causal_lm, rows)["token_loss"],
+        "train_token_loss": scoring.token_loss(causal_lm, rows)["token_loss"],
     }
 
 

@@ -6,7 +6,6 @@ Every test runs offline. A test that opens a network connection fails with
 
 import os
 import socket
-import sys
 import tempfile
 
 # Before anything imports Keras or JAX.
@@ -64,7 +63,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_preset():
     """Directory of the tiny preset (built once per test session)."""
-    from gemma_lora.model import tiny_preset_dir
+    from gemma_lora.model.presets import tiny_preset_dir
 
     return tiny_preset_dir()
 
@@ -72,7 +71,7 @@ def tiny_preset():
 @pytest.fixture(scope="session")
 def tiny_gemma2_preset():
     """Directory of the tiny_gemma2 preset (Gemma 2's architecture; built once per test session)."""
-    from gemma_lora.model import TINY_GEMMA2, tiny_preset_dir
+    from gemma_lora.model.presets import TINY_GEMMA2, tiny_preset_dir
 
     return tiny_preset_dir(TINY_GEMMA2)
 
@@ -80,7 +79,7 @@ def tiny_gemma2_preset():
 @pytest.fixture(scope="session")
 def tiny_gemma4_preset():
     """Directory of the tiny_gemma4 preset (Gemma 4's text architecture; built once per test session)."""
-    from gemma_lora.model import TINY_GEMMA4, tiny_preset_dir
+    from gemma_lora.model.presets import TINY_GEMMA4, tiny_preset_dir
 
     return tiny_preset_dir(TINY_GEMMA4)
 
@@ -88,7 +87,7 @@ def tiny_gemma4_preset():
 @pytest.fixture
 def tiny_lm(tiny_preset):
     """A fresh tiny GemmaCausalLM (float32) loaded from the preset."""
-    from gemma_lora.model import load_causal_lm
+    from gemma_lora.model.loading import load_causal_lm
 
     return load_causal_lm(tiny_preset, "float32", sequence_length=64)
 

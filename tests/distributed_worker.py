@@ -1,6 +1,6 @@
 """Train the tiny model a few steps under several layouts on virtual CPU devices; print JSON.
 
-Run by tests/test_distribute.py in a subprocess: JAX fixes its device count
+Run by tests/unit/test_distribute.py in a subprocess: JAX fixes its device count
 when it starts, and the test process already started it with one device. A
 setup is a layout (none, data, model:M), trained by the Keras engine, or by
 the fast engine (packed rows) with the prefix fast/.
@@ -21,8 +21,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import keras  # noqa: E402
 
-from gemma_lora import data, distribute, model, train  # noqa: E402
+from gemma_lora import data  # noqa: E402
 from gemma_lora.config import resolve_config  # noqa: E402
+from gemma_lora.model import loading, presets
+from gemma_lora.parallel import distribute
+from gemma_lora.training import engines, scoring
 
 STEPS = 3
 # A large learning rate, so that a few steps move the loss far more than the
@@ -40,17 +43,17 @@ def run(setup):
     kind, _, m = layout.partition(":")
     config = resolve_config(overrides=dict(OVERRIDES, preset=name, distribution=kind,
                                            **({"model_parallel": int(m)} if m else {})))
-    preset = model.tiny_preset_dir(name)
+    preset = presets.tiny_preset_dir(name)
     plan = distribute.choose_plan(config, preset)
     keras.distribution.set_distribution(distribute.make_distribution(plan, distribute.backbone_config(preset)))
-    causal_lm = model.load_causal_lm(preset, "float32", config.sequence_length)
-    model.enable_lora(causal_lm, config.lora_rank, targets=config.lora_targets, seed=config.seed)
+    causal_lm = loading.load_causal_lm(preset, "float32", config.sequence_length)
+    loading.enable_lora(causal_lm, config.lora_rank, targets=config.lora_targets, seed=config.seed)
     rows = data.tokenize_rows(data.split(data.load_examples(config), config).train, causal_lm.preprocessor.tokenizer, config)
-    train.compile_for_training(causal_lm, config)
+    engines.compile_for_training(causal_lm, config)
     # The loss before training is the same under every layout; scored once, on one device.
-    before = train.token_loss(causal_lm, rows, config.batch_size)["token_loss"] if kind == "none" else None
-    history = train.fit(causal_lm, rows, config, verbose=0, engine=engine)
-    after = train.token_loss(causal_lm, rows, config.batch_size)["token_loss"]
+    before = scoring.token_loss(causal_lm, rows, config.batch_size)["token_loss"] if kind == "none" else None
+    history = engines.fit(causal_lm, rows, config, verbose=0, engine=engines.ENGINES[engine]())
+    after = scoring.token_loss(causal_lm, rows, config.batch_size)["token_loss"]
     variables = causal_lm.backbone.weights + causal_lm.optimizer.variables
     keras.distribution.set_distribution(None)
     return {
@@ -61,7 +64,7 @@ def run(setup):
         "iterations": int(causal_lm.optimizer.iterations.value),
         # The training steps' own loss, and the examples they held (packed rows, with the fast engine).
         "train_token_loss": history.history["token_loss"][-1],
-        "examples": train.examples_trained(rows, config, engine, 1, STEPS)[0],
+        "examples": engines.ENGINES[engine]().plan(rows, config).examples_trained(1, STEPS)[0],
         "variables": {
             v.path: {
                 "shape": list(v.shape),

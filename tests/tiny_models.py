@@ -15,7 +15,8 @@ import keras_hub
 import numpy as np
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
-from gemma_lora import adapters, model
+from gemma_lora.adapters import merge
+from gemma_lora.model import loading
 
 SPACE = "\u2581"
 EXTRA_PIECES = ("<start_of_turn>", "<end_of_turn>", SPACE * 2, SPACE * 3)
@@ -96,7 +97,7 @@ def tiny_causal_lm(shape, seed=7):
 
 def with_adapter(causal_lm, rank=4, alpha=8.0, targets=ALL_PROJECTIONS, seed=0):
     """LoRA with non-zero B factors, a stand-in for training."""
-    layers = model.enable_lora(causal_lm, rank, alpha, targets, seed=seed)
+    layers = loading.enable_lora(causal_lm, rank, alpha, targets, seed=seed)
     rng = np.random.default_rng(seed)
     for layer in layers:
         layer.lora_kernel_b.assign(rng.normal(0, 0.1, layer.lora_kernel_b.shape).astype("float32"))
@@ -108,8 +109,8 @@ def exportable(shape, directory, rank=4, alpha=8.0, targets=ALL_PROJECTIONS):
     preset = directory / f"{shape}-base"
     if not preset.exists():
         tiny_causal_lm(shape).save_to_preset(str(preset))
-    lora = with_adapter(model.load_causal_lm(preset, "float32"), rank, alpha, targets)
-    return lora, preset, adapters.merged_model(lora, preset)
+    lora = with_adapter(loading.load_causal_lm(preset, "float32"), rank, alpha, targets)
+    return lora, preset, merge.merged_model(lora, preset)
 
 
 def dolly_texts(n=20):

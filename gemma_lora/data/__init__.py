@@ -17,7 +17,15 @@ The pieces, in the order the data flows through them:
 """
 
 from gemma_lora.data import chat
-from gemma_lora.data.dataset import Dataset, Splits, fingerprint, load_examples, read_dataset, split, splits_record
+from gemma_lora.data.dataset import (
+    Dataset,
+    Splits,
+    fingerprint,
+    load_examples,
+    read_dataset,
+    split,
+    splits_record,
+)
 from gemma_lora.data.formats import FIELDS, FORMATS, Example
 from gemma_lora.data.sources import (
     DOLLY_FILE,
@@ -28,7 +36,13 @@ from gemma_lora.data.sources import (
     read_jsonl,
     resolve_data_path,
 )
-from gemma_lora.data.tokenize import TokenizedRows, check_sequence_length, full_text, prompt_text, tokenize_rows
+from gemma_lora.data.tokenize import (
+    TokenizedRows,
+    check_sequence_length,
+    full_text,
+    prompt_text,
+    tokenize_rows,
+)
 
 __all__ = [
     "DOLLY_FILE",

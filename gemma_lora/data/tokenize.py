@@ -2,7 +2,7 @@
 
 Tokenization happens once, here, into NumPy arrays; KerasHub's string
 preprocessing is not used for training because it needs tf.data or grain,
-cannot mask prompt tokens and cannot shuffle (see ../shared/quality-notes.md).
+cannot mask prompt tokens and cannot shuffle (see docs/quality.md).
 
 With the template, a row is `<bos>`, the prompt, the response, `<eos>`. The
 prompt is the template filled with an example's instruction (and context),

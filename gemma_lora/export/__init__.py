@@ -28,8 +28,8 @@ GGUF_TYPES = {
     "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
 }
 
-# Chat formats an adapter can be trained on (adapter.json's `chat_format`;
-# none is recorded today, issue 16 adds them). An export of such an adapter
+# Chat formats an adapter can be trained on (adapter.json's `chat_format`).
+# An export of such an adapter
 # carries the template so a chat front end formats turns as in training.
 # Gemma's turns: no system role, so a system message leads the first user turn.
 GEMMA_CHAT_TEMPLATE = (
@@ -125,8 +125,8 @@ def check_plain(causal_lm, what):
     attached would be silently dropped, a quantized kernel written as its
     integers.
     """
-    from gemma_lora.layers import lora_layers
-    from gemma_lora.quantize import quantization_mode
+    from gemma_lora.model.layers import lora_layers
+    from gemma_lora.model.quantize import quantization_mode
 
     attached = lora_layers(causal_lm)
     if attached:

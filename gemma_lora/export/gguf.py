@@ -28,11 +28,23 @@ import numpy as np
 
 from gemma_lora.errors import ExportError
 from gemma_lora.export import (
-    CHAT_TEMPLATES, GGUF_TYPES, OLLAMA_CHAT, Provenance, check_new, check_plain, gemma2_features, query_scale_width,
+    CHAT_TEMPLATES,
+    GGUF_TYPES,
+    OLLAMA_CHAT,
+    Provenance,
+    check_new,
+    check_plain,
+    gemma2_features,
+    query_scale_width,
 )
-from gemma_lora.gemma4 import TURN_MARKERS as GEMMA4_TURN_TOKENS
-from gemma_lora.gguf_import import SPIECE_SPACE, TO_GGUF, TURN_TOKENS, tensor_layout
 from gemma_lora.io import atomic_path, write_text_atomic
+from gemma_lora.model.gemma4 import TURN_MARKERS as GEMMA4_TURN_TOKENS
+from gemma_lora.model.gguf_import import (
+    SPIECE_SPACE,
+    TO_GGUF,
+    TURN_TOKENS,
+    tensor_layout,
+)
 
 ARCHITECTURES = {"GemmaBackbone": "gemma", "Gemma3Backbone": "gemma3",  # a GemmaBackbone may be gemma2
                  "Gemma4Backbone": "gemma4"}

@@ -49,7 +49,7 @@ from gemma_lora.errors import ExportError
 from gemma_lora.export import check_new, check_plain, gemma2_features, query_scale_width
 from gemma_lora.io import atomic_dir
 
-# Backbones whose export is checked against transformers' logits (tests/test_export.py).
+# Backbones whose export is checked against transformers' logits (tests/unit/test_export.py).
 SUPPORTED = ("Gemma3Backbone", "GemmaBackbone", "Gemma4Backbone")
 ARCHITECTURES = {"GemmaBackbone": "GemmaForCausalLM", "Gemma3Backbone": "Gemma3ForCausalLM",
                  "Gemma4Backbone": "Gemma4ForCausalLM"}

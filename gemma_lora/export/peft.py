@@ -23,13 +23,17 @@ rank from the tensors still scales by lora_alpha/r, also right).
 """
 
 import json
-from pathlib import Path
 
 import numpy as np
 
 from gemma_lora.errors import ExportError
 from gemma_lora.export import check_new, check_plain
-from gemma_lora.export.hf import HF_MODULES, hf_module_paths, refusal, write_transformers
+from gemma_lora.export.hf import (
+    HF_MODULES,
+    hf_module_paths,
+    refusal,
+    write_transformers,
+)
 from gemma_lora.io import atomic_dir
 
 CONFIG_FILE = "adapter_config.json"
@@ -84,8 +88,8 @@ def export_peft(causal_lm, output_dir, provenance, base=None):
     """
     from safetensors.numpy import save_file
 
-    from gemma_lora.layers import lora_layers
-    from gemma_lora.quantize import quantization_mode
+    from gemma_lora.model.layers import lora_layers
+    from gemma_lora.model.quantize import quantization_mode
 
     layers = lora_layers(causal_lm)
     if not layers:

@@ -1,0 +1,1 @@
+"""Several devices and processes: a job's processes (`hosts`, jax.distributed) and layouts (`distribute`)."""

@@ -1,0 +1,166 @@
+"""The fast engine's batches and step: packed rows through `gemma_lora.fast`'s functional Gemma.
+
+It trains the same LoRA factors of the same Keras model as the Keras engine,
+on the same rows in the same epoch order, with the same optimizer, in the
+same loop (`loop.run`), so the rest of the run (scoring,
+generation, adapters, checkpoints, resume) does not know which engine ran.
+What differs is the batches: each epoch's rows (in `loop.epoch_order`) are
+packed several per row by `packing.pack` (no cross-attention, response
+weights kept), the packed rows shuffled by (seed, epoch) and cut into
+batches of `batch_size` rows, all of one shape, so the step compiles once.
+
+Why not KerasHub's model here: its backbones take no per-example attention
+masks, so packed rows cannot go through it (see `gemma_lora.fast.extract`).
+"""
+
+import numpy as np
+
+from gemma_lora import runtime
+from gemma_lora.data import packing
+from gemma_lora.fast import extract, forward
+from gemma_lora.model.layers import lora_layers
+from gemma_lora.parallel import distribute
+from gemma_lora.training import loop
+from gemma_lora.training.loop import epoch_order
+
+runtime.ensure_runtime()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+
+def fast_dtype(precision):
+    """The fast engine's dtype for frozen weights and activations."""
+    return "float32" if precision == "float32" else "bfloat16"
+
+
+def examples_of(rows):
+    """Each row's (token_ids, loss_weights) without padding, as `packing.pack` takes them.
+
+    A row's weight at position t weighs the prediction of token t + 1, which
+    is `pack`'s convention. A row cut at sequence_length loses the label of
+    its last position (its next token is not in the row).
+    """
+    lengths = rows.padding_mask.sum(axis=1)
+    return [(rows.token_ids[i, :n], rows.weights[i, :n]) for i, n in enumerate(lengths)]
+
+
+def epoch_batches(rows, config, epoch):
+    """The packed batches of an epoch, in training order: a list of dicts of arrays.
+
+    A pure function of (rows, config, epoch), so a resumed run rebuilds them.
+    """
+    examples = examples_of(rows)
+    order = epoch_order(len(examples), config, epoch)
+    packed = packing.pack([examples[i] for i in order], config.sequence_length)
+    n = len(packed["token_ids"])
+    if config.shuffle:
+        packed = {k: v[np.random.default_rng([config.seed, epoch, 1]).permutation(n)] for k, v in packed.items()}
+    extra = -n % config.batch_size
+    if extra:
+        # Empty rows (segment 0, weight 0) keep the last batch the same shape.
+        packed = {k: np.concatenate([v, np.zeros((extra, v.shape[1]), v.dtype)]) for k, v in packed.items()}
+    size = config.batch_size
+    return [{k: v[i : i + size] for k, v in packed.items()} for i in range(0, n + extra, size)]
+
+
+def batch_contents(rows, batch):
+    """(examples, real tokens) in a packed batch: its distinct segments, its non-padding positions."""
+    segments = batch["segment_ids"]
+    examples = sum(len(np.unique(row[row > 0])) for row in segments)
+    return examples, int((segments > 0).sum())
+
+
+class FastStepper(loop.StepEngine):
+    """`gemma_lora.fast`'s functional Gemma on packed rows, stepped by the loop.
+
+    The frozen base is read once into the fast path's arrays (in the run's
+    compute dtype); the trainable state is the Keras model's own LoRA
+    variables, in Keras' order, which the step arranges into the fast
+    path's per-layer pytree. The update is the run's Keras optimizer
+    (`stateless_apply`), as in the Keras engine.
+    """
+
+    def __init__(self, causal_lm, plan, precision, objective):
+        super().__init__(causal_lm, plan)
+        config = plan.config
+        # The layers LoRA is enabled on (the run's lora_targets, as the pipeline enabled them).
+        enabled = {layer.name for layer in lora_layers(causal_lm)}
+        targets = tuple(name for name in extract.EQUATIONS if name in enabled)
+        # The frozen arrays are the Keras variables' own (cast=False): one copy of the base.
+        self.fast_config, self.frozen, _ = extract.extract_params(
+            causal_lm, targets, dtype=fast_dtype(precision), seed=config.seed, cast=False
+        )
+        # Where each Keras trainable variable sits in the fast path's LoRA pytree.
+        where = {}
+        for i, block in enumerate(causal_lm.backbone.transformer_layers):
+            for target in self.fast_config.lora_targets:
+                layer = extract.layer_of(block, target)
+                if layer is None:  # a Gemma 4 K = V layer's value
+                    continue
+                where[id(layer.lora_kernel_a)] = (i, target, "lora_kernel_a")
+                where[id(layer.lora_kernel_b)] = (i, target, "lora_kernel_b")
+        self.paths = [where[id(v)] for v in causal_lm.trainable_variables]
+        # The frozen weights keep the Keras variables' layout (extract_params
+        # converts them in place), so a distribution's layout map lays out
+        # both engines alike; the state keeps its layout across steps.
+        state = self.state_shardings()
+        out_shardings = None if state is None else (*state, None, None)
+        key = (id(self.optimizer), objective, self.fast_config, tuple(self.paths), self.distribution is not None)
+        self._step = loop.compiled_step(
+            causal_lm, key,
+            lambda: jax.jit(_fast_train_step(self.fast_config, self.paths, self.optimizer, objective), donate_argnums=(0, 1),
+                            out_shardings=out_shardings),
+        )
+
+    def batch_weight(self, batch):
+        return float(batch["loss_weights"].sum())
+
+    def step(self, batch, scale):
+        # Every process packs the whole epoch (the same everywhere) and feeds the rows its devices hold.
+        shape = batch["token_ids"].shape
+        sharding, (start, stop) = distribute.batch_layout(shape, self.distribution)
+        names = sorted(batch)
+        batch = dict(zip(names, distribute.to_global([batch[k][start:stop] for k in names], sharding, shape)))
+        self.trainable, self.optimizer_values, nll, weight = self._step(
+            self.trainable, self.optimizer_values, self.frozen, batch, jnp.float32(scale)
+        )
+        nll, weight = float(nll), float(weight)
+        return nll, weight, nll / max(weight, 1.0)
+
+
+class FastForward:
+    """The functional Gemma on one packed batch, as a function of the LoRA factors (what an objective reads)."""
+
+    def __init__(self, fast_config, frozen, lora, batch):
+        self.fast_config, self.frozen, self.lora, self.batch = fast_config, frozen, lora, batch
+
+    def token_nll_sums(self):
+        return forward.loss_sums(self.fast_config, self.frozen, self.lora, self.batch)
+
+
+def _fast_train_step(fast_config, paths, optimizer, objective):
+    """The fast engine's step: gradients of the packed batch's loss on the LoRA factors, then the update.
+
+    `paths[i]` is where the Keras model's i-th trainable variable sits in
+    the fast path's per-layer LoRA pytree. No reference to the Keras model:
+    the compiled step is kept per model and must not keep it alive.
+    """
+
+    def lora_of(trainable):
+        lora = [{} for _ in range(fast_config.num_layers)]
+        for (i, target, name), value in zip(paths, trainable):
+            lora[i].setdefault(target, {})[name] = value
+        return lora
+
+    def train_step(trainable, optimizer_values, frozen, batch, scale):
+        def loss(trainable):
+            nll, weight = objective.loss(FastForward(fast_config, frozen, lora_of(trainable), batch))
+            # `scale` (from the loop) makes it the mean over the optimizer step's loss-carrying tokens.
+            return nll * scale, (nll, weight)
+
+        grads, (nll, weight) = jax.grad(loss, has_aux=True)(trainable)
+        trainable, optimizer_values = optimizer.stateless_apply(optimizer_values, grads, trainable)
+        return trainable, optimizer_values, nll, weight
+
+    return train_step

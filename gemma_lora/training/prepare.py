@@ -1,0 +1,190 @@
+"""A run's setup: read the data, settle the chat format, load the model, enable LoRA, tokenize the splits.
+
+`prepare` prints what it read and chose, one line each, and returns what
+training needs; bad input stops it before the slow model load where it can.
+In a job of several processes each reads its own copy of the data and the
+preset, and if one cannot, all stop.
+"""
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from gemma_lora import data
+from gemma_lora.data import chat
+from gemma_lora.errors import ConfigError, DataError
+from gemma_lora.model import loading, presets
+from gemma_lora.model.quantize import base_weight_bytes, quantize_base
+from gemma_lora.parallel import distribute, hosts
+from gemma_lora.run_files import DATA_FILE
+from gemma_lora.training.batching import positions_per_epoch
+
+
+def prepare(config, echo):
+    """Check data, preset and model; return what training needs."""
+    echo("config: " + json.dumps(config.to_dict()))
+
+    def sources():
+        dataset = data.read_dataset(config)  # Read data before the slow model load.
+        echo(dataset.describe())
+        if config.metric and dataset.format == "text":
+            raise ConfigError(
+                f"metric={config.metric!r} compares answers with references, and text data has neither; "
+                "drop --metric or use prompt/answer data (e.g. --data-format completion)."
+            )
+        return dataset, data.split(dataset.examples, config), presets.resolve_preset(config.preset, config.preset_version)
+
+    # Each host reads its own copy of the data and preset: if one cannot, all stop.
+    dataset, splits, preset_dir = hosts.together("data and preset", sources)
+    given = config.chat
+    config = resolve_chat(config, dataset.format, preset_dir)
+    echo(_describe_format(config, given, dataset.format, presets.chat_format_for(preset_dir)))
+    precision = config.resolved_precision(loading.platform())
+    # Variables take their device layout when created, so before the load.
+    plan = distribute.apply(config, preset_dir, precision, echo)
+    if config.full_finetune and plan.kind == "model" and plan.processes > 1:
+        raise ConfigError(
+            "full_finetune saves the whole model, which model parallelism over several processes would have to "
+            "gather onto every device first. Use distribution='data' (if the model fits one device) or LoRA."
+        )
+    echo(f"loading {config.preset} from {preset_dir}")
+    causal_lm = loading.load_causal_lm(preset_dir, precision, config.sequence_length, frozen_base=not config.full_finetune)
+    # Counted before quantizing: int4 packs two weights per stored number.
+    base_parameters = loading.parameter_summary(causal_lm)["base_parameters"]
+    stored = precision
+    if config.quantize:
+
+        quantize_base(causal_lm, config.quantize)
+        stored = f"{precision}, base weights {config.quantize}: {base_weight_bytes(causal_lm) / 2**20:,.1f} MiB"
+    if config.full_finetune:
+        causal_lm.backbone.trainable = True  # Every weight, embeddings and norms included.
+        method = "full fine-tune: every weight"
+    else:
+        loading.enable_lora(
+            causal_lm, config.lora_rank, config.lora_alpha, config.lora_targets, seed=config.seed
+        )
+        method = f"LoRA rank {config.lora_rank} on {', '.join(config.lora_targets)}"
+    parameters = {**loading.parameter_summary(causal_lm), "base_parameters": base_parameters}
+    echo(
+        f"model: {config.preset} ({stored}) — {parameters['base_parameters']:,} base parameters, "
+        f"{parameters['trainable_parameters']:,} trainable ({method})"
+    )
+    tokenizer = causal_lm.preprocessor.tokenizer
+    rows = {
+        name: data.tokenize_rows(getattr(splits, name), tokenizer, config)
+        for name in ("train", "validation", "test")
+    }
+    refuse_marker_text(rows, dataset, config)
+    data_stats = describe_data(rows, config)
+    data_stats["source"] = data.splits_record(dataset, splits)
+    data_stats["source"]["marker_text_rows"] = {name: len(r.marker_text) for name, r in rows.items()}
+    for line in data_stats["lines"]:
+        echo(line)
+    return config, causal_lm, parameters, splits, rows, data_stats, precision
+
+
+def refuse_marker_text(rows, dataset, config):
+    """With marker_text="error", raise DataError naming the first row whose text holds a control token.
+
+    Rows are counted in the order read (train, validation, test follow each
+    other), so `dataset.places` names the record in its file.
+    """
+    if config.marker_text != "error":
+        return
+    offset = 0
+    for name in ("train", "validation", "test"):
+        if rows[name].marker_text:
+            row, marker = rows[name].marker_text[0]
+            place = dataset.places[offset + row] if offset + row < len(dataset.places) else f"{name} row {row}"
+            raise DataError(
+                f"{place}: the text holds {marker!r}, a control token of the tokenizer, written as text "
+                f"(marker_text=error; {sum(len(r.marker_text) for r in rows.values())} rows hold such text). "
+                "Remove it from the data, or drop --marker-text error to train it as plain text."
+            )
+        offset += len(rows[name])
+
+
+def resolve_chat(config, data_format, preset_dir=None):
+    """`config` with `chat` settled (and stop_strings, which depend on it), as config.json records it.
+
+    A `chat` given is kept; None means on for conversation data and for
+    instruction-tuned presets (`model.chat_format_of`), never for text data.
+
+    Raises:
+        ConfigError: chat on for text data.
+    """
+
+
+    chat = config.chat
+    if chat is None:
+        chat = data_format != "text" and (
+            data_format in ("messages", "sharegpt") or presets.chat_format_of(config.preset, preset_dir) is not None
+        )
+    elif chat and data_format == "text":
+        raise ConfigError(
+            f"chat=True writes prompts and answers as turns, and {config.data} reads as text data (neither); "
+            "drop --chat, or give prompt/answer data."
+        )
+    config = dataclasses.replace(config, chat=chat)
+    return dataclasses.replace(config, stop_strings=config.resolved_stop_strings())
+
+
+def _describe_format(config, given, data_format, chat_format="gemma"):
+    """One line: how rows are written, and why (`chat_format`: the one the preset's model writes)."""
+    if not config.chat:
+        if data_format == "text":
+            return "prompts: none (text data: each row is its text, loss on every token, no template)"
+        name = "Gemma 4's" if chat_format == chat.GEMMA4 else "Gemma's"
+        rows = ("as written (completion data: each row is its prompt followed by its completion, no template)"
+                if data_format == "completion" else "the template")
+        return f"prompts: {rows}" + (" (--no-chat)" if given is False else f"; --chat writes {name} chat turns instead")
+    why = "--chat" if given else "conversation data" if data_format in ("messages", "sharegpt") else "an instruction-tuned preset"
+    name, details = chat.describe(chat_format).split(": ", 1)
+    return f"prompts: {name} ({why}): {details}"
+
+
+def default_run_dir(config):
+    name = Path(config.preset).name.replace("kaggle://", "").replace("/", "_")
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def describe_data(rows, config):
+    """Counts per split, truncation, padding share and a fingerprint of the train tokens."""
+    
+    train_rows = rows["train"]
+    fingerprint = hashlib.sha256(train_rows.token_ids.tobytes() + train_rows.weights.tobytes()).hexdigest()[:16]
+    positions = positions_per_epoch(train_rows, config)
+    lossless = int((train_rows.weights.sum(axis=1) == 0).sum()) if len(train_rows) else 0
+    lines = [
+        "splits: " + ", ".join(f"{name} {len(r)} rows" for name, r in rows.items())
+        + f" (fixed splits of the rows read, in order; fingerprints in {DATA_FILE})",
+        f"train tokens: {train_rows.real_tokens:,} real of {positions:,} positions an epoch "
+        f"({train_rows.real_tokens / positions:.1%}), {train_rows.loss_tokens:,} carry loss; "
+        f"{train_rows.truncated} rows longer than sequence_length={config.sequence_length} were cut"
+        + (
+            f" (whole exchanges kept from the start where the first fits: {train_rows.turns_cut} model turns left "
+            "out or cut)" if config.chat
+            else " (<eos> appended, as KerasHub)" if config.eos_after_truncation else " (no <eos> after cut text)"
+        )
+        + (f"; {lossless} of them kept no loss token (the cut fell before the response)" if lossless else ""),
+    ]
+    marked = {name: len(r.marker_text) for name, r in rows.items()}
+    if any(marked.values()):
+        example = next(r.marker_text[0][1] for r in rows.values() if r.marker_text)
+        lines.append(
+            "marker text: " + ", ".join(f"{name} {n} rows" for name, n in marked.items())
+            + f" hold a control token written as text (e.g. {example!r}); it is trained as the plain text it is, "
+            "never as the token (--marker-text error refuses such data)"
+        )
+    return {
+        "rows": {name: len(r) for name, r in rows.items()},
+        "truncated": {name: r.truncated for name, r in rows.items()},
+        "marker_text": marked,
+        "turns_cut": {name: r.turns_cut for name, r in rows.items()},
+        "real_token_fraction": train_rows.real_tokens / positions,
+        "loss_tokens": train_rows.loss_tokens,
+        "fingerprint": fingerprint,
+        "lines": lines,
+    }

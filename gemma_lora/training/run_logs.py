@@ -1,0 +1,160 @@
+"""What a run shows and logs while it trains: the progress bar, metrics.csv, evaluations.csv, TensorBoard.
+
+`callbacks_for_run` is the set a run directory gets; each is a Keras
+callback, fed by the loop (`loop.run`) or by `keras.Model.fit` (the recipe).
+"""
+
+import time
+
+import numpy as np
+
+from gemma_lora import runtime
+from gemma_lora.errors import ConfigError
+from gemma_lora.progress import Progress
+from gemma_lora.training.scoring import SplitScorer
+
+runtime.ensure_runtime()
+
+import keras  # noqa: E402
+
+
+class TrainingProgress(keras.callbacks.Callback):
+    """One progress bar over the whole run, for either engine.
+
+    Its total is the number of steps the run will really take (`total_steps`
+    minus those done before a resume), whatever the epochs and `max_steps`;
+    it shows `token_loss`, the per-token mean the summary reports (Keras'
+    own `loss` divides by padding too). Pass `verbose=0` to `fit` so Keras'
+    per-epoch bar stays off.
+    """
+
+    def __init__(self, steps, label="training"):
+        super().__init__()
+        self.steps, self.label = steps, label
+        self.progress = None
+
+    def on_train_begin(self, logs=None):
+        if self.progress is None:  # Keras' engine calls fit once per epoch.
+            self.progress = Progress(self.steps, self.label, unit="step")
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = logs or {}
+        if not logs.get("update", True):
+            return  # a batch whose gradient waits for the rest of its accumulation
+        shown = {"token_loss": float(logs["token_loss"])} if "token_loss" in logs else {}
+        if "learning_rate" in logs:
+            shown["lr"] = f"{logs['learning_rate']:.2e}"
+        self.progress.update(**shown)
+
+    def close(self):
+        if self.progress is not None:
+            self.progress.close()
+
+
+def callbacks_for_run(run_dir, splits, config, start_step=0, write=True):
+    """The callbacks a CLI/pipeline run uses: split scores, CSV logs, TensorBoard.
+
+    Validation is scored at each epoch's end (`SplitScorer`, into
+    metrics.csv) unless `eval_every` scores it every N steps instead (the
+    loop's evaluations, into evaluations.csv). `write=False` (a job's
+    processes other than process 0) leaves out those that write files; the
+    scoring stays, since every process computes it together.
+    """
+    callbacks = [] if config.eval_every else [SplitScorer(splits, max(config.batch_size, 8))]
+    if not write:
+        return callbacks
+    # append: one fit call per epoch, and resumed runs, add to the same file.
+    callbacks.append(keras.callbacks.CSVLogger(str(run_dir / "metrics.csv"), append=True))
+    if config.eval_every:
+        callbacks.append(EvaluationLog(run_dir / EVALUATIONS_FILE))
+    if config.tensorboard:
+        callbacks.append(TensorBoardLog(run_dir / "tensorboard", start_step, config.grad_accumulation))
+    return callbacks
+
+
+EVALUATIONS_FILE = "evaluations.csv"
+
+
+class EvaluationLog(keras.callbacks.Callback):
+    """One row of evaluations.csv per evaluation: the step, its learning rate, training and validation loss."""
+
+    COLUMNS = ("step", "learning_rate", "train_token_loss", "validation_token_loss", "validation_perplexity")
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def on_evaluation(self, step, logs):
+        import csv
+
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:  # appended row by row, like metrics.csv
+            writer = csv.DictWriter(f, fieldnames=self.COLUMNS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow({name: logs.get(name, "") for name in self.COLUMNS})
+
+
+def require_tensorboard(config):
+    """Raise ConfigError before anything is written if TensorBoard logs are asked for and cannot be written."""
+    if not config.tensorboard:
+        return
+    try:
+        import tensorboardX  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            'tensorboard=true needs the tensorboardX package: pip install "gemma-lora[tensorboard]", '
+            "or drop --tensorboard."
+        ) from None
+
+
+class TensorBoardLog(keras.callbacks.Callback):
+    """Training curves for TensorBoard: token_loss every step, the epoch logs every epoch.
+
+    Written with tensorboardX, which needs no TensorFlow (Keras' own
+    TensorBoard callback does, and the CLI keeps TensorFlow out of the
+    process). Steps are the run's global steps, so a resumed run continues
+    the same curves.
+    """
+
+    def __init__(self, log_dir, start_step=0, accumulation=1):
+        super().__init__()
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(str(log_dir))
+        self.step = start_step // accumulation  # optimizer steps; start_step counts batches
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = logs or {}
+        if not logs.get("update", True):
+            return
+        self.step += 1
+        for name in ("token_loss", "learning_rate"):
+            if name in logs:
+                self.writer.add_scalar(f"train/{name}", float(logs[name]), self.step)
+
+    def on_evaluation(self, step, logs):
+        for name, value in logs.items():
+            if name != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"eval/{name}", float(value), step)
+        self.writer.flush()
+
+    def on_epoch_end(self, epoch, logs=None):
+        for name, value in (logs or {}).items():
+            if isinstance(value, (int, float, np.floating)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"epoch/{name}", float(value), self.step)
+        self.writer.flush()
+
+    def on_train_end(self, logs=None):
+        self.writer.flush()
+
+
+class Timer:
+    """Wall-clock seconds of a block."""
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start

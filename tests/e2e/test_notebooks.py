@@ -1,0 +1,70 @@
+"""The notebooks run top to bottom on the tiny preset (GEMMA_LORA_PRESET=tiny), and are stored without outputs."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+NOTEBOOKS = Path(REPO) / "notebooks"
+
+
+def execute(name, cwd, monkeypatch, **env):
+    """Run a notebook in a fresh kernel that imports this checkout; return its text output."""
+    monkeypatch.setenv("GEMMA_LORA_PRESET", "tiny")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    # A cell that raises fails the test with CellExecutionError, naming the cell.
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(cwd)}}).execute()
+    texts = []
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            texts.append(output.get("text") or output.get("data", {}).get("text/plain", ""))
+    return "\n".join(texts)
+
+
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "rank_sweep.ipynb"])
+def test_notebooks_are_stored_without_outputs(name):
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    nbformat.validate(notebook)
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, cell.source[:60]
+
+
+@pytest.mark.slow
+def test_quickstart_notebook_runs_on_tiny(tmp_path, monkeypatch):
+    out = execute("quickstart.ipynb", tmp_path, monkeypatch)
+    assert "Kaggle credentials: none found" in out  # conftest removes every credential
+    assert "validation loss:" in out and "the reloaded adapter gives the same answers" in out
+    assert (tmp_path / "quickstart" / "adapter.lora.h5").is_file()
+    assert (tmp_path / "quickstart" / "merged" / "config.json").is_file()
+    # The chat-file example: conversations in Gemma's turns, loss on the model's, the format recorded.
+    assert "first row: <start_of_turn>user\nAnswer helpfully.\n\n" in out
+    assert "what carries loss:" in out and "chat_format 'gemma'" in out
+
+
+@pytest.mark.slow
+def test_rank_sweep_notebook_resumes_a_finished_sweep(tiny_sweep, tmp_path, monkeypatch):
+    # The notebook's tiny settings match the tiny_sweep fixture, so it reads both ranks back.
+    directory = tmp_path / "sweep"
+    shutil.copytree(tiny_sweep["dir"], directory)
+    out = execute("rank_sweep.ipynb", tmp_path, monkeypatch, GEMMA_LORA_SWEEP_DIR=str(directory))
+    assert out.count("finished earlier") == 2
+    assert "| rank-2 | done | 1,408 |" in out and "IPython.core.display.Image" in out
+
+
+def test_notebook_credentials_come_from_the_environment_and_are_not_shown(monkeypatch):
+    from gemma_lora.model.presets import use_notebook_credentials
+
+    assert use_notebook_credentials() is None
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", "secret-key")
+    assert use_notebook_credentials() == "environment"

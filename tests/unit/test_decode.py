@@ -1,0 +1,128 @@
+"""The package's decoder: KerasHub's greedy tokens, one compilation, continuous batching, stops."""
+
+import numpy as np
+import pytest
+from conftest import TINY_VOCAB, build_tiny_gemma, build_tiny_gemma2, build_tiny_gemma3
+
+from gemma_lora.fast import decode
+from gemma_lora.model import loading
+from gemma_lora.sampling import keras_hub_batch
+
+MAX_NEW = 12
+EOS = 1  # the tiny models built here have no tokenizer; any id can play <eos>
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    return build_tiny_gemma(seed=3)
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    return build_tiny_gemma3(seed=3)
+
+
+@pytest.fixture(scope="module")
+def gemma2():
+    return build_tiny_gemma2(seed=3)
+
+
+def prompts(seed, lengths):
+    rng = np.random.default_rng(seed)
+    return [[2, *map(int, rng.integers(3, TINY_VOCAB, n - 1))] for n in lengths]
+
+
+def assert_same_greedy_tokens(lm, mine, theirs, prompts):
+    """Equal tokens, except where KerasHub's top two logits tie within float noise (then equal up to there)."""
+    for prompt, a, b in zip(prompts, mine, theirs):
+        if a == b:
+            continue
+        step = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        ids = np.asarray([prompt + a[:step]], np.int32)
+        logits = np.asarray(lm({"token_ids": ids, "padding_mask": np.ones_like(ids, bool)}))[0, -1]
+        assert abs(logits[a[step]] - logits[b[step]]) < 1e-5, (step, a, b)
+
+
+@pytest.mark.parametrize("which", ["gemma", "gemma3", "gemma2"])
+def test_greedy_tokens_equal_kerashub_generate(which, gemma, gemma3, gemma2):
+    """Same prompts, same batch layout: the decoder writes the tokens KerasHub's generate writes.
+
+    Gemma 2 and 3's local layers see 4 tokens back, far fewer than a prompt and
+    its answer; Gemma 2's attention soft cap binds on its tiny weights.
+    """
+    lm = {"gemma": gemma, "gemma3": gemma3, "gemma2": gemma2}[which]
+    batch = prompts(0, [5, 17, 9, 33])
+    mine = decode.decode_tokens(lm, batch, MAX_NEW, [EOS], slots=4)
+    theirs = keras_hub_batch(lm, batch, MAX_NEW, EOS)
+    assert all(len(t) == MAX_NEW or t[-1] == EOS for t in mine)
+    assert_same_greedy_tokens(lm, mine, theirs, batch)
+
+
+def test_second_call_with_other_row_counts_compiles_nothing(gemma):
+    decode.decode_tokens(gemma, prompts(1, [6, 20, 11]), MAX_NEW, [EOS], slots=4)
+    traces = dict(decode.TRACES)
+    decode.decode_tokens(gemma, prompts(2, [7, 9, 30, 12, 8, 15, 4]), MAX_NEW, [EOS], slots=4)
+    decode.decode_tokens(gemma, prompts(3, [10]), MAX_NEW, [EOS], slots=4)
+    assert decode.TRACES == traces
+
+
+def test_more_rows_than_slots_give_each_row_its_own_answer(gemma):
+    """Rows refill freed slots (continuous batching); each answer equals the row decoded alone."""
+    rows = prompts(4, [3, 40, 8, 8, 25, 6, 12, 19, 5])
+    together = decode.decode_tokens(gemma, rows, MAX_NEW, [EOS], slots=3)
+    alone = [decode.decode_tokens(gemma, [row], MAX_NEW, [EOS], slots=3)[0] for row in rows]
+    assert together == alone
+
+
+def test_a_stop_token_ends_its_row_and_is_kept(gemma):
+    rows = prompts(5, [9, 14, 6])
+    free = decode.decode_tokens(gemma, rows, MAX_NEW, [], slots=4)
+    assert all(len(t) == MAX_NEW for t in free)
+    stop = free[1][3]  # row 1's fourth token
+    stopped = decode.decode_tokens(gemma, rows, MAX_NEW, [stop], slots=4)
+    assert stopped[1] == free[1][: free[1].index(stop) + 1]
+    for got, full in zip(stopped, free):  # every row stops at its first `stop`, or runs on unchanged
+        assert got == (full[: full.index(stop) + 1] if stop in full else full)
+
+
+def test_a_row_the_host_ends_stops_early(gemma):
+    rows = prompts(6, [9, 14])
+    full = decode.decode_tokens(gemma, rows, MAX_NEW, [], slots=2)
+    cut = decode.decode_tokens(gemma, rows, MAX_NEW, [], slots=2, ended=lambda row, tokens: row == 0 and len(tokens) >= 2)
+    assert cut[1] == full[1]
+    assert 2 <= len(cut[0]) < MAX_NEW and cut[0] == full[0][: len(cut[0])]
+
+
+def test_gemma2_decoding_applies_both_soft_caps(gemma2):
+    """Each decoded step's logits are the model's: the attention cap inside, the final cap outside."""
+    import jax.numpy as jnp
+
+    config, frozen = decode.inference_params(gemma2)
+    assert (config.attention_logit_soft_cap, config.final_logit_soft_cap) == (5.0, 3.0)
+    prompt = prompts(8, [12])[0]
+    caches = decode.empty_cache(config, 1, decode.CACHE_MULTIPLE)
+    ids = np.asarray([prompt], np.int32)
+    positions = jnp.arange(len(prompt))[None]
+    h, _ = decode._forward(config, frozen, caches, None, jnp.asarray(ids), positions, jnp.ones(ids.shape, bool))
+    raw = np.asarray(h[0], np.float64) @ np.asarray(frozen["embedding"], np.float64).T
+    logits = config.final_logit_soft_cap * np.tanh(raw / config.final_logit_soft_cap)
+    want = np.asarray(gemma2({"token_ids": ids, "padding_mask": np.ones_like(ids, bool)}))[0]
+    np.testing.assert_allclose(logits, want, atol=1e-5 * np.abs(want).max())
+    top = decode._next_token(config, frozen, h[0, -1:], False, 3, decode.jax.random.key(0))
+    assert int(top[0]) in np.argsort(want[-1])[-3:]
+
+
+def test_top_k_samples_only_from_the_top_k(gemma):
+    rows = prompts(7, [8, 8])
+    sampled = decode.decode_tokens(gemma, rows, MAX_NEW, [], greedy=False, top_k=1, seed=3, slots=2)
+    assert sampled == decode.decode_tokens(gemma, rows, MAX_NEW, [], slots=2)  # top-1 is greedy
+    varied = [decode.decode_tokens(gemma, rows, MAX_NEW, [], greedy=False, top_k=50, seed=s, slots=2) for s in (1, 2)]
+    assert varied[0] != varied[1]
+
+
+@pytest.mark.slow
+def test_quantized_and_unsupported_models_are_named(tiny_preset):
+    lm = loading.load_causal_lm(tiny_preset, "float32", quantize="int8")
+    assert "quantized" in decode.unsupported_reason(lm)
+    with pytest.raises(decode.Unsupported):
+        decode.decode_tokens(lm, [[2, 3]], 2, [EOS])
