@@ -1,4 +1,9 @@
-"""Training on 4 CPU devices in a subprocess (tests/distributed_worker.py) against one device."""
+"""Training on 4 virtual CPU devices against one device.
+
+tests/distributed_worker.py runs in a subprocess with 4 virtual CPU devices
+(XLA_FLAGS must be set before JAX starts, and this process already started
+JAX with one device).
+"""
 
 import json
 import os

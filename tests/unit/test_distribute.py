@@ -1,8 +1,7 @@
-"""Several devices: the auto rule, clear errors, a layout for every Gemma (2 included), and real sharded training.
+"""Several devices: the auto rule, clear errors and a layout for every Gemma (2 included).
 
-The training tests run tests/distributed_worker.py in a subprocess with 4
-virtual CPU devices (XLA_FLAGS must be set before JAX starts, and this process
-already started JAX with one device).
+The sharded training itself runs in tests/e2e/test_distribute_runs.py (a subprocess with 4
+virtual CPU devices: XLA_FLAGS must be set before JAX starts).
 """
 
 import types
