@@ -50,6 +50,7 @@ def test_trained_answers_stop_at_end_of_turn_and_the_format_travels_with_the_ada
     assert main(["info", adapter]) == 0 and "prompts: Gemma's chat format" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_an_instruct_preset_resolves_offline_from_the_kagglehub_cache_and_trains_in_chat(tiny_preset, tmp_path, capsys):
     handle = "keras/gemma3/keras/gemma3_instruct_1b/3"
     cached = fill_kagglehub_cache(tiny_preset, handle)

@@ -14,6 +14,7 @@ FAST = ["--preset", "tiny", "--sequence-length", "64", "--limit", "12", "--valid
         "--test-rows", "4", "--batch-size", "4", "--max-new-tokens", "4"]
 
 
+@pytest.mark.slow
 def test_train_end_to_end_through_the_console_script(tmp_path):
     """The installed entry point runs a short fine-tune and writes the whole run directory."""
     run_dir = tmp_path / "run"

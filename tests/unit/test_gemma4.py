@@ -315,6 +315,7 @@ def randomized(causal_lm, seed=0):
     return trained_like(randomize(causal_lm, seed), seed=seed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [{}, dict(attention_logit_soft_cap=5.0, num_layers=4, sliding_window_size=4)])
 def test_fast_logits_match_kerashub_float32(overrides):
     """The fast path reads Gemma 4 off the backbone: x * scale norms, value norm, K = V, partial RoPE,
@@ -332,6 +333,7 @@ def test_fast_logits_match_kerashub_float32(overrides):
     assert np.abs(got - reference).max() < 1e-5 * np.abs(reference).max()
 
 
+@pytest.mark.slow
 def test_both_engines_give_the_same_loss_and_gradient(tiny_gemma4_preset, make_config):
     from test_loop import first_moments
 

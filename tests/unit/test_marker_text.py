@@ -6,7 +6,6 @@ such strings as ordinary pieces. Checked on Gemma 1-3's markers (`tiny`) and
 Gemma 4's (`tiny_gemma4`), for chat rows, templated rows and prompts.
 """
 
-import json
 
 import pytest
 from conftest import write_jsonl
@@ -112,19 +111,3 @@ def cli_rows(path):
 
 TINY_RUN = ["--preset", "tiny", "--sequence-length", "64", "--limit", "8", "--validation-rows", "2", "--test-rows", "2",
             "--max-steps", "1", "--max-new-tokens", "2", "--answer-splits"]
-
-
-def test_marker_text_is_counted_by_default_and_refused_with_error(tmp_path, tiny_preset, capsys):
-    from gemma_lora.cli import main
-
-    path = cli_rows(tmp_path / "chats.jsonl")
-    assert main(["train", *TINY_RUN, "--data", str(path), "--output-dir", str(tmp_path / "kept")]) == 0
-    out = capsys.readouterr().out
-    assert "marker text: train 1 rows, validation 0 rows, test 0 rows hold a control token" in out
-    assert json.loads((tmp_path / "kept" / "data.json").read_text())["marker_text_rows"] == \
-        {"train": 1, "validation": 0, "test": 0}
-    code = main(["train", *TINY_RUN, "--data", str(path), "--marker-text", "error", "--output-dir", str(tmp_path / "no")])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "\n" not in err
-    assert f"{path}:6: the text holds '<end_of_turn>', a control token" in err and "--marker-text error" in err
-    assert not (tmp_path / "no").exists()
