@@ -4,7 +4,7 @@ Prompts are templated (or written as a user turn of Gemma's chat format) and
 tokenized here. The model's own stop token is `<eos>` with the template, and
 `<end_of_turn>` (Gemma 4: `<turn|>`), or `<eos>`, with the chat format.
 
-Gemma 1, 2 and 3 text models and Gemma 4's dense text stack decode with `gemma_lora.decode` (a key/value
+Gemma 1, 2 and 3 text models and Gemma 4's dense text stack decode with `gemma_lora.fast.decode` (a key/value
 cache, continuous batching, compiled once per shape; why not KerasHub's
 `generate` is said there); other models (quantized bases, architectures the
 fast path does not implement) go through KerasHub's compiled `generate` in

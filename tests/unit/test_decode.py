@@ -93,6 +93,7 @@ def test_a_row_the_host_ends_stops_early(gemma):
     assert 2 <= len(cut[0]) < MAX_NEW and cut[0] == full[0][: len(cut[0])]
 
 
+@pytest.mark.slow
 def test_gemma2_decoding_applies_both_soft_caps(gemma2):
     """Each decoded step's logits are the model's: the attention cap inside, the final cap outside."""
     import jax.numpy as jnp

@@ -346,6 +346,7 @@ def test_gemma2_is_read_as_kerashub_builds_it(gemma2_params):
     assert [forward.attention_path(config, i) for i in range(4)] == ["soft-capped"] * 4
 
 
+@pytest.mark.slow
 def test_gemma2_logits_match_kerashub_float32_and_need_every_feature(gemma2_lm, gemma2_params):
     """Within 1e-5; leaving out either soft cap, the window or the post norms breaks the match."""
     config, frozen, lora = gemma2_params
@@ -371,6 +372,7 @@ def test_gemma2_logits_match_kerashub_float32_and_need_every_feature(gemma2_lm, 
         assert relative_error(dataclasses.replace(config, **broken)) > 1e-3, broken
 
 
+@pytest.mark.slow
 def test_gemma2_packed_examples_match_each_alone(gemma2_lm, gemma2_params):
     config, frozen, lora = gemma2_params
     config = dataclasses.replace(config, attention_chunk=6)  # slices that straddle the examples

@@ -97,6 +97,7 @@ def test_keras_engine_keeps_the_base_changes_every_factor_lowers_the_loss_and_co
     assert len(traces) == 1  # six epochs of one batch shape: one trace
 
 
+@pytest.mark.slow
 def test_both_engines_give_the_same_loss_and_gradient(tiny_gemma2_preset, make_config):
     """The fast engine (soft caps, window, post norms in JAX) steps as KerasHub's model does."""
     config = make_config(preset="tiny_gemma2", batch_size=4, sequence_length=64, shuffle=False, bucket_by_length=False)
