@@ -15,7 +15,6 @@ damaged run directory in one line, naming the file and the fix, before any
 model is loaded and without changing anything on disk.
 """
 
-import re
 import zipfile
 from pathlib import Path
 
@@ -30,7 +29,6 @@ BEFORE_FILE = "before.json"
 SUMMARY_FILE = "summary.json"
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
-CHECKPOINT_NAME = re.compile(r"step-(\d+)\.npz$")
 
 
 def checkpoint_path(run_dir, batches):

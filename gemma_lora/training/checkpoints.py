@@ -16,7 +16,6 @@ Ctrl-C interrupts at once: the processes could not agree on one step to stop
 after.
 """
 
-import re
 import signal
 from pathlib import Path
 
@@ -26,16 +25,14 @@ from gemma_lora import runtime
 from gemma_lora.errors import TrainingError
 from gemma_lora.io import atomic_path
 from gemma_lora.parallel import hosts
-from gemma_lora.run_files import CHECKPOINT_DIR, read_checkpoint
+from gemma_lora.run_files import checkpoint_path, checkpoints_of, read_checkpoint
 from gemma_lora.training.loop import Position
 
 runtime.ensure_runtime()
 
 import keras  # noqa: E402
 
-DIRECTORY = CHECKPOINT_DIR
 KEEP = 2
-_NAME = re.compile(r"step-(\d+)\.npz$")
 
 
 def checkpoint_arrays(causal_lm):
@@ -59,16 +56,15 @@ def save_checkpoint(causal_lm, run_dir, position, batches_done, arrays=None):
         The checkpoint's path.
     """
     arrays = checkpoint_arrays(causal_lm) if arrays is None else arrays
-    directory = Path(run_dir) / DIRECTORY
-    path = directory / f"step-{batches_done:08d}.npz"
+    path = checkpoint_path(run_dir, batches_done)
     if not hosts.is_main():
         return path
-    directory.mkdir(exist_ok=True)
+    path.parent.mkdir(exist_ok=True)
     with atomic_path(path, suffix=".npz") as tmp:
         with open(tmp, "wb") as f:
             # Stored as "global_step" (the key since the first release, so older checkpoints resume): batches, not optimizer steps.
             np.savez(f, epoch=position.epoch, step=position.step, global_step=batches_done, **arrays)
-    for old in sorted(directory.glob("step-*.npz"))[:-KEEP]:
+    for old in checkpoints_of(run_dir)[:-KEEP]:
         old.unlink()
     return path
 
