@@ -1,12 +1,8 @@
-"""Adapters you can keep: save with metadata, load with checks, merge into the base.
+"""Fold an adapter into its base: W + (alpha/rank)·A·B as a plain KerasHub preset, or as a model in memory.
 
-`adapter.lora.h5` is written by KerasHub's own `save_lora_weights`, so stock
-`backbone.load_lora_weights` reads it; `adapter.json` beside it records what
-the h5 cannot: alpha, targets, template, base model, versions, data. With the
-default targets and alpha = rank the stock loader gives the same model; with
-other targets or alpha it would load silently wrong (it enables LoRA on the
-default layers with alpha = rank), which is why `load_adapter` reads the
-metadata first.
+A quantized base is dequantized first (`quantize.float_kernel`), so the
+merged model is float whatever the base was stored as; its metadata.json
+records the chat format the adapter was trained on.
 """
 
 import json

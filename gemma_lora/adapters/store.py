@@ -1,4 +1,4 @@
-"""Adapters you can keep: save with metadata, load with checks, merge into the base.
+"""Save an adapter with its metadata and load it onto a Keras model, with checks.
 
 `adapter.lora.h5` is written by KerasHub's own `save_lora_weights`, so stock
 `backbone.load_lora_weights` reads it; `adapter.json` beside it records what
@@ -6,7 +6,7 @@ the h5 cannot: alpha, targets, template, base model, versions, data. With the
 default targets and alpha = rank the stock loader gives the same model; with
 other targets or alpha it would load silently wrong (it enables LoRA on the
 default layers with alpha = rank), which is why `load_adapter` reads the
-metadata first.
+metadata first. Reading the files without Keras is `files.py`; merging, `merge.py`.
 """
 
 import hashlib

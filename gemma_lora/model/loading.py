@@ -1,9 +1,8 @@
-"""Find a preset (name, kaggle:// handle, directory, `tiny`, `tiny_gemma2`, `tiny_gemma4`), load it, add LoRA; tell an instruction-tuned one.
+"""Load a preset directory as a KerasHub CausalLM in a precision, enable LoRA on it, count its parameters.
 
-Named presets are downloaded whole with kagglehub and then loaded from the
-local directory: KerasHub's own `from_preset("kaggle://...")` fetches file by
-file and probes optional files over the network even when cached, so it
-cannot run offline.
+`presets.resolve_preset` turns a name into the directory this loads; under
+`mixed_bfloat16` a frozen base keeps its projections in bfloat16
+(`frozen_base_policy`), and LoRA factors are float32 whatever the policy.
 """
 
 import contextlib
@@ -18,8 +17,6 @@ runtime.ensure_runtime()
 
 import keras  # noqa: E402
 import keras_hub  # noqa: E402
-
-# The decoder blocks' projection matrices (the layers LoRA may target).
 
 
 def load_causal_lm(preset_dir, precision="float32", sequence_length=None, quantize=None, frozen_base=False):

@@ -1,9 +1,9 @@
-"""Find a preset (name, kaggle:// handle, directory, `tiny`, `tiny_gemma2`, `tiny_gemma4`), load it, add LoRA; tell an instruction-tuned one.
+"""Find a preset (name, kaggle:// handle, directory, `tiny`, `tiny_gemma2`, `tiny_gemma4`, `demo`); tell an instruction-tuned one.
 
 Named presets are downloaded whole with kagglehub and then loaded from the
 local directory: KerasHub's own `from_preset("kaggle://...")` fetches file by
 file and probes optional files over the network even when cached, so it
-cannot run offline.
+cannot run offline. Loading the directory is `loading.py`.
 """
 
 import json

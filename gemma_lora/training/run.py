@@ -23,6 +23,7 @@ steps on its share of each batch; process 0 alone prints and writes the run
 directory, from arrays gathered over the processes.
 """
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,9 +112,23 @@ class Run:
         self.phases = Phases()
         self.run_dir = self.checkpoint = None
 
+    @contextlib.contextmanager
     def session(self):
         """A context for the steps: puts back Keras' global distribution, and turns a lost peer into one error."""
-        return _Session()
+        import keras
+
+        # The run sets Keras' global distribution (before the model is built, see
+        # prepare); put back whatever the caller had once the run ends.
+        previous = keras.distribution.distribution()
+        try:
+            yield
+        except Exception as error:
+            lost = hosts.lost_peer(error)
+            if lost is None:
+                raise
+            raise lost from None
+        finally:
+            keras.distribution.set_distribution(previous)
 
     def setup(self):
         """Make (or check) the run directory, read the data, load the model, enable LoRA, choose the engine."""
@@ -144,6 +159,7 @@ class Run:
         self._plan_training()
 
     def _plan_training(self):
+        from gemma_lora.training.engines import compile_for_training
         from gemma_lora.training.optim import make_optimizer
         from gemma_lora.training.reports import optimizer_line
 
@@ -151,7 +167,7 @@ class Run:
         self.echo(f"run directory: {self.run_dir}")
         self.plan = self.engine.plan(self.rows["train"], config)  # epoch 0 is built here, once
         self.total_steps = self.plan.total_steps()
-        _compile(self.causal_lm, make_optimizer(config, self.total_steps))
+        compile_for_training(self.causal_lm, optimizer=make_optimizer(config, self.total_steps))
         self.data_stats.update(self.engine.data_stats(self.plan))
         self.echo(self.engine.describe(self.plan, config))
         self.echo(optimizer_line(config, self.total_steps))
@@ -357,32 +373,6 @@ class Run:
             answers={"before": summary["answers_before"], "after": summary["answers_after"]},
             after_sem=self.after_sem, model_dir=model_dir,
         )
-
-
-class _Session:
-    # The run sets Keras' global distribution (before the model is built, see
-    # prepare); put back whatever the caller had once the run ends.
-    def __enter__(self):
-        import keras
-
-        self.previous = keras.distribution.distribution()
-
-    def __exit__(self, kind, error, traceback):
-        import keras
-
-        keras.distribution.set_distribution(self.previous)
-        if isinstance(error, Exception):
-            lost = hosts.lost_peer(error)
-            if lost is not None:
-                raise lost from None
-        return False
-
-
-def _compile(causal_lm, optimizer):
-    """Compile with the recipe's loss and metrics (what `--recipe`'s `Model.fit` trains with) and `optimizer`."""
-    from gemma_lora.training.engines import compile_for_training
-
-    compile_for_training(causal_lm, optimizer=optimizer)
 
 
 def _silent(*args, **kwargs):
