@@ -185,6 +185,11 @@ def join(job, timeout=JOIN_TIMEOUT, heartbeat_timeout=HEARTBEAT_TIMEOUT):
     # CPU devices of different processes exchange data through gloo (the
     # one-machine rehearsal); GPUs and TPUs use their own interconnect.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # No persistent compilation cache in a job: processes sharing one cache
+    # directory (every localhost rehearsal, hosts on one network file system)
+    # load each other's executables, and with JAX 0.12.1 on CPU the job then
+    # hangs in its first shared step, idle, with nothing printed.
+    jax.config.update("jax_enable_compilation_cache", False)
     where = job.coordinator or "the coordinator JAX discovers"
     this = f"process {job.process_id} of {job.num_processes}" if job.coordinator else "this process"
     message = (
