@@ -81,7 +81,9 @@ class TrainConfig:
         default=None,
     )
     precision: str = _help(
-        "float32 | bfloat16 | mixed_bfloat16 | auto (float32 on CPU, mixed_bfloat16 on GPU/TPU).",
+        "float32 | bfloat16 | mixed_bfloat16 | auto: mixed_bfloat16 on GPU/TPU, and on a CPU with bfloat16 "
+        "units (AMX-BF16 or AVX512-BF16) for the fast engine (bfloat16 base and activations, float32 LoRA "
+        "factors, optimizer state and loss sums); float32 otherwise on CPU. float32 keeps every number float32.",
         default="auto",
     )
     quantize: str | None = _help(
@@ -330,15 +332,19 @@ class TrainConfig:
             return list(self.stop_strings)
         return [] if (self.chat if chat is None else chat) else list(TEMPLATE_STOP_STRINGS)
 
-    def resolved_precision(self, platform):
-        """The dtype policy to use on `platform` ("cpu", "gpu", "tpu")."""
+    def resolved_precision(self, platform, cpu_bf16=False):
+        """The dtype policy to use on `platform` ("cpu", "gpu", "tpu"); `cpu_bf16`: the CPU has bfloat16 units."""
         if self.precision != "auto":
             return self.precision
         # Measured, see docs/precision.md. Pure bfloat16 stores the LoRA factors
         # in bfloat16 too, where AdamW steps smaller than ~1/256 of a weight
         # round away; mixed_bfloat16 keeps float32 weights and computes in
-        # bfloat16 (2.5x the float32 recipe on an H100, docs/perf.md).
-        return "float32" if platform == "cpu" else "mixed_bfloat16"
+        # bfloat16 (2.5x the float32 recipe on an H100, docs/perf.md). On a CPU
+        # with AMX-BF16 the fast engine's bfloat16 step is 1.5x its float32 one;
+        # the Keras engine's mixed_bfloat16 step was slower than float32 there.
+        if platform != "cpu":
+            return "mixed_bfloat16"
+        return "mixed_bfloat16" if cpu_bf16 and self.engine == "fast" else "float32"
 
 
 # The classic Keras/KerasHub Gemma LoRA recipe, quirks included: no shuffling,

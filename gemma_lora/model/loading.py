@@ -161,3 +161,18 @@ def platform():
     import jax
 
     return jax.default_backend()
+
+
+# The CPU flags (Linux's /proc/cpuinfo names) of units that multiply bfloat16
+# natively; XLA's CPU backend uses them through oneDNN.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_bf16(cpuinfo="/proc/cpuinfo"):
+    """The first of `BF16_CPU_FLAGS` this CPU has, or None (also where /proc/cpuinfo does not exist)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return next((flag for flag in BF16_CPU_FLAGS if flag in flags), None)

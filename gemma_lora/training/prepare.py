@@ -41,7 +41,10 @@ def prepare(config, echo):
     given = config.chat
     config = resolve_chat(config, dataset.format, preset_dir)
     echo(_describe_format(config, given, dataset.format, presets.chat_format_for(preset_dir)))
-    precision = config.resolved_precision(loading.platform())
+    where = loading.platform()
+    # Process 0's CPU decides, so every process of a job computes alike.
+    bf16_unit = hosts.first("bfloat16 units", loading.cpu_bf16) if where == "cpu" else None
+    precision = config.resolved_precision(where, cpu_bf16=bf16_unit is not None)
     # Variables take their device layout when created, so before the load.
     plan = distribute.apply(config, preset_dir, precision, echo)
     if config.full_finetune and plan.kind == "model" and plan.processes > 1:
@@ -54,6 +57,9 @@ def prepare(config, echo):
     # Counted before quantizing: int4 packs two weights per stored number.
     base_parameters = loading.parameter_summary(causal_lm)["base_parameters"]
     stored = precision
+    if config.precision == "auto" and where == "cpu" and precision != "float32":
+        stored = (f"{precision}: bfloat16 base and activations on this CPU's {bf16_unit.upper().replace('_', '-')}, "
+                  "float32 LoRA factors and optimizer; --precision float32 for float32 throughout")
     if config.quantize:
 
         quantize_base(causal_lm, config.quantize)
