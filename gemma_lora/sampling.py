@@ -9,7 +9,8 @@ cache, continuous batching, compiled once per shape; why not KerasHub's
 `generate` is said there); other models (quantized bases, architectures the
 fast path does not implement) go through KerasHub's compiled `generate` in
 fixed-size batches. Either way the output tokens show whether the model
-itself ended its answer with its stop token (a string output would hide that).
+itself ended its answer with its stop token (a string output would hide that),
+and whether an answer that did not end loops (`gemma_lora.loops`).
 """
 
 import dataclasses
@@ -18,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from gemma_lora import runtime
+from gemma_lora import loops, runtime
 from gemma_lora.data import Example, chat
 from gemma_lora.data.control_tokens import encoder
 from gemma_lora.data.tokenize import prompt_parts
@@ -46,6 +47,9 @@ class Sample:
     stop_token: str | None
     stop_string: str | None  # the stop string the answer was cut at, if any
     new_tokens: int
+    # The answer ran to the token limit repeating itself (`loops.looped`); records
+    # written before this field read as False.
+    looped: bool = False
 
     @property
     def ended_by_model(self):
@@ -130,8 +134,9 @@ def _sample(tokenizer, instruction, new, config, stop_ids, stop_strings):
     if at is not None:
         stop_token, new = tokenizer.id_to_token(new[at]), new[:at]
     text, stop = cut_at_stop_strings(_detokenize(tokenizer, new), stop_strings)
+    looped = loops.looped(new, ended=stop_token is not None or stop is not None)
     # An answer cut at a stop string did not end with the stop token at its own end.
-    return Sample(instruction, text, stop_token if stop is None else None, stop, len(new) + int(at is not None))
+    return Sample(instruction, text, stop_token if stop is None else None, stop, len(new) + int(at is not None), looped)
 
 
 def _detokenize(tokenizer, ids):
@@ -255,6 +260,7 @@ def endings(samples, chat_format=None):
         "stop_tokens": [chat.TURN_MARKERS[fmt][1], "<eos>"] if fmt else ["<eos>"],
         "model_ended_share": sum(s.ended_by_model for s in samples) / n if n else float("nan"),
         "ended_share": sum(s.ended for s in samples) / n if n else float("nan"),
+        "looped_share": sum(s.looped for s in samples) / n if n else float("nan"),
         "samples": samples,
     }
 

@@ -122,6 +122,7 @@ def answers_record(answers, with_samples=False):
             "stop_tokens": a["stop_tokens"],
             "model_ended_share": a["model_ended_share"],
             "ended_share": a["ended_share"],
+            "looped_share": a["looped_share"],
             **({"exact_match": a["exact_match"]} if "exact_match" in a else {}),
             **({"samples": [s.to_dict() for s in a["samples"]]} if with_samples else {}),
         }
@@ -130,15 +131,58 @@ def answers_record(answers, with_samples=False):
 
 
 def with_current_keys(answers):
+    """A before.json's answers with today's keys; what an older file did not measure is None."""
+    # Loops were not detected before looped_share: its samples read as not looped.
+    answers = dict(answers, looped_share=answers.get("looped_share"))
     # A before.json written before the chat format counted <eos> only, as eos_share.
     if "model_ended_share" in answers:
         return answers
     return dict(answers, stop_tokens=["<eos>"], model_ended_share=answers.get("eos_share"))
 
 
+def ending(sample, stop="stop string"):
+    """How a `Sample`'s answer ended, in words.
+
+    "ended by <eos>" (its stop token), "ended by stop string '...'" (`stop`
+    names it), "looped, cut at N tokens" (`loops.looped`), or "cut at N tokens"
+    (N: its new tokens).
+    """
+    if sample.stop_token:
+        return f"ended by {sample.stop_token}"
+    if sample.stop_string:
+        return f"ended by {stop} {sample.stop_string!r}"
+    return f"{'looped, ' if sample.looped else ''}cut at {sample.new_tokens} tokens"
+
+
 def share(answers, key="model_ended_share"):
     n = answers["rows"]
     return f"{round(answers[key] * n)}/{n} ({answers[key]:.0%})"
+
+
+def answer_lines(name, before, after, config):
+    """What a run prints about a split's greedy answers: how many end with the stop token, loop, [match].
+
+    Args:
+        name: str, the split.
+        before: its `answers_record`-like dict before training, or None
+            (not answered before); a before.json from before loops were
+            detected has `looped_share` None, and its line shows after only.
+        after: the same after training.
+        config: the `TrainConfig` (max_new_tokens, metric).
+
+    Returns:
+        list of str, each "<what>: <before> before → <after> after".
+    """
+    def change(key):
+        was = f"{share(before, key)} before → " if before and before.get(key) is not None else ""
+        return f"{was}{share(after, key)} after"
+
+    lines = [f"{name} answers ending with {after['stop_tokens'][0]} within {config.max_new_tokens} tokens (greedy): "
+             f"{change('model_ended_share')}",
+             f"{name} answers that loop (greedy): {change('looped_share')}"]
+    if config.metric == "exact_match":
+        lines.append(f"{name} exact match of greedy answers: {change('exact_match')}")
+    return lines
 
 
 def write_answers(run_dir, examples, before, after):
@@ -160,16 +204,13 @@ def write_samples(run_dir, before, after):
     ]
     write_text_atomic(run_dir / "samples.json", json.dumps(records, indent=2) + "\n")
     lines = []
-    for record in records:
-        lines += [f"## {record['instruction']}", ""]
-        for when in ("before", "after"):
-            s = record[when]
-            ending = s["stop_token"] or (f"stop string {s['stop_string']!r}" if s["stop_string"] else "length limit")
-            lines += [f"**{when}** (ended by {ending}):", "", "```", s["text"], "```", ""]
+    for b, a in zip(before, after):
+        lines += [f"## {b.instruction}", ""]
+        for when, s in (("before", b), ("after", a)):
+            lines += [f"**{when}** ({ending(s)}):", "", "```", s.text, "```", ""]
     write_text_atomic(run_dir / "samples.md", "\n".join(lines))
 
 
 def echo_samples(echo, when, samples):
     for s in samples:
-        ending = s.stop_token or (f"stop {s.stop_string!r}" if s.stop_string else "length limit")
-        echo(f"[{when}] {s.instruction}\n{s.text.strip()}\n  (ended by {ending})")
+        echo(f"[{when}] {s.instruction}\n{s.text.strip()}\n  ({ending(s, stop='stop')})")

@@ -53,7 +53,8 @@ class RunResult:
     train: dict  # optimizer steps, batches, seconds, tokens/s
     samples: list = field(default_factory=list)
     adapter: Path | None = None
-    # "before"/"after" -> split -> {rows, stop_tokens, model_ended_share, ended_share[, exact_match]} of greedy held-out answers
+    # "before"/"after" -> split -> {rows, stop_tokens, model_ended_share, ended_share, looped_share[, exact_match]}
+    # of greedy held-out answers
     answers: dict = field(default_factory=dict)
     after_sem: dict = field(default_factory=dict)  # split -> standard error of `after` over rows
     model_dir: Path | None = None  # the saved preset of a full fine-tune
@@ -293,7 +294,7 @@ class Run:
 
     def score_after(self):
         """Scores, answers and samples after training, each against its value before."""
-        from gemma_lora.training.reports import echo_samples, share, standard_error
+        from gemma_lora.training.reports import answer_lines, echo_samples, standard_error
 
         config, echo = self.config, self.echo
         self.phases.start("after")
@@ -309,13 +310,8 @@ class Run:
              f"({stats['real_tokens_per_second']:,} real tokens/s)")
         self.samples_after, self.answers_after = self.answer("after")
         for name, after in self.answers_after.items():
-            before = self.answers_before.get(name)
-            was = f"{share(before)} before → " if before else ""
-            echo(f"{name} answers ending with {after['stop_tokens'][0]} within {config.max_new_tokens} "
-                 f"tokens (greedy): {was}{share(after)} after")
-            if config.metric == "exact_match":
-                was = f"{share(before, 'exact_match')} before → " if before else ""
-                echo(f"{name} exact match of greedy answers: {was}{share(after, 'exact_match')} after")
+            for line in answer_lines(name, self.answers_before.get(name), after, config):
+                echo(line)
         echo_samples(echo, "after", self.samples_after)
         self.phases.stop()
 

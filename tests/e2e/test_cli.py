@@ -47,10 +47,13 @@ def test_train_end_to_end_through_the_console_script(tmp_path):
     answers = json.loads((run_dir / "answers.json").read_text())["test"]
     assert len(answers) == 4 and all(a["reference"] and a["after"]["stop_token"] in (None, "<eos>") for a in answers)
     ended = sum(a["after"]["stop_token"] == "<eos>" for a in answers) / 4
+    looped = sum(a["after"]["looped"] for a in answers) / 4
     assert summary["answers_after"] == {"test": {"rows": 4, "stop_tokens": ["<eos>"], "model_ended_share": ended,
-                                                 "ended_share": summary["answers_after"]["test"]["ended_share"]}}
+                                                 "ended_share": summary["answers_after"]["test"]["ended_share"],
+                                                 "looped_share": looped}}
     assert summary["chat_format"] is None and json.loads((run_dir / "config.json").read_text())["chat"] is False
     assert "test answers ending with <eos> within 4 tokens (greedy)" in out
+    assert "test answers that loop (greedy): " in out
     meta = json.loads((run_dir / "adapter.json").read_text())
     assert meta["rank"] == 4 and meta["alpha"] == 4 and meta["base_preset"] == "tiny" and meta["chat_format"] is None
 
