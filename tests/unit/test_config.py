@@ -113,6 +113,31 @@ def test_auto_precision_per_platform():
     assert resolve_config(overrides={"precision": "bfloat16"}).resolved_precision("cpu") == "bfloat16"
 
 
+def test_auto_precision_on_a_cpu_with_bfloat16_units_is_mixed_for_the_fast_engine_only():
+    fast = resolve_config(overrides={"engine": "fast"})
+    assert fast.resolved_precision("cpu", cpu_bf16=True) == "mixed_bfloat16"
+    assert fast.resolved_precision("cpu", cpu_bf16=False) == "float32"
+    # The Keras engine's mixed_bfloat16 step was slower than float32 on CPU (docs/precision.md).
+    for engine in ("keras", "auto"):
+        assert resolve_config(overrides={"engine": engine}).resolved_precision("cpu", cpu_bf16=True) == "float32"
+    forced = resolve_config(overrides={"engine": "fast", "precision": "float32"})
+    assert forced.resolved_precision("cpu", cpu_bf16=True) == "float32"
+
+
+def test_bfloat16_units_are_read_from_the_cpu_flags(tmp_path):
+    from gemma_lora.model.loading import cpu_bf16
+
+    def cpu(flags):
+        path = tmp_path / "cpuinfo"
+        path.write_text(f"processor\t: 0\nmodel name\t: some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+        return cpu_bf16(path)
+
+    assert cpu("fpu sse avx512f amx_tile amx_bf16 avx512_bf16") == "amx_bf16"
+    assert cpu("fpu sse avx512f avx512_bf16") == "avx512_bf16"
+    assert cpu("fpu sse avx2 avx512f amx_tile") is None  # AMX without its bfloat16 part
+    assert cpu_bf16(tmp_path / "missing") is None  # no /proc/cpuinfo (macOS, Windows): float32
+
+
 def test_the_shipped_demo_config_loads_and_validates():
     config = resolve_config(load_config_file(Path(REPO) / "configs" / "demo.toml"))
     validate(config)
