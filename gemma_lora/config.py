@@ -306,7 +306,10 @@ class TrainConfig:
         "XLA_PYTHON_CLIENT_MEM_FRACTION: share of GPU memory JAX may take.", default=1.0
     )
     compilation_cache: str | None = _help(
-        "Directory for JAX's persistent compilation cache (None = off).", default=None
+        "Directory for JAX's persistent compilation cache, so a second run loads its compiled programs instead "
+        "of compiling them: auto = <GEMMA_LORA_CACHE, default ~/.cache/gemma_lora>/jax (safe to delete), off = "
+        "none. Off in a job of several processes (docs/multihost.md).",
+        default="auto",
     )
     output_dir: str | None = _help(
         "Run directory (created; must be empty). None = runs/<preset>-<time>.", default=None

@@ -8,10 +8,45 @@ loudly when it is too late rather than silently running on the wrong backend.
 
 import os
 import sys
+from pathlib import Path
 
 from gemma_lora.errors import RuntimeSetupError
 
 BACKEND = "jax"  # The package's training and scoring code is written for JAX.
+
+
+# JAX's persistent compilation cache: `compilation_cache="auto"` puts it here.
+COMPILATION_CACHE_NAME = "jax"
+# What JAX's monitoring records for each compilation that could use the cache.
+_CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": "loaded", "/jax/compilation_cache/cache_misses": "compiled"}
+_cache_counts = {"loaded": 0, "compiled": 0}
+_cache = {"dir": None}
+
+
+def cache_root():
+    """Where the package keeps what it builds: converted presets, compiled programs (GEMMA_LORA_CACHE overrides)."""
+    return Path(os.environ.get("GEMMA_LORA_CACHE", Path.home() / ".cache" / "gemma_lora"))
+
+
+def compilation_cache_path(setting):
+    """The directory a `compilation_cache` setting names: "auto" → `cache_root()/jax`; None, "" or "off" → None."""
+    if setting in (None, "", "off"):
+        return None
+    return cache_root() / COMPILATION_CACHE_NAME if setting == "auto" else Path(setting).expanduser()
+
+
+def compilation_cache_record():
+    """This process's use of the persistent compilation cache: its directory (None: off) and the
+    programs loaded from it and compiled (then stored) since `configure_runtime` turned it on."""
+    import jax
+
+    on = _cache["dir"] is not None and jax.config.jax_enable_compilation_cache  # a job of several turns it off
+    return {"dir": _cache["dir"] if on else None, **(_cache_counts if on else {"loaded": 0, "compiled": 0})}
+
+
+def _count_cache_event(event, *args, **kwargs):
+    if event in _CACHE_EVENTS:
+        _cache_counts[_CACHE_EVENTS[event]] += 1
 
 
 def configure_runtime(
@@ -26,9 +61,12 @@ def configure_runtime(
         memory_fraction: float in (0, 1], default 1.0 (the classic recipe's
             value). Share of GPU memory JAX may take.
         seed: int or None. Seeds Python, NumPy and Keras (`set_random_seed`).
-        compilation_cache_dir: str or None. Enables JAX's persistent
-            compilation cache in that directory, so a second run skips most
-            compile time.
+        compilation_cache_dir: a directory, "auto" (`cache_root()/jax`), or
+            None / "off" (the default here: off). Enables JAX's persistent
+            compilation cache there, so a second run loads its programs
+            instead of compiling them again (`compilation_cache_record`
+            counts both). Deleting the directory is safe: programs are
+            compiled again.
         backend: must be "jax"; kept as an argument so the error below can
             name what was asked for.
 
@@ -58,10 +96,14 @@ def configure_runtime(
     # Only effective if JAX has not initialised its GPU client yet; a notebook
     # that already ran JAX code keeps whatever fraction it started with.
     os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{memory_fraction:.2f}"
-    if compilation_cache_dir:
+    cache = compilation_cache_path(compilation_cache_dir)
+    if cache is not None:
         import jax
 
-        jax.config.update("jax_compilation_cache_dir", str(compilation_cache_dir))
+        jax.config.update("jax_compilation_cache_dir", str(cache))
+        if _cache["dir"] is None:
+            jax.monitoring.register_event_listener(_count_cache_event)
+        _cache["dir"] = str(cache)
         # Cache every compiled program, not only the slow ones: the first
         # training step is what users wait for.
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

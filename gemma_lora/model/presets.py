@@ -132,7 +132,7 @@ def use_notebook_credentials():
 
 def cache_dir():
     """Where the package keeps presets it builds (GEMMA_LORA_CACHE overrides)."""
-    return Path(os.environ.get("GEMMA_LORA_CACHE", Path.home() / ".cache" / "gemma_lora"))
+    return runtime.cache_root()
 
 
 def resolve_preset(preset, version=None):

@@ -98,6 +98,7 @@ class Run:
         runtime.configure_runtime(
             memory_fraction=config.memory_fraction, seed=config.seed, compilation_cache_dir=config.compilation_cache,
         )
+        self._cache_at_start = runtime.compilation_cache_record()  # counts are per process; this run's are the difference
         hosts.require_joined()
         hosts.check_same("config", config.to_dict(),
                          "Start every process with the same command and config file (only --process-id differs).")
@@ -359,16 +360,26 @@ class Run:
             "token_loss_before": self.before, "token_loss_after": self.after,
             "answers_before": answers_record(self.answers_before), "answers_after": answers_record(self.answers_after),
             "token_loss_after_sem": self.after_sem, "train": self.train_stats, "phases_seconds": self.phases.seconds,
+            "compilation_cache": self.compilation_cache(),
         }
         if self.main:
             write_text_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
         self.echo("time: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in self.phases.seconds.items()))
+        cache = summary["compilation_cache"]
+        if cache["dir"]:
+            self.echo(f"compilation cache: {cache['loaded']} programs loaded, {cache['compiled']} compiled and stored "
+                      f"({cache['dir']}; safe to delete, --compilation-cache off turns it off)")
         return RunResult(
             run_dir, self.parameters, summary["data"], self.before, self.after, self.train_stats,
             samples=list(zip(self.samples_before, self.samples_after)), adapter=adapter,
             answers={"before": summary["answers_before"], "after": summary["answers_after"]},
             after_sem=self.after_sem, model_dir=model_dir,
         )
+
+    def compilation_cache(self):
+        """The persistent compilation cache's directory (None: off) and this run's programs loaded from it and compiled."""
+        now = runtime.compilation_cache_record()
+        return {"dir": now["dir"], **{k: now[k] - self._cache_at_start[k] for k in ("loaded", "compiled")}}
 
 
 def _silent(*args, **kwargs):
