@@ -19,7 +19,8 @@ os.environ["HF_HOME"] = os.path.join(_CACHE, "hf")
 os.environ["KAGGLE_CONFIG_DIR"] = os.path.join(_CACHE, "kaggle-config")  # no ~/.kaggle
 # Tests compile the same tiny programs many times, in this process and in the
 # CLI subprocesses: a shared persistent compilation cache pays for each once.
-os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_CACHE, "jax")
+# The package's own default place for it (compilation_cache="auto"), so runs and tests share one.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_CACHE, "gemma_lora", "jax")
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 for name in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
