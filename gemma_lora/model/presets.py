@@ -130,11 +130,6 @@ def use_notebook_credentials():
     return "kaggle.json" if found is not None else None
 
 
-def cache_dir():
-    """Where the package keeps presets it builds (GEMMA_LORA_CACHE overrides)."""
-    return runtime.cache_root()
-
-
 def resolve_preset(preset, version=None):
     """Return a local preset directory for `preset`, downloading if needed.
 
@@ -295,7 +290,7 @@ def tiny_preset_dir(name=TINY):
     """
     build = {TINY: build_tiny_causal_lm, TINY_GEMMA2: build_tiny_gemma2_causal_lm,
              TINY_GEMMA4: gemma4.build_tiny_causal_lm}[name]
-    path = cache_dir() / "presets" / f"{name}-v{TINY_VERSION}"
+    path = runtime.cache_root() / "presets" / f"{name}-v{TINY_VERSION}"
     if path.is_dir():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -321,7 +316,7 @@ def demo_preset_dir():
     Raises:
         PresetError: the package is not installed.
     """
-    path = cache_dir() / "presets" / "gemma3_270m_gguf"
+    path = runtime.cache_root() / "presets" / "gemma3_270m_gguf"
     if path.is_dir():
         return path
     try:
@@ -335,7 +330,7 @@ def demo_preset_dir():
         ) from None
     from gemma_lora.model.gguf_import import convert_gguf
 
-    gguf_file = cache_dir() / "gguf" / DEMO_GGUF
+    gguf_file = runtime.cache_root() / "gguf" / DEMO_GGUF
     if not gguf_file.is_file():
         gguf_file.parent.mkdir(parents=True, exist_ok=True)
         staging = gguf_file.with_name(f".{DEMO_GGUF}.tmp")

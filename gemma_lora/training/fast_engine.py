@@ -139,6 +139,14 @@ class FastForward:
         return forward.loss_sums(self.fast_config, self.frozen, self.lora, self.batch)
 
 
+def lora_tree(fast_config, paths, trainable):
+    """The fast path's per-layer LoRA pytree of the Keras model's trainable values (`paths[i]`: the i-th's place)."""
+    lora = [{} for _ in range(fast_config.num_layers)]
+    for (i, target, name), value in zip(paths, trainable):
+        lora[i].setdefault(target, {})[name] = value
+    return lora
+
+
 def _fast_train_step(fast_config, paths, optimizer, objective):
     """The fast engine's step: gradients of the packed batch's loss on the LoRA factors, then the update.
 
@@ -147,15 +155,10 @@ def _fast_train_step(fast_config, paths, optimizer, objective):
     the compiled step is kept per model and must not keep it alive.
     """
 
-    def lora_of(trainable):
-        lora = [{} for _ in range(fast_config.num_layers)]
-        for (i, target, name), value in zip(paths, trainable):
-            lora[i].setdefault(target, {})[name] = value
-        return lora
-
     def train_step(trainable, optimizer_values, frozen, batch, scale):
         def loss(trainable):
-            nll, weight = objective.loss(FastForward(fast_config, frozen, lora_of(trainable), batch))
+            lora = lora_tree(fast_config, paths, trainable)
+            nll, weight = objective.loss(FastForward(fast_config, frozen, lora, batch))
             # `scale` (from the loop) makes it the mean over the optimizer step's loss-carrying tokens.
             return nll * scale, (nll, weight)
 

@@ -110,15 +110,13 @@ def test_a_bfloat16_fast_step_gives_float32_s_loss_and_gradients_within_bfloat16
         stepper = engine.stepper(causal_lm, engine.plan(rows, config), precision)
         assert all(v.dtype == "float32" for v in stepper.trainable)  # LoRA factors stay float32
         assert stepper.fast_config.dtype == ("float32" if precision == "float32" else "bfloat16")  # the computation's
-        batch = fast_engine.epoch_batches(rows, config, 0)[0]
-        forward = lambda lora, stepper=stepper, batch=batch: fast_engine.FastForward(  # noqa: E731
-            stepper.fast_config, stepper.frozen, lora, {k: jax.numpy.asarray(v) for k, v in batch.items()})
-        def loss(trainable, stepper=stepper, forward=forward):
-            lora = [{} for _ in range(stepper.fast_config.num_layers)]
-            for (i, target, name), value in zip(stepper.paths, trainable):
-                lora[i].setdefault(target, {})[name] = value
-            nll, weight = forward(lora).token_nll_sums()
+        batch = {k: jax.numpy.asarray(v) for k, v in fast_engine.epoch_batches(rows, config, 0)[0].items()}
+
+        def loss(trainable):
+            lora = fast_engine.lora_tree(stepper.fast_config, stepper.paths, trainable)
+            nll, weight = fast_engine.FastForward(stepper.fast_config, stepper.frozen, lora, batch).token_nll_sums()
             return nll / weight
+
         value, grads = jax.value_and_grad(loss)(stepper.trainable)
         results[precision] = float(value), np.concatenate([np.asarray(g, np.float32).ravel() for g in grads])
     (loss32, grad32), (loss16, grad16) = results["float32"], results["mixed_bfloat16"]

