@@ -32,8 +32,8 @@ runtime.ensure_runtime()
 import keras  # noqa: E402
 import keras_hub  # noqa: E402
 
-# Rows decoded together. On 2 CPU cores a step of the 270M model costs about
-# the same for 1 row as for 16 (reading the weights dominates), more beyond.
+# Rows KerasHub's generate answers together (the package's decoder picks its
+# own, `decode.auto_slots`).
 SLOTS = 16
 _SAMPLERS = weakref.WeakKeyDictionary()  # model -> the sampler settings its KerasHub generate was compiled with
 
@@ -72,7 +72,7 @@ class Sample:
         return cls(**record)
 
 
-def generate(causal_lm, instructions, config, batch_size=SLOTS, label=None):
+def generate(causal_lm, instructions, config, batch_size=None, label=None):
     """Answer each instruction with the configured template or chat format, sampler and limits.
 
     Args:
@@ -85,7 +85,8 @@ def generate(causal_lm, instructions, config, batch_size=SLOTS, label=None):
         config: a `TrainConfig` (chat, template, sampler, top_k, seed,
             max_new_tokens, stop_strings). With `config.chat` None, the chat
             format is used for conversation examples (`chat.uses_chat`).
-        batch_size: rows decoded together.
+        batch_size: rows decoded together; None: the decoder's choice
+            (`decode.auto_slots`), or SLOTS with KerasHub's generate.
         label: str or None; with a label, progress (rows done / total) is shown.
 
     Returns:
@@ -109,7 +110,7 @@ def generate(causal_lm, instructions, config, batch_size=SLOTS, label=None):
             progress=lambda done, tokens: progress.update(done - progress.n, tokens=tokens),
         )
     except decode.Unsupported:
-        outputs = _keras_hub_generate(causal_lm, prompts, config, batch_size, progress, stop_ids)
+        outputs = _keras_hub_generate(causal_lm, prompts, config, batch_size or SLOTS, progress, stop_ids)
     progress.close()
     return [_sample(tokenizer, e.instruction, new, config, stop_ids, stop_strings) for e, new in zip(examples, outputs)]
 
@@ -220,7 +221,7 @@ def keras_hub_batch(causal_lm, prompts, max_new_tokens, stop_ids, pad=0):
     return results
 
 
-def answer_endings(causal_lm, examples, config, batch_size=SLOTS, label=None):
+def answer_endings(causal_lm, examples, config, batch_size=None, label=None):
     """Greedy-answer held-out rows (each from its whole prompt) and count how the answers end.
 
     The share that the model itself ends with its stop token (`<eos>`, or

@@ -7,12 +7,15 @@
 Both answer the test split's instructions (the pipeline's template) greedily
 up to --max-new-tokens, stopping at <eos>. "stock" is KerasHub's compiled
 `generate` in batches of 16 rows of like length, prompt room rounded up to 64
-tokens (what the package did before `gemma_lora.decode`); "package" is
-`gemma_lora.decode.decode_tokens` with the slots `gemma_lora.sampling` uses,
-the pipeline's answering path. Each is called twice
-in the same process: "first call" includes compilation, "second call" does
-not, and "compile s" is their difference. Rows whose tokens differ between
-the two are counted (float32 greedy decoding should agree except at near-ties).
+tokens (what the package did before `gemma_lora.fast.decode`); "package" is
+`gemma_lora.fast.decode.decode_tokens` as the pipeline calls it (its own
+slot count, the bfloat16 shortlist where bfloat16 is native);
+"package_float32" is the same decoder with 16 slots and every logit in
+float32 (its settings before 2026-12-07). Each is called twice in the same
+process: "first call" includes compilation, "second call" does not, and
+"compile s" is their difference. Rows whose tokens differ from stock's and
+from package_float32's are counted (float32 greedy decoding should agree
+except at near-ties).
 """
 
 import argparse
@@ -31,8 +34,8 @@ def main():
     parser.add_argument("--adapter", help="Apply this adapter first (a fine-tuned model ends its answers).")
     parser.add_argument("--rows", type=int, default=68, help="Test rows to answer (the shipped sample has 68).")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--variants", default="package,stock")
-    parser.add_argument("--slots", type=int, help="Rows the package decodes together (default: gemma_lora.sampling.SLOTS).")
+    parser.add_argument("--variants", default="package,package_float32,stock")
+    parser.add_argument("--slots", type=int, help="Rows the package decodes together (default: decode.auto_slots).")
     args = parser.parse_args()
 
     runtime.quiet_startup()
@@ -42,9 +45,7 @@ def main():
     from gemma_lora.data import Example, prompt_text
     from gemma_lora.fast import decode
     from gemma_lora.model import loading, presets
-    from gemma_lora.sampling import SLOTS, keras_hub_batch
-
-    slots = args.slots or SLOTS
+    from gemma_lora.sampling import keras_hub_batch
 
     config = resolve_config(overrides=dict(preset=args.preset, sequence_length=256, test_rows=args.rows,
                                            max_new_tokens=args.max_new_tokens, stop_strings=[]))
@@ -60,7 +61,10 @@ def main():
                for ids in tokenizer([prompt_text(Example(e.instruction, ""), config) for e in rows])]
 
     def package():
-        return decode.decode_tokens(causal_lm, prompts, args.max_new_tokens, [eos], slots=slots)
+        return decode.decode_tokens(causal_lm, prompts, args.max_new_tokens, [eos], slots=args.slots)
+
+    def package_float32():
+        return decode.decode_tokens(causal_lm, prompts, args.max_new_tokens, [eos], slots=16, shortlist=False)
 
     def stock():
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -73,7 +77,7 @@ def main():
 
     results, tokens = [], {}
     for name in args.variants.split(","):
-        run = {"package": package, "stock": stock}[name]
+        run = {"package": package, "package_float32": package_float32, "stock": stock}[name]
         times = []
         for _ in range(2):
             start = time.perf_counter()
@@ -85,9 +89,13 @@ def main():
                             compile=times[0] - times[1], tps=new / times[1]))
         print(f"{name}: first call {times[0]:.1f} s, second {times[1]:.1f} s, {new} new tokens", flush=True)
 
-    if {"package", "stock"} <= set(tokens):
-        differ = sum(a != b for a, b in zip(tokens["package"], tokens["stock"]))
-        print(f"rows whose greedy tokens differ between the two: {differ} of {len(rows)}")
+    names = list(tokens)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            differ = sum(x != y for x, y in zip(tokens[a], tokens[b]))
+            print(f"rows whose greedy tokens differ between {a} and {b}: {differ} of {len(rows)}")
+    config_fast, _ = decode.inference_params(causal_lm)
+    slots = args.slots or decode.auto_slots(config_fast, len(prompts), decode.cache_length(max(map(len, prompts)), args.max_new_tokens))
     print(f"\npreset {args.preset}{' + ' + args.adapter if args.adapter else ''}, {len(rows)} rows, "
           f"up to {args.max_new_tokens} new tokens, package slots {slots}, decode chunk {decode.CHUNK_STEPS} steps\n")
     print("| variant | rows | new tokens | first call s | second call s | compile s | new tokens/s |")
@@ -95,10 +103,11 @@ def main():
     for r in results:
         print(f"| {r['variant']} | {r['rows']} | {r['new_tokens']:,} | {r['first']:.1f} | {r['second']:.1f} | "
               f"{r['compile']:.1f} | {r['tps']:.0f} |")
-    if len(results) == 2:
-        a, b = results
-        print(f"\n{a['variant']} / {b['variant']}: first call {b['first'] / a['first']:.2f}x faster, "
-              f"second call {b['second'] / a['second']:.2f}x faster")
+    for a in results:
+        for b in results:
+            if b["variant"] == "stock" and a is not b or (a["variant"], b["variant"]) == ("package", "package_float32"):
+                print(f"{a['variant']} against {b['variant']}: first call {b['first'] / a['first']:.2f}x faster, "
+                      f"second call {b['second'] / a['second']:.2f}x faster")
 
 
 if __name__ == "__main__":

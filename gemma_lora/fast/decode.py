@@ -53,6 +53,12 @@ CHUNK_STEPS = 8
 # The cache length is the longest prompt plus max_new_tokens, rounded up to
 # this: like lengths share one compiled program.
 CACHE_MULTIPLE = 128
+# `auto_slots`' bounds: rows decoded together, and their key/value cache.
+MIN_SLOTS, MAX_SLOTS = 16, 128
+CACHE_BYTES = 2 << 30
+# Candidate tokens the bfloat16 vocabulary projection keeps for float32 to
+# choose from (`_next_token`).
+SHORTLIST = 16
 # Traces of the jitted functions (Python runs in them only while tracing);
 # tests check that a second call compiles nothing.
 TRACES = {"extend": 0, "advance": 0}
@@ -102,6 +108,27 @@ def cache_length(longest_prompt, max_new_tokens):
     return -(-(longest_prompt + max_new_tokens) // CACHE_MULTIPLE) * CACHE_MULTIPLE
 
 
+def auto_slots(config, rows, length):
+    """Rows to decode together: every row up to MAX_SLOTS, in equal waves beyond,
+    fewer where their cache would pass CACHE_BYTES (never fewer than MIN_SLOTS).
+
+    A step reads every weight once whatever the rows, so more rows cost less
+    each: the real Gemma 3 270M in float32 on this project's 2-core CPU
+    took 137 ms a step with 16 rows, 201 with 32 and 339 with 64 (117, 159
+    and 189 tokens/s; 2026-12-07), and answered the 68 test rows in 42 s as
+    one wave of 68 against 54 s as two of 34. Equal waves, because a base
+    model's answers all run to the token limit: 200 rows as 128 + 72 would
+    decode the last 72 at a cost of 128.
+    """
+    per_row = 0
+    for index in range(config.num_layers):
+        head_dim, kv_heads, _, _ = config.heads_of(index)
+        per_row += 2 * length * kv_heads * head_dim * jnp.dtype(config.dtype).itemsize
+    most = max(MIN_SLOTS, min(MAX_SLOTS, CACHE_BYTES // per_row))
+    waves = -(-rows // most)
+    return max(1, min(most, -(-rows // waves)))
+
+
 def empty_cache(config, slots, length):
     dtype = jnp.dtype(config.dtype)
     caches = []
@@ -117,12 +144,13 @@ def _cast(config, frozen):
     return jax.tree.map(lambda w: w.astype(dtype), frozen)
 
 
-def _forward(config, frozen, caches, rows, token_ids, positions, valid):
+def _forward(config, frozen, caches, rows, token_ids, positions, valid, span=None):
     """Run `token_ids` (r, c) at `positions` through every layer, writing their keys
     and values into the cache slots `rows` (r,), and attending over each slot's cache.
 
     `rows` None means every slot, in order. `valid` (r, c) marks real
-    tokens; the others write nowhere. Returns the final-normalised hidden
+    tokens; the others write nowhere. Attention reads the first `span`
+    cache positions (None: all), which must hold every position attended. Returns the final-normalised hidden
     states and the updated caches.
     """
     frozen = _cast(config, frozen)
@@ -141,10 +169,12 @@ def _forward(config, frozen, caches, rows, token_ids, positions, valid):
             new_caches.append((k_cache, v_cache))
             # Each query sees the keys at or before its position (and within the
             # sliding window on Gemma 2 and 3's local layers), as KerasHub's mask.
-            see = keys[None, None, :] <= positions[:, :, None]
+            seen = keys[:span]
+            see = seen[None, None, :] <= positions[:, :, None]
             if window:
-                see &= positions[:, :, None] - keys[None, None, :] < window
+                see &= positions[:, :, None] - seen[None, None, :] < window
             kc, vc = (k_cache, v_cache) if rows is None else (k_cache[rows], v_cache[rows])
+            kc, vc = kc[:, :span], vc[:, :span]
             # Gemma 2's attention soft cap included, where the model has one.
             return forward.masked_attention(config, q, kc.astype(q.dtype), vc.astype(q.dtype), see[:, None])
 
@@ -157,21 +187,51 @@ def _forward(config, frozen, caches, rows, token_ids, positions, valid):
     return h, new_caches
 
 
-def _next_token(config, frozen, h, greedy, top_k, key):
-    logits = jnp.einsum("rd,vd->rv", h, frozen["embedding"].astype(h.dtype), preferred_element_type=jnp.float32)
+def _next_token(config, frozen, h, greedy, top_k, key, shortlist_table):
+    if shortlist_table is None:
+        logits = jnp.einsum("rd,vd->rv", h, frozen["embedding"].astype(h.dtype), preferred_element_type=jnp.float32)
+        candidates = None
+    else:
+        # The vocabulary projection is the step's largest read (262,144 x 640 on
+        # Gemma 3 270M). A bfloat16 copy halves it and picks a shortlist; the
+        # float32 logits of the shortlist alone choose the token, so greedy
+        # decoding writes the float32 decoder's tokens unless its winner falls
+        # outside bfloat16's top SHORTLIST (or two logits tie to float noise).
+        approximate = jnp.einsum("rd,vd->rv", h.astype(shortlist_table.dtype), shortlist_table,
+                                 preferred_element_type=jnp.float32)
+        _, candidates = jax.lax.top_k(approximate, max(SHORTLIST, top_k))
+        rows = frozen["embedding"][candidates].astype(h.dtype)  # (r, C, d)
+        logits = jnp.einsum("rd,rcd->rc", h, rows, preferred_element_type=jnp.float32)
     # Gemma 2's final soft cap: it keeps the order (greedy is unchanged) but
     # narrows the top-k softmax, as KerasHub's sampler sees it.
     logits = forward.soft_cap(logits, config.final_logit_soft_cap)
     if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    # KerasHub's TopKSampler: sample from the softmax of the k largest logits.
-    top, index = jax.lax.top_k(logits, top_k)
-    choice = jax.random.categorical(key, top, axis=-1)
-    return jnp.take_along_axis(index, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        index = jnp.argmax(logits, axis=-1)[:, None]
+    else:
+        # KerasHub's TopKSampler: sample from the softmax of the k largest logits.
+        top, index = jax.lax.top_k(logits, top_k)
+        choice = jax.random.categorical(key, top, axis=-1)
+        index = jnp.take_along_axis(index, choice[:, None], axis=-1)
+    if candidates is not None:
+        index = jnp.take_along_axis(candidates, index, axis=-1)
+    return index[:, 0].astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
-def _extend(config, greedy, top_k, frozen, caches, rows, token_ids, start, count, key):
+def shortlist_table(config, frozen, platform, cpu_bf16):
+    """The bfloat16 copy of the embedding that picks `_next_token`'s shortlist, or None.
+
+    Only for a float32 model (a bfloat16 one projects in bfloat16 already)
+    where bfloat16 matrix products are native: GPU, TPU, or a CPU with
+    bfloat16 units (`cpu_bf16`, a flag name or None); elsewhere XLA
+    emulates them and the copy would cost more than it saves.
+    """
+    if jnp.dtype(config.dtype) != jnp.float32 or (platform == "cpu" and not cpu_bf16):
+        return None
+    return frozen["embedding"].astype(jnp.bfloat16)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(5,))
+def _extend(config, greedy, top_k, frozen, table, caches, rows, token_ids, start, count, key):
     """Feed up to `c` prompt tokens of each row; the next token after each row's last one."""
     TRACES["extend"] += 1
     c = token_ids.shape[1]
@@ -180,12 +240,16 @@ def _extend(config, greedy, top_k, frozen, caches, rows, token_ids, start, count
     positions = start[:, None] + offsets
     h, caches = _forward(config, frozen, caches, rows, token_ids, positions, valid)
     last = jnp.take_along_axis(h, jnp.maximum(count - 1, 0)[:, None, None], axis=1)[:, 0]
-    return caches, _next_token(config, frozen, last, greedy, top_k, key)
+    return caches, _next_token(config, frozen, last, greedy, top_k, key, table)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
-def _advance(config, greedy, top_k, steps, frozen, caches, token, position, budget, stop_ids, key):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(7,))
+def _advance(config, greedy, top_k, steps, span, frozen, table, caches, token, position, budget, stop_ids, key):
     """Up to `steps` decoding steps for every slot; (caches, tokens (slots, steps), position).
+
+    Attention reads the first `span` cache positions: a multiple of
+    CACHE_MULTIPLE past every slot's last position, so early steps do not
+    read the empty end of the cache (a step's cache read grows with slots).
 
     A slot generates while its `budget` (tokens it may still add) lasts and
     until it writes a stop token; after that it emits -1 and stays put.
@@ -199,8 +263,10 @@ def _advance(config, greedy, top_k, steps, frozen, caches, token, position, budg
 
     def body(carry):
         i, caches, token, position, budget, out = carry
-        h, caches = _forward(config, frozen, caches, None, token[:, None], position[:, None], live(budget)[:, None])
-        new = _next_token(config, frozen, h[:, 0], greedy, top_k, jax.random.fold_in(key, i))
+        h, caches = _forward(
+            config, frozen, caches, None, token[:, None], position[:, None], live(budget)[:, None], span
+        )
+        new = _next_token(config, frozen, h[:, 0], greedy, top_k, jax.random.fold_in(key, i), table)
         going = live(budget)
         out = out.at[:, i].set(jnp.where(going, new, -1))
         stopped = jnp.isin(new, stop_ids)
@@ -224,9 +290,10 @@ def decode_tokens(
     greedy=True,
     top_k=5,
     seed=0,
-    slots=16,
+    slots=None,
     ended=None,
     progress=None,
+    shortlist=None,
 ):
     """Generate after each prompt until a stop token or `max_new_tokens`.
 
@@ -237,11 +304,15 @@ def decode_tokens(
         stop_token_ids: ids that end an answer (kept as its last token).
         greedy: bool; False samples from the top `top_k` logits.
         seed: int, seeds top-k sampling.
-        slots: rows decoded together (the batch).
+        slots: rows decoded together (the batch); None: `auto_slots`.
         ended: optional `f(index, tokens) -> bool` asked between chunks: True
             ends that row where it stands (e.g. a stop string in its text).
         progress: optional `f(rows done, tokens generated)`, called after
             each chunk of steps.
+        shortlist: None (default) takes each token from the float32 logits
+            of a bfloat16 projection's top `SHORTLIST` where bfloat16 is
+            native (`shortlist_table`); True does so anywhere (a float32
+            model), False computes every float32 logit.
 
     Returns:
         A list of token-id lists, one per prompt: the new tokens, ending with
@@ -256,7 +327,14 @@ def decode_tokens(
     if not prompts:
         return []
     config, frozen = inference_params(causal_lm)
+    table = None
+    if shortlist is not False:
+        from gemma_lora.model import loading
+
+        where, bf16_unit = ("gpu", None) if shortlist else (loading.platform(), loading.cpu_bf16())
+        table = shortlist_table(config, frozen, where, bf16_unit)
     length = cache_length(max(map(len, prompts)), max_new_tokens)
+    slots = slots or auto_slots(config, len(prompts), length)
     caches = empty_cache(config, slots, length)
     stop_ids = jnp.asarray(sorted(set(stop_token_ids)) or [-2], jnp.int32)
     base_key = jax.random.key(seed)
@@ -282,12 +360,15 @@ def decode_tokens(
     generated = [[] for _ in range(slots)]
     while waiting or any(o is not None for o in owner):
         free = [s for s in range(slots) if owner[s] is None]
-        busy = slots - len(free)
-        # Fill slots PREFILL_ROWS at a time (a fill call costs the same for 1
-        # row as for PREFILL_ROWS), unless nothing else would run.
-        while waiting and (len(free) >= PREFILL_ROWS or len(waiting) <= len(free) or (free and not busy)):
+        # Fill every free slot, PREFILL_ROWS at a time (a fill call costs the
+        # same for 1 row as for PREFILL_ROWS). Waiting for a full group instead
+        # left 2 of 34 slots idle for a whole wave of 128-token answers, and
+        # their rows a third wave alone: a fill costs less than a
+        # chunk of steps with a slot idle.
+        while waiting and free:
             group = [(free.pop(0), waiting.pop()) for _ in range(min(PREFILL_ROWS, len(free), len(waiting)))]
-            caches, first = _prefill(config, greedy, top_k, frozen, caches, group, prompts, slots, next(calls), base_key)
+            caches, first = _prefill(config, greedy, top_k, frozen, table, caches, group, prompts, slots, next(calls),
+                                    base_key)
             for (slot, row), tok in zip(group, first):
                 owner[slot], generated[slot] = row, [int(tok)]
                 token[slot], position[slot] = tok, len(prompts[row])
@@ -296,12 +377,13 @@ def decode_tokens(
                 if stopped or (ended and ended(row, generated[slot])):
                     finish(slot)
             free = [s for s in range(slots) if owner[s] is None]
-            busy = slots - len(free)
         if not any(o is not None for o in owner):
             continue
         key = jax.random.fold_in(base_key, next(calls))
+        last = max(int(position[s]) for s in range(slots) if owner[s] is not None)
+        span = min(length, cache_length(last + 1, CHUNK_STEPS))
         caches, out, new_position = _advance(
-            config, greedy, top_k, CHUNK_STEPS, frozen, caches, jnp.asarray(token), jnp.asarray(position),
+            config, greedy, top_k, CHUNK_STEPS, span, frozen, table, caches, jnp.asarray(token), jnp.asarray(position),
             jnp.asarray(budget), stop_ids, key,
         )
         out, new_position = np.asarray(out), np.asarray(new_position)
@@ -322,7 +404,7 @@ def decode_tokens(
     return results
 
 
-def _prefill(config, greedy, top_k, frozen, caches, group, prompts, slots, call, base_key):
+def _prefill(config, greedy, top_k, frozen, table, caches, group, prompts, slots, call, base_key):
     """Feed the prompts of `group` [(slot, prompt index)] into their slots; the first new token of each."""
     rows = np.full(PREFILL_ROWS, slots, np.int32)  # slot `slots` is past the end: writes are dropped
     for i, (slot, _) in enumerate(group):
@@ -338,7 +420,7 @@ def _prefill(config, greedy, top_k, frozen, caches, group, prompts, slots, call,
             count[i] = len(piece)
         key = jax.random.fold_in(jax.random.fold_in(base_key, call), start)
         caches, nxt = _extend(
-            config, greedy, top_k, frozen, caches, jnp.asarray(rows), jnp.asarray(ids),
+            config, greedy, top_k, frozen, table, caches, jnp.asarray(rows), jnp.asarray(ids),
             jnp.full(PREFILL_ROWS, start, jnp.int32), jnp.asarray(count), key,
         )
         nxt = np.asarray(nxt)

@@ -113,7 +113,7 @@ def soft_capped_attention(q, k, v, mask, scale, cap):
             see a key. A row with no True key gets uniform weights (its
             output is garbage and must be ignored, as padding is).
         scale: float, the query scale.
-        cap: float, the soft cap.
+        cap: float, the soft cap, or None for none.
     Returns:
         (batch, t, query_heads, head_dim) in q's dtype.
     """
@@ -129,11 +129,16 @@ def soft_capped_attention(q, k, v, mask, scale, cap):
 
 
 def masked_attention(config, q, k, v, mask):
-    """Attention of q over k/v under a boolean `mask` (batch, 1, t, s), for decoding:
-    soft-capped where the model caps its attention logits, else XLA's."""
-    if config.attention_logit_soft_cap:
-        return soft_capped_attention(q, k, v, mask, config.attention_scale, config.attention_logit_soft_cap)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=config.attention_scale, implementation="xla")
+    """Attention of q over k/v under a boolean `mask` (batch, 1, t, s), for decoding,
+    soft-capped where the model caps its attention logits.
+
+    The grouped einsums of `soft_capped_attention`, not jax.nn's XLA
+    attention: a decoding step's one query per row over a 384-long cache
+    (16 rows, 4 query heads on 1 key/value head of 256) took 1.4 ms there
+    against 2.7 ms on this project's 2-core CPU (2026-12-07), same outputs
+    within 5e-7; the step runs it once per layer.
+    """
+    return soft_capped_attention(q, k, v, mask, config.attention_scale, config.attention_logit_soft_cap)
 
 
 def _attention(config, q, k, v, segment_ids, window):

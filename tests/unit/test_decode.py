@@ -1,5 +1,7 @@
 """The package's decoder: KerasHub's greedy tokens, one compilation, continuous batching, stops."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import TINY_VOCAB, build_tiny_gemma, build_tiny_gemma2, build_tiny_gemma3
@@ -109,8 +111,51 @@ def test_gemma2_decoding_applies_both_soft_caps(gemma2):
     logits = config.final_logit_soft_cap * np.tanh(raw / config.final_logit_soft_cap)
     want = np.asarray(gemma2({"token_ids": ids, "padding_mask": np.ones_like(ids, bool)}))[0]
     np.testing.assert_allclose(logits, want, atol=1e-5 * np.abs(want).max())
-    top = decode._next_token(config, frozen, h[0, -1:], False, 3, decode.jax.random.key(0))
-    assert int(top[0]) in np.argsort(want[-1])[-3:]
+    for table in (None, decode.shortlist_table(config, frozen, "gpu", None)):
+        top = decode._next_token(config, frozen, h[0, -1:], False, 3, decode.jax.random.key(0), table)
+        assert int(top[0]) in np.argsort(want[-1])[-3:]
+
+
+@pytest.mark.parametrize("which", ["gemma", "gemma3", "gemma2"])
+def test_the_bfloat16_shortlist_writes_the_float32_decoders_tokens(which, gemma, gemma3, gemma2):
+    """The token is chosen by float32 logits among bfloat16's top SHORTLIST: the same greedy answers."""
+    lm = {"gemma": gemma, "gemma3": gemma3, "gemma2": gemma2}[which]
+    rows = prompts(9, [5, 17, 9, 33, 12, 3])
+    exact = decode.decode_tokens(lm, rows, MAX_NEW, [EOS], slots=4, shortlist=False)
+    short = decode.decode_tokens(lm, rows, MAX_NEW, [EOS], slots=4, shortlist=True)
+    assert_same_greedy_tokens(lm, short, exact, rows)
+
+
+def test_shortlist_only_for_float32_models_where_bfloat16_is_native(gemma):
+    config, frozen = decode.inference_params(gemma)
+    assert decode.shortlist_table(config, frozen, "cpu", None) is None
+    table = decode.shortlist_table(config, frozen, "cpu", "amx_bf16")
+    assert table.dtype == "bfloat16" and table.shape == frozen["embedding"].shape
+    assert decode.shortlist_table(config, frozen, "gpu", None) is not None
+    bf16 = dataclasses.replace(config, dtype="bfloat16")
+    assert decode.shortlist_table(bf16, frozen, "gpu", None) is None
+
+
+def test_a_short_row_beside_a_long_prompt_reads_only_the_cache_it_filled(gemma):
+    """A 150-token prompt makes a 256-long cache; the short row decodes first, over a 128-long span,
+    and writes KerasHub's tokens for it; the long row after it still sees its whole prompt."""
+    rows = prompts(10, [6, 150])
+    mine = decode.decode_tokens(gemma, rows, MAX_NEW, [EOS], slots=1)
+    assert decode.cache_length(150, MAX_NEW) == 2 * decode.CACHE_MULTIPLE
+    for row, tokens in zip(rows, mine):
+        assert_same_greedy_tokens(gemma, [tokens], keras_hub_batch(gemma, [row], MAX_NEW, EOS), [row])
+
+
+def test_auto_slots_equal_waves_and_a_cache_budget(gemma):
+    config, _ = decode.inference_params(gemma)
+    assert decode.auto_slots(config, 20, 128) == 20  # every row at once
+    assert decode.auto_slots(config, 200, 128) == 100  # two equal waves, not 128 + 72
+    assert decode.auto_slots(config, 3, 128) == 3
+    assert decode.auto_slots(config, 1024, 128) == decode.MAX_SLOTS
+    per_position = sum(2 * k.size * k.dtype.itemsize for k, _ in decode.empty_cache(config, 1, 1))
+    fits_32 = decode.CACHE_BYTES // (32 * per_position)  # a cache length at which 32 rows fill the budget
+    assert decode.auto_slots(config, 64, fits_32) == 32
+    assert decode.auto_slots(config, 64, 8 * fits_32) == decode.MIN_SLOTS  # 4 would fit: never fewer than 16
 
 
 def test_top_k_samples_only_from_the_top_k(gemma):
