@@ -55,6 +55,7 @@ FORMAT_FIELD_NAMES = {
 }
 METRICS = ("exact_match",)
 MARKER_TEXT = ("keep", "error")
+LOSS_AVERAGES = ("token", "example")
 DISTRIBUTIONS = ("auto", "none", "data", "model")
 
 
@@ -188,6 +189,12 @@ class TrainConfig:
         "Append <eos> to rows cut at sequence_length, as KerasHub does (teaches the model to "
         "stop mid-text; off by default).",
         default=False,
+    )
+    loss_average: str = _help(
+        "token | example: the loss is the mean over the batch's loss-carrying tokens (token, as KerasHub), "
+        "or each example's loss tokens are weighted 1 / their count x the mean count, so a short "
+        "answer (and its <eos>) weighs as much as a long one (example).",
+        default="token",
     )
     shuffle: bool = _help(
         "Shuffle training rows every epoch from the seed (stock KerasHub does not).",
@@ -500,6 +507,10 @@ def _check_model(c, need):
         f"preset_version={c.preset_version} must be a positive Kaggle version number or None.",
     )
     need(c.precision in PRECISIONS, f"precision={c.precision!r} must be one of {', '.join(PRECISIONS)}.")
+    need(
+        c.loss_average in LOSS_AVERAGES,
+        f"loss_average={c.loss_average!r} must be one of {', '.join(LOSS_AVERAGES)}.",
+    )
     need(
         c.engine in ENGINES,
         f"engine={c.engine!r} must be one of {', '.join(ENGINES)}.",

@@ -171,6 +171,19 @@ def _chat_rows(examples, tokenizer, config):
     return _rows(sequences, tokenizer.pad_token_id, seq, truncated, turns_cut)
 
 
+def average_per_example(weights):
+    """`loss_average = "example"`: each row's weights times (mean row weight / its own), rows of no weight unchanged.
+
+    The batch loss stays a weighted token mean (the loop's `nll / weight`),
+    so this is the whole change: every example's loss tokens together weigh
+    the same, and the total weight (hence the learning rate's meaning) does not move.
+    Training rows only: scores stay token means, comparable across runs.
+    """
+    sums = weights.sum(axis=1, keepdims=True)
+    mean = sums[sums > 0].mean() if (sums > 0).any() else 1.0
+    return np.where(sums > 0, weights * (mean / np.maximum(sums, 1e-12)), weights).astype(np.float32)
+
+
 def _rows(sequences, pad, seq, truncated, turns_cut=0):
     """Fixed-length arrays from (ids, weights) sequences of at most seq + 1 ids (weights: one fewer)."""
     n = len(sequences)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from gemma_lora import data
 from gemma_lora.data import chat
+from gemma_lora.data.tokenize import average_per_example
 from gemma_lora.errors import ConfigError, DataError
 from gemma_lora.model import loading, presets
 from gemma_lora.model.quantize import base_weight_bytes, quantize_base
@@ -82,6 +83,8 @@ def prepare(config, echo):
         name: data.tokenize_rows(getattr(splits, name), tokenizer, config)
         for name in ("train", "validation", "test")
     }
+    if config.loss_average == "example":
+        rows["train"].weights = average_per_example(rows["train"].weights)
     refuse_marker_text(rows, dataset, config)
     data_stats = describe_data(rows, config)
     data_stats["source"] = data.splits_record(dataset, splits)

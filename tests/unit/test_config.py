@@ -86,6 +86,7 @@ def test_every_problem_is_reported_at_once():
     ({"fields": {"colour": "c"}}, r"'colour' is no field of any format"),
     ({"data_format": "completion", "fields": {"response": "r"}}, r"'response' is no field of the completion format \(prompt, completion\)"),
     ({"metric": "bleu"}, r"metric='bleu' must be one of exact_match"),
+    ({"loss_average": "row"}, r"loss_average='row' must be one of token, example"),
     ({"metric": "exact_match", "answer_splits": []}, r"answer_splits, which is empty"),
     ({"data": "hf://someone/x", "data_split": ""}, "data_split is empty"),
 ])

@@ -223,3 +223,32 @@ def test_a_file_with_enough_rows_keeps_todays_splits(make_config):
     # The rows the demo has always used: train [0, 980), validation [980, 1000), test [1000, 1020).
     assert splits.train == examples[:980] and splits.validation == examples[980:1000]
     assert splits.test == examples[1000:1020]
+
+
+def test_average_per_example_weighs_every_example_alike_and_keeps_the_total():
+    from gemma_lora.data.tokenize import average_per_example
+
+    weights = np.zeros((3, 8), np.float32)
+    weights[0, 2:4] = 1  # a 2-token answer
+    weights[1, 1:7] = 1  # a 6-token answer
+    averaged = average_per_example(weights)
+    sums = averaged.sum(axis=1)
+    np.testing.assert_allclose(sums[:2], [4.0, 4.0])  # each the mean of 2 and 6
+    assert sums[2] == 0  # a row without loss tokens stays without
+    np.testing.assert_allclose(averaged.sum(), weights.sum())
+    assert ((averaged > 0) == (weights > 0)).all()  # the same tokens carry loss
+
+
+def test_loss_average_example_reweights_the_training_rows_only():
+    """Training rows' loss tokens sum alike per example; held-out rows keep 0/1 weights (scores stay token means)."""
+    from gemma_lora.config import resolve_config
+    from gemma_lora.training.prepare import prepare
+
+    config = resolve_config(overrides={"preset": "tiny", "limit": 60, "validation_rows": 10, "test_rows": 10,
+                                       "loss_average": "example"})
+    _, _, _, _, rows, _, _ = prepare(config, lambda line: None)
+    sums = rows["train"].weights.sum(axis=1)
+    np.testing.assert_allclose(sums, sums.mean(), rtol=1e-5)
+    assert len(np.unique(rows["train"].padding_mask.sum(axis=1))) > 1  # the examples differ in length
+    for name in ("validation", "test"):
+        assert set(np.unique(rows[name].weights)) <= {0.0, 1.0}
