@@ -97,7 +97,8 @@ class Progress:
     def line(self):
         postfix = ", ".join(f"{k}={_fmt(v)}" for k, v in self.postfix.items())
         if self.n == 0 and self.unit == "step":
-            postfix = "the first step compiles" + (f", {postfix}" if postfix else "")
+            # Compiled, or loaded from the persistent compilation cache on a second run.
+            postfix = "the first step compiles or loads" + (f", {postfix}" if postfix else "")
         return tqdm.format_meter(
             self.n, self.total, time.perf_counter() - self.start, prefix=self.label,
             unit=self.unit, rate=self.rate() or 0, postfix=postfix or None, ncols=100,
