@@ -38,6 +38,7 @@ rank-r detour would add work without changing the result.
 """
 
 import functools
+import math
 
 import numpy as np
 
@@ -126,23 +127,22 @@ def auto_slots(config, rows, length):
     model's answers all run to the token limit: 200 rows as 128 + 72 would
     decode the last 72 at a cost of 128.
     """
-    per_row = 0
-    for index in range(config.num_layers):
-        head_dim, kv_heads, _, _ = config.heads_of(index)
-        per_row += 2 * length * kv_heads * head_dim * jnp.dtype(config.dtype).itemsize
+    per_row = sum(2 * math.prod(shape) for shape in _cache_shapes(config, 1, length)) * jnp.dtype(config.dtype).itemsize
     most = max(MIN_SLOTS, min(MAX_SLOTS, CACHE_BYTES // per_row))
     waves = -(-rows // most)
     return max(1, min(most, -(-rows // waves)))
 
 
-def empty_cache(config, slots, length):
-    dtype = jnp.dtype(config.dtype)
-    caches = []
+def _cache_shapes(config, slots, length):
+    """Each layer's key (and value) cache shape."""
     for index in range(config.num_layers):
         head_dim, kv_heads, _, _ = config.heads_of(index)  # Gemma 4's global layers have their own
-        shape = (slots, length, kv_heads, head_dim)
-        caches.append((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)))
-    return caches
+        yield (slots, length, kv_heads, head_dim)
+
+
+def empty_cache(config, slots, length):
+    dtype = jnp.dtype(config.dtype)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for shape in _cache_shapes(config, slots, length)]
 
 
 def _cast(config, frozen):
@@ -161,7 +161,7 @@ def _forward(config, frozen, caches, rows, token_ids, positions, valid, span=Non
     """
     frozen = _cast(config, frozen)
     slots, length = caches[0][0].shape[:2]
-    keys = jnp.arange(length)
+    seen = jnp.arange(length)[:span]  # the cache positions attention reads
     slot_index = jnp.arange(slots) if rows is None else rows
     # An index past the end drops the write ("drop" mode): padding tokens and unused rows.
     write_at = jnp.where(valid, positions, length)
@@ -175,7 +175,6 @@ def _forward(config, frozen, caches, rows, token_ids, positions, valid, span=Non
             new_caches.append((k_cache, v_cache))
             # Each query sees the keys at or before its position (and within the
             # sliding window on Gemma 2 and 3's local layers), as KerasHub's mask.
-            seen = keys[:span]
             see = seen[None, None, :] <= positions[:, :, None]
             if window:
                 see &= positions[:, :, None] - seen[None, None, :] < window
@@ -223,15 +222,17 @@ def _next_token(config, frozen, h, greedy, top_k, key, shortlist_table):
     return index[:, 0].astype(jnp.int32)
 
 
-def shortlist_table(config, frozen, platform, cpu_bf16):
-    """The bfloat16 copy of the embedding that picks `_next_token`'s shortlist, or None.
+def bfloat16_native(platform, cpu_bf16):
+    """Whether bfloat16 matrix products are native: GPU, TPU, or a CPU with bfloat16
+    units (`cpu_bf16`, a flag name or None). Elsewhere XLA emulates them, and the
+    shortlist's bfloat16 copy would cost more than it saves."""
+    return platform != "cpu" or bool(cpu_bf16)
 
-    Only for a float32 model (a bfloat16 one projects in bfloat16 already)
-    where bfloat16 matrix products are native: GPU, TPU, or a CPU with
-    bfloat16 units (`cpu_bf16`, a flag name or None); elsewhere XLA
-    emulates them and the copy would cost more than it saves.
-    """
-    if jnp.dtype(config.dtype) != jnp.float32 or (platform == "cpu" and not cpu_bf16):
+
+def shortlist_table(config, frozen):
+    """The bfloat16 copy of the embedding that picks `_next_token`'s shortlist, or None
+    for a model that is not float32 (a bfloat16 one projects in bfloat16 already)."""
+    if jnp.dtype(config.dtype) != jnp.float32:
         return None
     return frozen["embedding"].astype(jnp.bfloat16)
 
@@ -317,7 +318,7 @@ def decode_tokens(
             each chunk of steps.
         shortlist: None (default) takes each token from the float32 logits
             of a bfloat16 projection's top `SHORTLIST` where bfloat16 is
-            native (`shortlist_table`); True does so anywhere (a float32
+            native (`bfloat16_native`); True does so anywhere (a float32
             model), False computes every float32 logit.
 
     Returns:
@@ -333,12 +334,11 @@ def decode_tokens(
     if not prompts:
         return []
     config, frozen = inference_params(causal_lm)
-    table = None
-    if shortlist is not False:
+    if shortlist is None:
         from gemma_lora.model import loading
 
-        where, bf16_unit = ("gpu", None) if shortlist else (loading.platform(), loading.cpu_bf16())
-        table = shortlist_table(config, frozen, where, bf16_unit)
+        shortlist = bfloat16_native(loading.platform(), loading.cpu_bf16())
+    table = shortlist_table(config, frozen) if shortlist else None
     length = cache_length(max(map(len, prompts)), max_new_tokens)
     slots = slots or auto_slots(config, len(prompts), length)
     caches = empty_cache(config, slots, length)

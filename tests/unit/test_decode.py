@@ -111,7 +111,7 @@ def test_gemma2_decoding_applies_both_soft_caps(gemma2):
     logits = config.final_logit_soft_cap * np.tanh(raw / config.final_logit_soft_cap)
     want = np.asarray(gemma2({"token_ids": ids, "padding_mask": np.ones_like(ids, bool)}))[0]
     np.testing.assert_allclose(logits, want, atol=1e-5 * np.abs(want).max())
-    for table in (None, decode.shortlist_table(config, frozen, "gpu", None)):
+    for table in (None, decode.shortlist_table(config, frozen)):
         top = decode._next_token(config, frozen, h[0, -1:], False, 3, decode.jax.random.key(0), table)
         assert int(top[0]) in np.argsort(want[-1])[-3:]
 
@@ -128,12 +128,12 @@ def test_the_bfloat16_shortlist_writes_the_float32_decoders_tokens(which, gemma,
 
 def test_shortlist_only_for_float32_models_where_bfloat16_is_native(gemma):
     config, frozen = decode.inference_params(gemma)
-    assert decode.shortlist_table(config, frozen, "cpu", None) is None
-    table = decode.shortlist_table(config, frozen, "cpu", "amx_bf16")
+    assert not decode.bfloat16_native("cpu", None)
+    assert decode.bfloat16_native("cpu", "amx_bf16") and decode.bfloat16_native("gpu", None)
+    table = decode.shortlist_table(config, frozen)
     assert table.dtype == "bfloat16" and table.shape == frozen["embedding"].shape
-    assert decode.shortlist_table(config, frozen, "gpu", None) is not None
     bf16 = dataclasses.replace(config, dtype="bfloat16")
-    assert decode.shortlist_table(bf16, frozen, "gpu", None) is None
+    assert decode.shortlist_table(bf16, frozen) is None
 
 
 def test_a_short_row_beside_a_long_prompt_reads_only_the_cache_it_filled(gemma):
