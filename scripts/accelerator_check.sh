@@ -43,8 +43,7 @@ from pathlib import Path
 
 out = Path(sys.argv[1])
 gpu = (out / "gpu.txt").read_text().strip() if (out / "gpu.txt").exists() else "unknown"
-bench = json.loads((out / "benchmark.json").read_text()) if (out / "benchmark.json").exists() else []
-bench = bench if isinstance(bench, list) else bench.get("results", [bench])
+bench = json.loads((out / "benchmark.json").read_text())["results"] if (out / "benchmark.json").exists() else []
 train = json.loads((out / "train.json").read_text()) if (out / "train.json").exists() else {}
 record = {"gpu": gpu, "benchmark": bench, "train": train}
 tmp = out / "accelerator_check.json.tmp"
@@ -57,10 +56,10 @@ def gib(x):
 lines = [f"GPU: {gpu}", "", "| measurement | batch x seq | tokens/s | peak GiB | goal |", "|---|---|---:|---:|---|"]
 for r in bench:
     name = r.get("variant", "?")
-    tps = r.get("tok_s") or r.get("tokens_per_s")
+    tps = r.get("tokens_per_s")
     peak = r.get("peak_gib")
     error = r.get("error")
-    lines.append(f"| benchmark.py {name} | {r.get('batch', '?')} x {r.get('seq', 512)} | "
+    lines.append(f"| benchmark.py {name} | {r['batch']} x 512 | "
                  f"{f'{tps:,.0f}' if tps else error or '—'} | {gib(peak)} | "
                  f"{'>= 65,000 tok/s, <= 10 GiB' if name == 'fast' else ''} |")
 if train:

@@ -68,14 +68,17 @@ def run(profile, steps, shape, engine="keras", batch_size=None, sequence_length=
     times = StepTimes()
     start = time.perf_counter()
     chosen = engines.choose(causal_lm, config, loading.platform())
-    engines.fit(causal_lm, rows, config, callbacks=[times], verbose=0, engine=chosen, precision=precision)
+    plan = chosen.plan(rows, config)
+    engines.fit(causal_lm, rows, config, callbacks=[times], verbose=0, engine=chosen, precision=precision, plan=plan)
     first = times.times[0] - start
     steady = (times.times[-1] - times.times[1]) / (len(times.times) - 2)
-    real_per_row = rows.real_tokens / len(rows)
+    # The fast engine's rows are packed examples; the Keras engine's one example each.
+    if config.engine == "fast":
+        real_per_row = config.sequence_length * chosen.real_token_fraction(plan)
+    else:
+        real_per_row = rows.real_tokens / len(rows)
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use", 0) / 2**30
-    # The fast engine's rows are packed: nearly every position is a real token.
-    real_per_row = config.sequence_length if config.engine == "fast" else real_per_row
     result = {
         "profile": profile, "engine": config.engine, "precision": precision, "batch": config.batch_size,
         "sequence_length": config.sequence_length, "base_parameters": summary["base_parameters"],
