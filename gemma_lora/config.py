@@ -44,7 +44,7 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 SAMPLERS = ("greedy", "top_k")
 BUILTIN_DATA = ("dolly-sample", "dolly", "dolly-category")
 # Keep in step with gemma_lora.data.formats.FORMATS and field_names (config cannot import data).
-DATA_FORMATS = ("auto", "dolly", "alpaca", "completion", "messages", "sharegpt", "text")
+DATA_FORMATS = ("auto", "dolly", "alpaca", "completion", "messages", "sharegpt", "text", "preference")
 FORMAT_FIELD_NAMES = {
     "dolly": ("instruction", "response", "context"),
     "alpaca": ("instruction", "output", "input"),
@@ -52,10 +52,16 @@ FORMAT_FIELD_NAMES = {
     "messages": ("messages", "role", "content"),
     "sharegpt": ("conversations", "from", "value"),
     "text": ("text",),
+    "preference": ("prompt", "chosen", "rejected", "role", "content"),
 }
 METRICS = ("exact_match",)
 MARKER_TEXT = ("keep", "error")
 LOSS_AVERAGES = ("token", "example")
+# Keep in step with gemma_lora.training.objectives.OBJECTIVES.
+OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo")
+PREFERENCE_OBJECTIVES = OBJECTIVES[1:]
+# beta when the config leaves it None: TRL's DPO/IPO default, and the SimPO paper's (Meng et al. 2024, 2.0-2.5).
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0}
 DISTRIBUTIONS = ("auto", "none", "data", "model")
 
 
@@ -121,7 +127,8 @@ class TrainConfig:
         "dolly: instruction, response, optional context; alpaca: instruction, output, optional input (as a "
         "context); completion: prompt, completion (the prompt as written, loss on the completion); messages: "
         "[{role, content}...]; sharegpt: conversations [{from, value}...] (both in Gemma's chat format, see chat); "
-        "text: text (loss on every token).",
+        "text: text (loss on every token); preference: prompt (optional: else the beginning chosen and rejected share), "
+        "chosen, rejected, as strings or message lists (docs/preference.md).",
         default="auto",
     )
     fields: dict[str, str] = _help(
@@ -195,6 +202,40 @@ class TrainConfig:
         "or each example's loss tokens are weighted 1 / their count x the mean count, so a short "
         "answer (and its <eos>) weighs as much as a long one (example).",
         default="token",
+    )
+    objective: str = _help(
+        "sft | dpo | ipo | orpo | simpo: what training minimises. sft: the cross-entropy of the responses. "
+        "The others learn from preference pairs (data with prompt, chosen and rejected; see docs/preference.md): "
+        "dpo and ipo against the starting model as reference (the base with LoRA off, or --init-adapter's), "
+        "orpo and simpo without one. Preference objectives run on the fast engine.",
+        default="sft",
+    )
+    beta: float | None = _help(
+        "The preference objective's temperature: DPO's beta (how far the policy may move from the reference), "
+        "IPO's (its target margin is 1 / (2 beta)), SimPO's reward scale. None = 0.1 for dpo and ipo, 2.0 for "
+        "simpo. Unused by sft and orpo.",
+        default=None,
+    )
+    label_smoothing: float = _help(
+        "dpo and simpo: the share of pairs assumed to be labelled the wrong way round (conservative DPO, cDPO); "
+        "0 = none. Must be below 0.5.",
+        default=0.0,
+    )
+    orpo_lambda: float = _help(
+        "orpo: the weight of the odds-ratio term against the chosen responses' cross-entropy (the paper's lambda, "
+        "TRL's beta).",
+        default=0.1,
+    )
+    simpo_gamma: float = _help(
+        "simpo: the target reward margin gamma between chosen and rejected (in reward units, beta x the mean "
+        "log-probability per token).",
+        default=0.5,
+    )
+    init_adapter: str | None = _help(
+        "Start from a trained adapter: a run directory or an adapter file (.lora.h5 with its adapter.json). "
+        "Its factors are the new adapter's start and, for dpo and ipo, the reference model (SFT then DPO). "
+        "Its rank and targets replace lora_rank, lora_alpha and lora_targets. None = a fresh adapter.",
+        default=None,
     )
     shuffle: bool = _help(
         "Shuffle training rows every epoch from the seed (stock KerasHub does not).",
@@ -341,6 +382,15 @@ class TrainConfig:
         if self.stop_strings is not None:
             return list(self.stop_strings)
         return [] if (self.chat if chat is None else chat) else list(TEMPLATE_STOP_STRINGS)
+
+    def resolved_beta(self):
+        """beta as the objective uses it: the one given, or the objective's default (None for sft and orpo)."""
+        return self.beta if self.beta is not None else DEFAULT_BETA.get(self.objective)
+
+    @property
+    def prefers(self):
+        """Whether the objective learns from preference pairs."""
+        return self.objective in PREFERENCE_OBJECTIVES
 
     def resolved_precision(self, platform, cpu_bf16=False):
         """The dtype policy to use on `platform` ("cpu", "gpu", "tpu"); `cpu_bf16`: the CPU has bfloat16 units."""
@@ -510,6 +560,20 @@ def _check_model(c, need):
     need(
         c.loss_average in LOSS_AVERAGES,
         f"loss_average={c.loss_average!r} must be one of {', '.join(LOSS_AVERAGES)}.",
+    )
+    need(c.objective in OBJECTIVES, f"objective={c.objective!r} must be one of {', '.join(OBJECTIVES)}.")
+    need(c.beta is None or (math.isfinite(c.beta) and c.beta > 0),
+         f"beta={c.beta} must be > 0 (e.g. 0.1 for dpo, 2.0 for simpo), or None for the objective's default.")
+    need(0.0 <= c.label_smoothing < 0.5, f"label_smoothing={c.label_smoothing} must be in [0, 0.5).")
+    need(math.isfinite(c.orpo_lambda) and c.orpo_lambda > 0, f"orpo_lambda={c.orpo_lambda} must be > 0 (e.g. 0.1).")
+    need(math.isfinite(c.simpo_gamma) and c.simpo_gamma >= 0, f"simpo_gamma={c.simpo_gamma} must be >= 0 (e.g. 0.5).")
+    need(
+        c.objective == "sft" or not (c.full_finetune or c.recipe),
+        f"objective={c.objective} trains a LoRA adapter on the fast engine; drop --full-finetune and --recipe.",
+    )
+    need(
+        not (c.init_adapter and c.full_finetune),
+        "init_adapter starts a LoRA adapter from a saved one; drop --full-finetune or --init-adapter.",
     )
     need(
         c.engine in ENGINES,

@@ -78,6 +78,11 @@ def write_text_atomic(path, text):
         tmp.write_text(text)
 
 
+def write_bytes_atomic(path, data):
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
 def prepare_output_dir(path):
     """Create `path` (which must be missing or empty) and check it is writable.
 

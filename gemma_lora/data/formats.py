@@ -20,8 +20,11 @@ Formats, and how each becomes a training example (prompt → response):
     messages    messages: [{role, content}, ...]     conversations, kept as (role, content) turns
     sharegpt    conversations: [{from, value}, ...]  for Gemma's chat format (chat.py)
     text        text: no prompt, loss on every token (continued pre-training)
+    preference  prompt?, chosen, rejected: a preference pair (`read_preference`); the chosen
+                response is the example's response, the rejected one its `rejected`
 """
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -48,6 +51,8 @@ class Example:
     context: str = ""
     prompt: str | None = None
     conversation: tuple = ()
+    # A preference pair's rejected response (the last model turn of a conversation); None otherwise.
+    rejected: str | None = None
 
 
 # Fields each format reads: (required, optional). A conversation's turns hold
@@ -59,8 +64,9 @@ FIELDS = {
     "messages": (("messages",), ()),
     "sharegpt": (("conversations",), ()),
     "text": (("text",), ()),
+    "preference": (("chosen", "rejected"), ("prompt",)),
 }
-TURN_KEYS = {"messages": ("role", "content"), "sharegpt": ("from", "value")}
+TURN_KEYS = {"messages": ("role", "content"), "sharegpt": ("from", "value"), "preference": ("role", "content")}
 # Speaker names in either conversation format → the role used here.
 ROLES = {
     "system": "system",
@@ -187,6 +193,78 @@ def conversation_example(row, turns):
     return Example(instruction, answers[-1], conversation=turns)
 
 
+def read_preference(row):
+    """A preference pair in any of the three layouts TRL's datasets use, as an `Example` with `rejected` set.
+
+    - explicit prompt: `prompt`, `chosen`, `rejected` strings. The prompt is an
+      instruction: the template writes it (the chat format, a user turn).
+    - implicit prompt: `chosen` and `rejected` full texts only; the prompt is
+      their common beginning, cut back to the last white space in it (so no
+      word is split between prompt and response), written as it is (no template).
+    - conversational: `prompt` a message list and `chosen`/`rejected` one
+      assistant message each, or `chosen`/`rejected` whole conversations that
+      share every turn but their last, the assistant's.
+
+    Chosen identical to rejected is a bad record (nothing to learn): the run
+    stops naming it, or leaves it out and counts it with --skip-bad-rows.
+    """
+    chosen, rejected = row.value("chosen"), row.value("rejected")
+    prompt = row.value("prompt", required=False)
+    if isinstance(chosen, list) or isinstance(rejected, list) or isinstance(prompt, list):
+        example = _conversation_pair(row, prompt)
+    elif prompt is not None:
+        example = Example(row.text("prompt"), row.text("chosen"), rejected=row.text("rejected"))
+    else:
+        example = _implicit_pair(row, row.text("chosen"), row.text("rejected"))
+    if example.response.strip() == example.rejected.strip():
+        row.fail("chosen and rejected are the same response, which teaches nothing",
+                 "Remove the record, or pass --skip-bad-rows to leave such records out and count them.")
+    return example
+
+
+def _implicit_pair(row, chosen, rejected):
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    cut = max(chosen.rfind(space, 0, shared) for space in (" ", "\n", "\t")) + 1
+    if shared == len(chosen) == len(rejected):
+        cut = shared  # the same text: refused by the caller
+    prompt = chosen[:cut]
+    if not prompt.strip():
+        row.fail("chosen and rejected share no prompt (no common beginning up to a white space)",
+                 "Add a prompt field, or give chosen and rejected as prompt followed by response.")
+    if not chosen[cut:].strip() or not rejected[cut:].strip():
+        which = "chosen" if not chosen[cut:].strip() else "rejected"
+        row.fail(f"field {which!r} has an empty response after the prompt the two texts share",
+                 "Give both responses, or add a prompt field.")
+    return Example(prompt, chosen[cut:], prompt=prompt, rejected=rejected[cut:])
+
+
+def _conversation_pair(row, prompt):
+    if prompt is not None:
+        turns = row.turns("prompt")
+        answers = {}
+        for name in ("chosen", "rejected"):
+            reply = row.turns(name)
+            if len(reply) != 1 or reply[0][0] != "assistant":
+                row.fail(f"field {name!r} must be one assistant message when prompt is a message list, got "
+                         f"{', '.join(role for role, _ in reply)}", "Put earlier turns in the prompt.")
+            answers[name] = reply[0][1]
+    else:
+        chosen, rejected = row.turns("chosen"), row.turns("rejected")
+        if chosen[:-1] != rejected[:-1] or len(chosen) != len(rejected):
+            row.fail("the chosen and rejected conversations must share every turn but their last",
+                     "Give the shared turns as a prompt message list, or fix the conversations.")
+        turns, answers = chosen[:-1], {"chosen": chosen[-1][1], "rejected": rejected[-1][1]}
+        if not turns:
+            row.fail("the chosen and rejected conversations hold one turn each, with no prompt before it",
+                     "Start each conversation with the user's turn.")
+    example = conversation_example(row, (*turns, ("assistant", answers["chosen"])))
+    if not answers["rejected"].strip():
+        row.fail("the rejected answer is empty", "Fill it in or remove the record.")
+    return dataclasses.replace(example, rejected=answers["rejected"])
+
+
 def exchanges(example):
     """How many user/assistant exchanges an example holds (1 for any non-conversation)."""
     return sum(role == "assistant" for role, _ in example.conversation) or 1
@@ -199,6 +277,7 @@ FORMATS = {
     "messages": read_messages,
     "sharegpt": read_sharegpt,
     "text": read_text,
+    "preference": read_preference,
 }
 
 
@@ -233,7 +312,7 @@ def detect(record, where, fields):
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object (a record with named fields), got {type(record).__name__}.")
     present = {name for name in _all_names() if fields.get(name, name) in record}
-    for fmt in ("messages", "sharegpt", "completion", "alpaca", "dolly", "text"):
+    for fmt in ("preference", "messages", "sharegpt", "completion", "alpaca", "dolly", "text"):
         if set(FIELDS[fmt][0]) <= present:
             return fmt
     # Some of a format's fields: that format, so the record's error names the missing one.

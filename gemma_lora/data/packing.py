@@ -102,3 +102,98 @@ def pack(examples, sequence_length, pad_id=0):
 def real_token_fraction(packed):
     """Share of the processed tokens that belong to an example (not padding)."""
     return float(np.mean(packed["segment_ids"] > 0))
+
+
+def pack_pairs(pairs, sequence_length, rows_per_batch, pairs_per_batch, pad_id=0):
+    """Pack preference pairs into batches of `rows_per_batch` rows, each pair's two sequences in one batch.
+
+    A preference loss compares a pair's chosen and rejected sequences, so both
+    must be in the batch the step sees; they may sit in different rows. Pairs
+    are taken in the order given (an epoch's order) and each sequence goes to
+    the first row of the current batch with room; the batch closes when a
+    pair does not fit or it holds `pairs_per_batch` pairs (a static size of
+    the step).
+
+    Args:
+        pairs: sequence of (chosen, rejected), each a dict of equal-length
+            per-position arrays: "token_ids", "loss_weights" (as `pack`: the
+            weight at i weighs the prediction of token i + 1) and any others
+            (e.g. the reference model's "reference_logps"), each at most
+            `sequence_length` long.
+        rows_per_batch: rows of each batch (>= 2: each sequence may fill a row).
+        pairs_per_batch: the most pairs a batch may hold.
+
+    Returns:
+        A list of batches, dicts of (rows_per_batch, sequence_length) arrays: the
+        columns of `pack` plus every extra one given, and "sequence_ids"
+        (int32): at each loss-carrying position, 2p + 1 for the chosen sequence
+        of the batch's p-th pair and 2p + 2 for its rejected one; 0 elsewhere.
+        Also "pair_index" is returned per batch as a list (not an array): the
+        index in `pairs` of each of its pairs, in order.
+    """
+    if rows_per_batch < 2:
+        raise DataError(f"rows_per_batch must be >= 2 for preference pairs. Received: {rows_per_batch}")
+    batches, members, free = [], [], [sequence_length] * rows_per_batch
+
+    def close():
+        batches.append(_lay_out(pairs, members, sequence_length, rows_per_batch, pad_id))
+
+    for index, pair in enumerate(pairs):
+        lengths = [len(side["token_ids"]) for side in pair]
+        if max(lengths) > sequence_length or min(lengths) == 0:
+            raise DataError(f"Pair {index} has sequences of {lengths} tokens; each must be 1..{sequence_length}.")
+        placed = _first_fit(free, lengths)
+        if placed is None or len(members) == pairs_per_batch:
+            close()
+            members, free = [], [sequence_length] * rows_per_batch
+            placed = _first_fit(free, lengths)
+        for length, row in zip(lengths, placed):
+            free[row] -= length
+        members.append((index, placed))
+    if members:
+        close()
+    return batches
+
+
+def _first_fit(free, lengths):
+    """The rows the sequences of `lengths` would take, in turn, by first fit; None if one does not fit."""
+    room, rows = list(free), []
+    for length in lengths:
+        row = next((r for r, left in enumerate(room) if left >= length), None)
+        if row is None:
+            return None
+        room[row] -= length
+        rows.append(row)
+    return rows
+
+
+def _lay_out(pairs, members, sequence_length, rows, pad_id):
+    """One batch's arrays from its (pair index, rows of its two sequences)."""
+    shape = (rows, sequence_length)
+    extra = [k for k in pairs[members[0][0]][0] if k not in ("token_ids", "loss_weights")]
+    out = {
+        "token_ids": np.full(shape, pad_id, np.int32),
+        "segment_ids": np.zeros(shape, np.int32),
+        "positions": np.zeros(shape, np.int32),
+        "labels": np.zeros(shape, np.int32),
+        "loss_weights": np.zeros(shape, np.float32),
+        "sequence_ids": np.zeros(shape, np.int32),
+        **{k: np.zeros(shape, np.float32) for k in extra},
+    }
+    used = [0] * rows
+    for p, (index, placed) in enumerate(members):
+        for side, (sequence, row) in enumerate(zip(pairs[index], placed)):
+            ids, weights = np.asarray(sequence["token_ids"]), np.asarray(sequence["loss_weights"], np.float32)
+            start = used[row]
+            end = start + len(ids)
+            used[row] = end
+            out["token_ids"][row, start:end] = ids
+            out["segment_ids"][row, start:end] = int(out["segment_ids"][row].max()) + 1
+            out["positions"][row, start:end] = np.arange(len(ids))
+            out["labels"][row, start : end - 1] = ids[1:]
+            out["loss_weights"][row, start : end - 1] = weights[:-1]
+            out["sequence_ids"][row, start : end - 1] = np.where(weights[:-1] > 0, 2 * p + 1 + side, 0)
+            for k in extra:
+                out[k][row, start : end - 1] = np.asarray(sequence[k], np.float32)[:-1]
+    out["pair_index"] = [index for index, _ in members]
+    return out

@@ -299,7 +299,7 @@ def logits(config, frozen, lora, token_ids, segment_ids, positions):
     return soft_cap(out, config.final_logit_soft_cap)
 
 
-def _chunk_nll(h, embedding, labels, weights, with_grad, logits_dtype, cap):
+def _chunk_logits(h, embedding, labels, logits_dtype, cap):
     # One slice of tokens against the whole (tied) vocabulary; logits exist
     # only for this slice. Reductions run in float32 whatever logits_dtype.
     # The table may be stored wider than the activations (a float32 Keras
@@ -309,10 +309,10 @@ def _chunk_nll(h, embedding, labels, weights, with_grad, logits_dtype, cap):
     logits = soft_cap(raw.astype(jnp.float32), cap)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
-    weights = jnp.where(weights > 0, weights, 0.0)
-    nll = jnp.sum(jnp.where(weights > 0, (lse - picked) * weights, 0.0))
-    if not with_grad:
-        return nll, None
+    return embedding, logits, lse, picked
+
+
+def _chunk_dh(h, embedding, logits, lse, labels, weights, cap):
     # d nll / d logits = weight * (softmax - onehot), built in one fused pass.
     vocab = jax.lax.broadcasted_iota(labels.dtype, logits.shape, 1)
     probs = jnp.exp(logits - lse[:, None])
@@ -326,7 +326,16 @@ def _chunk_nll(h, embedding, labels, weights, with_grad, logits_dtype, cap):
         embedding,
         preferred_element_type=jnp.float32,
     )
-    return nll, dh.astype(h.dtype)
+    return dh.astype(h.dtype)
+
+
+def _chunk_nll(h, embedding, labels, weights, with_grad, logits_dtype, cap):
+    embedding, logits, lse, picked = _chunk_logits(h, embedding, labels, logits_dtype, cap)
+    weights = jnp.where(weights > 0, weights, 0.0)
+    nll = jnp.sum(jnp.where(weights > 0, (lse - picked) * weights, 0.0))
+    if not with_grad:
+        return nll, None
+    return nll, _chunk_dh(h, embedding, logits, lse, labels, weights, cap)
 
 
 def _chunked(h, labels, weights, chunk):
@@ -405,3 +414,65 @@ def loss_sums(config, frozen, lora, batch):
         config.final_logit_soft_cap,
     )
     return nll, jnp.sum(weights)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _token_nll(h, embedding, labels, chunk, logits_dtype, cap):
+    """-log p(label) of every token, (n,), by slices as `_lm_nll` (whose sum-only form SFT keeps)."""
+    hs, ls, _ = _chunked(h, labels, jnp.zeros(labels.shape, jnp.float32), chunk)
+
+    def body(carry, xs):
+        _, _, lse, picked = _chunk_logits(xs[0], embedding, xs[1], logits_dtype, cap)
+        return carry, lse - picked
+
+    _, nll = jax.lax.scan(body, None, (hs, ls))
+    return nll.reshape(-1)[: h.shape[0]]
+
+
+def _token_nll_fwd(h, embedding, labels, chunk, logits_dtype, cap):
+    # As `_lm_nll_fwd`: each token's gradient with respect to h is computed with
+    # its loss, for a unit weight; the backward pass scales it by the token's
+    # cotangent (a row of logits depends on its own token only).
+    n = h.shape[0]
+    hs, ls, _ = _chunked(h, labels, jnp.zeros(labels.shape, jnp.float32), chunk)
+
+    def body(carry, xs):
+        table, logits, lse, picked = _chunk_logits(xs[0], embedding, xs[1], logits_dtype, cap)
+        dh = _chunk_dh(xs[0], table, logits, lse, xs[1], jnp.ones(xs[1].shape, jnp.float32), cap)
+        return carry, (lse - picked, dh)
+
+    _, (nll, dh) = jax.lax.scan(body, None, (hs, ls))
+    return nll.reshape(-1)[:n], dh.reshape(-1, h.shape[-1])[:n]
+
+
+def _token_nll_bwd(chunk, logits_dtype, cap, dh, g):
+    return (dh * g[:, None].astype(dh.dtype), None, None)
+
+
+_token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
+
+
+def token_logps(config, frozen, lora, batch):
+    """log p(label) of every position of a packed batch, (batch, seq) float32 (0 where no weight).
+
+    Differentiable in `lora`, without holding the batch's logits (as `loss_sums`).
+    """
+    h = hidden_states(config, frozen, lora, batch["token_ids"], batch["segment_ids"], batch["positions"])
+    nll = _token_nll(
+        h.reshape(-1, config.hidden_dim),
+        frozen["embedding"],
+        batch["labels"].reshape(-1).astype(jnp.int32),
+        config.loss_chunk,
+        jnp.dtype(config.logits_dtype),
+        config.final_logit_soft_cap,
+    ).reshape(batch["labels"].shape)
+    return jnp.where(batch["loss_weights"] > 0, -nll, 0.0)
+
+
+def sequence_sums(values, sequence_ids, pairs):
+    """Per pair, (chosen, rejected) sums of per-position `values` over their sequences (`packing.pack_pairs`' ids).
+
+    Returns (pairs, 2) float32.
+    """
+    sums = jax.ops.segment_sum(values.reshape(-1).astype(jnp.float32), sequence_ids.reshape(-1), 2 * pairs + 1)
+    return sums[1:].reshape(pairs, 2)

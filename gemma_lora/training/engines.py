@@ -19,6 +19,7 @@ kept while it is used, so epoch 0 is packed once per run.
 """
 
 from gemma_lora import runtime
+from gemma_lora.data.preference import PairRows
 from gemma_lora.errors import ConfigError
 from gemma_lora.fast.extract import unsupported_reasons as fast_unsupported
 from gemma_lora.training import batching, fast_engine, keras_engine, loop
@@ -38,8 +39,8 @@ KEPT_EPOCHS = 2
 class Plan:
     """One engine's batches of one set of rows: `epoch_batches(epoch)` built once each, and what they hold."""
 
-    def __init__(self, rows, config, build, contents):
-        self.rows, self.config = rows, config
+    def __init__(self, rows, config, build, contents, pairs_per_batch=None):
+        self.rows, self.config, self.pairs_per_batch = rows, config, pairs_per_batch
         self._build, self._contents = build, contents
         self._epochs = {}
         self.steps_per_epoch = len(self.epoch_batches(0))
@@ -54,6 +55,18 @@ class Plan:
 
     def total_batches(self):
         return loop.total_batches(self.steps_per_epoch, self.config)
+
+    def pairs_used(self):
+        """The indices of the preference pairs the run's batches hold (a pair plan's), sorted."""
+        used = set()
+        for batch in range(self.total_batches()):
+            epoch, index = divmod(batch, self.steps_per_epoch)
+            used.update(self.epoch_batches(epoch)[index]["pair_index"])
+        return sorted(used)
+
+    def rebuild(self):
+        """Forget the batches built so far (their rows changed, e.g. the reference log-probs were added)."""
+        self._epochs.clear()
 
     def total_steps(self):
         """Optimizer steps a whole run takes: every epoch's, or max_steps if fewer.
@@ -106,12 +119,22 @@ class FastEngine:
     name = "fast"
 
     def plan(self, rows, config):
+        """The packed batches of `rows`: `TokenizedRows`, or a preference objective's `PairRows`."""
+        if isinstance(rows, PairRows):
+            return Plan(rows, config, fast_engine.pair_batches, fast_engine.pair_contents,
+                        pairs_per_batch=fast_engine.pairs_per_batch(rows, config))
         return Plan(rows, config, fast_engine.epoch_batches, fast_engine.batch_contents)
 
     def stepper(self, causal_lm, plan, precision="float32", objective=None):
         return fast_engine.FastStepper(causal_lm, plan, precision, objective or objective_of(plan.config))
 
     def describe(self, plan, config):
+        if plan.pairs_per_batch:
+            return (
+                f"engine: fast (preference pairs packed, each pair's two sequences in one batch): {plan.steps_per_epoch} "
+                f"steps an epoch of {config.batch_size} rows x {config.sequence_length} (about "
+                f"{len(plan.rows) / plan.steps_per_epoch:.1f} pairs a step), {self.real_token_fraction(plan):.1%} real tokens"
+            )
         return (
             f"engine: fast (packed rows, gemma_lora.fast): {plan.steps_per_epoch} steps an epoch of "
             f"{config.batch_size} rows x {config.sequence_length} (about {len(plan.rows) / plan.steps_per_epoch:.1f} "
@@ -181,14 +204,20 @@ def choose(causal_lm, config, platform):
     Raises:
         ConfigError: engine="fast" where the fast engine cannot run, naming why.
     """
-    if config.engine == "keras":
+    if config.engine == "keras" and not config.prefers:
         return KerasEngine()
     reasons = unsupported_reasons(causal_lm, config)
+    if config.prefers and (config.engine == "keras" or reasons):
+        why = "; ".join(r.rstrip(".") for r in reasons) if reasons else "the Keras engine trains sft only"
+        raise ConfigError(
+            f"objective={config.objective} runs on the fast engine, and {why}. "
+            + ("Use --engine fast (or auto)." if not reasons else "Use --objective sft, or a model the fast engine runs.")
+        )
     if config.engine == "fast" and reasons:
         raise ConfigError(
             "engine=fast cannot train this run: " + "; ".join(r.rstrip(".") for r in reasons) + ". Use --engine keras."
         )
-    wanted = config.engine == "fast" or (platform != "cpu" and not reasons)
+    wanted = config.engine == "fast" or config.prefers or (platform != "cpu" and not reasons)
     return FastEngine() if wanted else KerasEngine()
 
 

@@ -71,6 +71,65 @@ def batch_contents(rows, batch):
     return examples, int((segments > 0).sum())
 
 
+def pairs_per_batch(pairs, config):
+    """The most preference pairs a batch of `batch_size` rows can hold (a static size of the step)."""
+    return max(1, min(len(pairs), config.batch_size * config.sequence_length // pairs.shortest))
+
+
+def pair_sequences(pairs, indices):
+    """The sequences of `pairs` at `indices`, with the reference's per-token log-probs where they are known."""
+    out = []
+    for i in indices:
+        sides = pairs.sequences(i)
+        if pairs.reference is not None:
+            # A pair the run never trains on has no reference (zeros, unread).
+            known = pairs.reference[i] or [np.zeros(len(side["token_ids"]), np.float32) for side in sides]
+            sides = tuple(dict(side, reference_logps=ref) for side, ref in zip(sides, known))
+        out.append(sides)
+    return out
+
+
+def pair_batches(pairs, config, epoch=None):
+    """The pair batches of an epoch in training order (`packing.pack_pairs`); epoch None: the pairs in order.
+
+    Which pairs share a batch is drawn once per run (the pairs in epoch 0's
+    order, packed); each epoch then takes those batches in an order drawn from
+    (seed, epoch). Packing each epoch anew could change its number of
+    batches, and the loop counts steps per epoch once.
+    """
+    order = np.arange(len(pairs)) if epoch is None else epoch_order(len(pairs), config, 0)
+    batches = packing.pack_pairs(pair_sequences(pairs, order), config.sequence_length, config.batch_size,
+                                 pairs_per_batch(pairs, config))
+    if epoch is None or not config.shuffle:
+        return batches
+    return [batches[i] for i in np.random.default_rng([config.seed, epoch, 1]).permutation(len(batches))]
+
+
+def pair_contents(pairs, batch):
+    """(pairs, real tokens) in a pair batch."""
+    return len(batch["pair_index"]), int((batch["segment_ids"] > 0).sum())
+
+
+def fast_view(causal_lm, precision, seed):
+    """(fast config, frozen arrays, where each Keras trainable variable sits in the LoRA pytree) of a LoRA model.
+
+    The frozen arrays are the Keras variables' own (no copy of the base).
+    """
+    # The layers LoRA is enabled on (the run's lora_targets, as the pipeline enabled them).
+    enabled = {layer.name for layer in lora_layers(causal_lm)}
+    targets = tuple(name for name in extract.EQUATIONS if name in enabled)
+    fast_config, frozen, _ = extract.extract_params(causal_lm, targets, dtype=fast_dtype(precision), seed=seed, cast=False)
+    where = {}
+    for i, block in enumerate(causal_lm.backbone.transformer_layers):
+        for target in fast_config.lora_targets:
+            layer = extract.layer_of(block, target)
+            if layer is None:  # a Gemma 4 K = V layer's value
+                continue
+            where[id(layer.lora_kernel_a)] = (i, target, "lora_kernel_a")
+            where[id(layer.lora_kernel_b)] = (i, target, "lora_kernel_b")
+    return fast_config, frozen, [where[id(v)] for v in causal_lm.trainable_variables]
+
+
 class FastStepper(loop.StepEngine):
     """`gemma_lora.fast`'s functional Gemma on packed rows, stepped by the loop.
 
@@ -83,44 +142,30 @@ class FastStepper(loop.StepEngine):
 
     def __init__(self, causal_lm, plan, precision, objective):
         super().__init__(causal_lm, plan)
-        config = plan.config
-        # The layers LoRA is enabled on (the run's lora_targets, as the pipeline enabled them).
-        enabled = {layer.name for layer in lora_layers(causal_lm)}
-        targets = tuple(name for name in extract.EQUATIONS if name in enabled)
-        # The frozen arrays are the Keras variables' own (cast=False): one copy of the base.
-        self.fast_config, self.frozen, _ = extract.extract_params(
-            causal_lm, targets, dtype=fast_dtype(precision), seed=config.seed, cast=False
-        )
-        # Where each Keras trainable variable sits in the fast path's LoRA pytree.
-        where = {}
-        for i, block in enumerate(causal_lm.backbone.transformer_layers):
-            for target in self.fast_config.lora_targets:
-                layer = extract.layer_of(block, target)
-                if layer is None:  # a Gemma 4 K = V layer's value
-                    continue
-                where[id(layer.lora_kernel_a)] = (i, target, "lora_kernel_a")
-                where[id(layer.lora_kernel_b)] = (i, target, "lora_kernel_b")
-        self.paths = [where[id(v)] for v in causal_lm.trainable_variables]
+        self.objective = objective
+        self.fast_config, self.frozen, self.paths = fast_view(causal_lm, precision, plan.config.seed)
+        # A pair batch's pairs, a static size of the step (None: single examples).
+        pairs = plan.pairs_per_batch if objective.pairs else None
         # The frozen weights keep the Keras variables' layout (extract_params
         # converts them in place), so a distribution's layout map lays out
         # both engines alike; the state keeps its layout across steps.
         state = self.state_shardings()
         out_shardings = None if state is None else (*state, None, None)
-        key = (id(self.optimizer), objective, self.fast_config, tuple(self.paths), self.distribution is not None)
+        key = (id(self.optimizer), objective, self.fast_config, tuple(self.paths), self.distribution is not None, pairs)
         self._step = loop.compiled_step(
             causal_lm, key,
-            lambda: jax.jit(_fast_train_step(self.fast_config, self.paths, self.optimizer, objective), donate_argnums=(0, 1),
-                            out_shardings=out_shardings),
+            lambda: jax.jit(_fast_train_step(self.fast_config, self.paths, self.optimizer, objective, pairs),
+                            donate_argnums=(0, 1), out_shardings=out_shardings),
         )
 
     def batch_weight(self, batch):
-        return float(batch["loss_weights"].sum())
+        return self.objective.batch_weight(batch)
 
     def step(self, batch, scale):
         # Every process packs the whole epoch (the same everywhere) and feeds the rows its devices hold.
         shape = batch["token_ids"].shape
         sharding, (start, stop) = distribute.batch_layout(shape, self.distribution)
-        names = sorted(batch)
+        names = sorted(k for k, v in batch.items() if isinstance(v, np.ndarray))  # a pair batch's pair_index is a list
         batch = dict(zip(names, distribute.to_global([batch[k][start:stop] for k in names], sharding, shape)))
         self.trainable, self.optimizer_values, nll, weight = self._step(
             self.trainable, self.optimizer_values, self.frozen, batch, jnp.float32(scale)
@@ -130,13 +175,25 @@ class FastStepper(loop.StepEngine):
 
 
 class FastForward:
-    """The functional Gemma on one packed batch, as a function of the LoRA factors (what an objective reads)."""
+    """The functional Gemma on one packed batch, as a function of the LoRA factors (what an objective reads).
 
-    def __init__(self, fast_config, frozen, lora, batch):
-        self.fast_config, self.frozen, self.lora, self.batch = fast_config, frozen, lora, batch
+    `pairs`: the batch's pair slots (`pack_pairs`), for `sequence_logps`.
+    """
+
+    def __init__(self, fast_config, frozen, lora, batch, pairs=None):
+        self.fast_config, self.frozen, self.lora, self.batch, self.pairs = fast_config, frozen, lora, batch, pairs
 
     def token_nll_sums(self):
         return forward.loss_sums(self.fast_config, self.frozen, self.lora, self.batch)
+
+    def sequence_logps(self):
+        batch, pairs = self.batch, self.pairs
+        logps = forward.token_logps(self.fast_config, self.frozen, self.lora, batch)
+        ids = batch["sequence_ids"]
+        counts = forward.sequence_sums(batch["loss_weights"] > 0, ids, pairs)
+        reference = batch.get("reference_logps")
+        reference = jnp.zeros_like(counts) if reference is None else forward.sequence_sums(reference, ids, pairs)
+        return forward.sequence_sums(logps, ids, pairs), counts, reference
 
 
 def lora_tree(fast_config, paths, trainable):
@@ -147,7 +204,7 @@ def lora_tree(fast_config, paths, trainable):
     return lora
 
 
-def _fast_train_step(fast_config, paths, optimizer, objective):
+def _fast_train_step(fast_config, paths, optimizer, objective, pairs=None):
     """The fast engine's step: gradients of the packed batch's loss on the LoRA factors, then the update.
 
     `paths[i]` is where the Keras model's i-th trainable variable sits in
@@ -158,7 +215,7 @@ def _fast_train_step(fast_config, paths, optimizer, objective):
     def train_step(trainable, optimizer_values, frozen, batch, scale):
         def loss(trainable):
             lora = lora_tree(fast_config, paths, trainable)
-            nll, weight = objective.loss(FastForward(fast_config, frozen, lora, batch))
+            nll, weight = objective.loss(FastForward(fast_config, frozen, lora, batch, pairs))
             # `scale` (from the loop) makes it the mean over the optimizer step's loss-carrying tokens.
             return nll * scale, (nll, weight)
 

@@ -11,37 +11,44 @@ sum is over; the loop divides by the weight of the whole optimizer step (so
         name: str                                  # the run's `objective`
         def loss(self, forward) -> (loss_sum, weight_sum)   # traced, in float32
 
-A forward today has one function, the one SFT needs:
+A forward has the functions the objectives read:
 
     forward.token_nll_sums() -> (sum of weight x -log p(label), sum of weights)
+    forward.sequence_logps() -> (policy (pairs, 2), token counts (pairs, 2), reference (pairs, 2))
 
-over the batch's weighted tokens (`scoring.token_nll` on KerasHub's logits
-for the Keras engine; the fused, chunked head of `fast/forward.py` for the
-fast engine, which never holds the batch's logits).
+`token_nll_sums` is over the batch's weighted tokens (`scoring.token_nll` on
+KerasHub's logits for the Keras engine; the fused, chunked head of
+`fast/forward.py` for the fast engine, which never holds the batch's logits).
+`sequence_logps` is per preference pair of the batch: the summed log p of
+the chosen and the rejected response, their token counts, and the same
+sums under the reference model, which is the starting model (the base with
+LoRA off, or with `init_adapter`'s factors): computed once before training
+(`training/preference.py`) and carried as a batch column, so a step runs
+the policy only. A batch (`packing.pack_pairs`) keeps each pair's two
+sequences together; an objective's weight is then its number of pairs.
 
-How the next objectives plug in without changing the loop:
+An objective also says how to read a batch's weight on the host
+(`batch_weight`), whether it learns from pairs (`pairs`) and whether it
+needs the reference (`uses_reference`).
 
-- Preference pairs (DPO, IPO; ORPO and SimPO without a reference): the data
-  layer writes each pair as two rows (prompt + chosen, prompt + rejected)
-  that a batch keeps together, and the forward gains `sequence_logps()`, the
-  sum of log p over each sequence's loss tokens (a row on the Keras engine, a
-  packed segment on the fast engine). The reference model's log-probs are the
-  same function with LoRA off, computed once before training and carried as
-  batch columns. `loss` is then the method's formula over the pairs, and its
-  weight the number of pairs.
-- RL with verifiable rewards (GRPO): a step starts by generating. The
-  objective gets a `prepare(policy, batch)` hook, called by the engine
-  before the jitted step, that samples completions with the decoder,
-  scores them with the reward functions and returns the batch the loss
-  sees (completions, their sampling log-probs, advantages); `loss` uses a
-  per-token `token_logps()` for the clipped ratio and the KL term.
-
-Both are new forward functions and new objective classes; the loop, the
-checkpoints (which save the trainable weights and the optimizer, whatever
-the loss) and the scoring stay as they are.
+The next one, RL with verifiable rewards (GRPO), adds a step that starts by
+generating: a `prepare(policy, batch)` hook, called by the engine before
+the jitted step, samples completions with the decoder, scores them with the
+reward functions and returns the batch the loss sees (completions, their
+sampling log-probs, advantages); `loss` reads per-token log-probs
+(`forward.token_logps`) for the clipped ratio and the KL term. The loop,
+the checkpoints (the trainable weights and the optimizer, whatever the
+loss) and the scoring stay as they are.
 """
 
 from dataclasses import dataclass
+
+from gemma_lora import runtime
+
+runtime.ensure_runtime()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -55,14 +62,168 @@ class SFT:
     """
 
     name: str = "sft"
+    pairs = False  # learns from single examples, not preference pairs
+    uses_reference = False
 
     def loss(self, forward):
         return forward.token_nll_sums()
 
+    def batch_weight(self, batch):
+        """The weight a batch's loss sum is over, read on the host: its loss-carrying tokens' weights."""
+        return float(batch["loss_weights"].sum())
 
-OBJECTIVES = {"sft": SFT}
+
+@dataclass(frozen=True)
+class PairTerms:
+    """Per pair of a batch: the objective's loss, each side's implicit reward and the log-probabilities it used."""
+
+    losses: jax.Array
+    chosen_rewards: jax.Array
+    rejected_rewards: jax.Array
+    chosen_logps: jax.Array
+    rejected_logps: jax.Array
+    mask: jax.Array  # 1 for the batch's real pairs, 0 for its padding
+
+
+@dataclass(frozen=True)
+class Preference:
+    """What the four preference objectives share: per-pair log-probabilities in, a loss per pair out.
+
+    The forward gives `sequence_logps()`: per pair, the summed log p of the
+    chosen and the rejected response tokens under the policy, their token
+    counts, and the starting model's (the reference's) sums, computed once
+    before training and carried as a batch column. `losses` is the method's
+    formula; the loss a step minimises is its mean over the step's pairs
+    (weight = the number of pairs). Reward accuracy is the share of pairs whose
+    chosen reward beats the rejected one.
+    """
+
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    pairs = True
+    uses_reference = False
+
+    def terms(self, forward):
+        logps, counts, reference = forward.sequence_logps()
+        mask = (counts[:, 0] > 0).astype(jnp.float32)
+        counts = jnp.maximum(counts, 1.0)
+        losses, rewards, used = self.losses(logps, counts, reference)
+        losses = jnp.where(mask > 0, losses, 0.0)
+        return PairTerms(losses, rewards[:, 0], rewards[:, 1], used[:, 0], used[:, 1], mask)
+
+    def loss(self, forward):
+        terms = self.terms(forward)
+        return jnp.sum(terms.losses), jnp.sum(terms.mask)
+
+    def batch_weight(self, batch):
+        """The number of pairs in a batch (`packing.pack_pairs`), read on the host."""
+        return float(len(batch["pair_index"]))
+
+    def smoothed(self, z):
+        # Conservative DPO (Mitchell 2023, TRL's label_smoothing): a share of the labels is taken as flipped.
+        return -(1.0 - self.label_smoothing) * jax.nn.log_sigmoid(z) - self.label_smoothing * jax.nn.log_sigmoid(-z)
+
+
+@dataclass(frozen=True)
+class DPO(Preference):
+    """DPO (Rafailov et al. 2023, eq. 7), TRL's loss_type="sigmoid", with its label smoothing.
+
+    z = beta [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))], sums over response tokens;
+    loss = -(1 - e) log sigmoid(z) - e log sigmoid(-z); rewards beta (log pi - log ref).
+    """
+
+    name: str = "dpo"
+    uses_reference = True
+
+    def losses(self, logps, counts, reference):
+        ratios = logps - reference
+        return self.smoothed(self.beta * (ratios[:, 0] - ratios[:, 1])), self.beta * ratios, logps
+
+
+@dataclass(frozen=True)
+class IPO(Preference):
+    """IPO (Azar et al. 2023, eq. 17) as TRL's loss_type="ipo" computes it: on log-probabilities per token.
+
+    h = (log pi(y_w) - log ref(y_w)) / |y_w| - (log pi(y_l) - log ref(y_l)) / |y_l|;
+    loss = (h - 1 / (2 beta))^2; rewards beta (log pi - log ref) on the sums, as DPO's.
+    The paper writes h with whole-sequence sums; TRL (and this) divide each
+    by its response's token count, so long responses do not dominate the margin.
+    """
+
+    name: str = "ipo"
+    uses_reference = True
+
+    def losses(self, logps, counts, reference):
+        ratios = (logps - reference) / counts
+        h = ratios[:, 0] - ratios[:, 1]
+        return jnp.square(h - 1.0 / (2.0 * self.beta)), self.beta * (logps - reference), logps
+
+
+@dataclass(frozen=True)
+class SimPO(Preference):
+    """SimPO (Meng et al. 2024, eq. 6), TRL's CPOTrainer with loss_type="simpo" and cpo_alpha=0: no reference.
+
+    z = beta (mean log pi(y_w) - mean log pi(y_l)) - gamma; loss = -(1 - e) log sigmoid(z) - e log sigmoid(-z);
+    rewards beta x mean log pi (per token, the paper's length normalisation).
+    """
+
+    name: str = "simpo"
+    gamma: float = 0.5
+
+    def losses(self, logps, counts, reference):
+        means = logps / counts
+        return self.smoothed(self.beta * (means[:, 0] - means[:, 1]) - self.gamma), self.beta * means, means
+
+
+@dataclass(frozen=True)
+class ORPO(Preference):
+    """ORPO (Hong et al. 2024, eqs. 6-7), as TRL's ORPOTrainer: the chosen responses' cross-entropy plus an odds ratio.
+
+    With mean log-probabilities per token m_w, m_l: log odds(y) = m - log(1 - exp(m));
+    loss = -m_w - lambda log sigmoid(log odds(y_w) - log odds(y_l)); rewards lambda x m.
+    Where this differs from TRL 1.16: TRL's cross-entropy term is over every
+    token of the chosen row after `<bos>`, the prompt's included, pooled over
+    the batch; here it is over the response only (as every objective here) and
+    per pair (the mean of the pairs' means, so every pair weighs alike). The
+    odds-ratio term and the log-probabilities are TRL's. `beta` is lambda.
+    """
+
+    name: str = "orpo"
+
+    def losses(self, logps, counts, reference):
+        means = logps / counts
+        # log(1 - exp(m)) for m < 0, kept finite as m -> 0 (a response the model is sure of).
+        log_rest = jnp.log1p(-jnp.exp(jnp.minimum(means, -1e-6)))
+        log_odds = (means[:, 0] - means[:, 1]) - (log_rest[:, 0] - log_rest[:, 1])
+        return -means[:, 0] - self.beta * jax.nn.log_sigmoid(log_odds), self.beta * means, means
+
+
+OBJECTIVES = {"sft": SFT, "dpo": DPO, "ipo": IPO, "orpo": ORPO, "simpo": SimPO}
 
 
 def objective_of(config):
-    """The objective a run trains with (supervised fine-tuning, until the config names others)."""
-    return OBJECTIVES[getattr(config, "objective", "sft")]()
+    """The objective a run trains with, with its settings from the config."""
+    name = getattr(config, "objective", "sft")
+    if name == "sft":
+        return SFT()
+    if name == "orpo":
+        return ORPO(beta=config.orpo_lambda)
+    settings = {"beta": config.resolved_beta(), "label_smoothing": config.label_smoothing}
+    if name == "simpo":
+        return SimPO(**settings, gamma=config.simpo_gamma)
+    if name == "ipo":
+        return IPO(beta=settings["beta"])
+    return DPO(**settings)
+
+
+def pair_metrics(terms):
+    """Sums over a batch's real pairs of what an evaluation reports (divide by `pairs`)."""
+    mask = terms.mask
+    return {
+        "pairs": jnp.sum(mask),
+        "loss": jnp.sum(terms.losses * mask),
+        "reward_accuracy": jnp.sum((terms.chosen_rewards > terms.rejected_rewards) * mask),
+        "reward_margin": jnp.sum((terms.chosen_rewards - terms.rejected_rewards) * mask),
+        "chosen_logps": jnp.sum(terms.chosen_logps * mask),
+        "rejected_logps": jnp.sum(terms.rejected_logps * mask),
+    }

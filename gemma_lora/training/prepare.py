@@ -14,9 +14,11 @@ from pathlib import Path
 
 from gemma_lora import data
 from gemma_lora.data import chat
+from gemma_lora.data.preference import tokenize_pairs
 from gemma_lora.data.tokenize import average_per_example
 from gemma_lora.errors import ConfigError, DataError
 from gemma_lora.model import loading, presets
+from gemma_lora.model.layers import lora_layers
 from gemma_lora.model.quantize import base_weight_bytes, quantize_base
 from gemma_lora.parallel import distribute, hosts
 from gemma_lora.run_files import DATA_FILE
@@ -30,6 +32,12 @@ def prepare(config, echo):
     def sources():
         dataset = data.read_dataset(config)  # Read data before the slow model load.
         echo(dataset.describe())
+        if config.prefers and dataset.format != "preference":
+            raise DataError(
+                f"objective={config.objective} learns from preference pairs, and {dataset.source} reads as "
+                f"{dataset.format} data. Each record needs chosen and rejected, and a prompt (or chosen and rejected "
+                "texts that begin with the same prompt): give such data (docs/preference.md), or --objective sft."
+            )
         if config.metric and dataset.format == "text":
             raise ConfigError(
                 f"metric={config.metric!r} compares answers with references, and text data has neither; "
@@ -68,6 +76,10 @@ def prepare(config, echo):
     if config.full_finetune:
         causal_lm.backbone.trainable = True  # Every weight, embeddings and norms included.
         method = "full fine-tune: every weight"
+    elif config.init_adapter:
+        config = start_from_adapter(causal_lm, config)
+        method = (f"LoRA rank {config.lora_rank} on {', '.join(config.lora_targets)}, starting from "
+                  f"{config.init_adapter}")
     else:
         loading.enable_lora(
             causal_lm, config.lora_rank, config.lora_alpha, config.lora_targets, seed=config.seed
@@ -86,12 +98,49 @@ def prepare(config, echo):
     if config.loss_average == "example":
         rows["train"].weights = average_per_example(rows["train"].weights)
     refuse_marker_text(rows, dataset, config)
-    data_stats = describe_data(rows, config)
+    pairs = tokenize_splits_pairs(splits, dataset, tokenizer, config) if config.prefers else None
+    data_stats = describe_data(rows, config, pairs)
     data_stats["source"] = data.splits_record(dataset, splits)
     data_stats["source"]["marker_text_rows"] = {name: len(r.marker_text) for name, r in rows.items()}
     for line in data_stats["lines"]:
         echo(line)
-    return config, causal_lm, parameters, splits, rows, data_stats, precision
+    return config, causal_lm, parameters, splits, rows, data_stats, precision, pairs
+
+
+def start_from_adapter(causal_lm, config):
+    """Load `init_adapter` (a run directory or an adapter file) as the LoRA to train on; the config with its LoRA settings.
+
+    Raises:
+        AdapterError: no adapter there, or one trained on another base.
+    """
+    from gemma_lora.adapters.files import ADAPTER_FILE
+    from gemma_lora.adapters.store import load_adapter
+    from gemma_lora.errors import AdapterError
+
+    path = Path(config.init_adapter)
+    if path.is_dir():
+        path = path / ADAPTER_FILE
+    if not path.is_file():
+        raise AdapterError(
+            f"init_adapter={config.init_adapter}: no adapter there ({path} does not exist). Give a run directory "
+            f"holding {ADAPTER_FILE}, or the adapter file itself."
+        )
+    meta = load_adapter(causal_lm, path, preset=config.preset) or {}
+    layers = lora_layers(causal_lm)
+    return dataclasses.replace(
+        config, lora_rank=layers[0].lora_rank, lora_alpha=meta.get("alpha", config.lora_alpha),
+        lora_targets=list(meta.get("targets", config.lora_targets)),
+    )
+
+
+def tokenize_splits_pairs(splits, dataset, tokenizer, config):
+    """Each split's preference pairs as `PairRows` (`data.preference.tokenize_pairs`), places named in errors."""
+    out, offset = {}, 0
+    for name in ("train", "validation", "test"):
+        examples = getattr(splits, name)
+        out[name] = tokenize_pairs(examples, tokenizer, config, dataset.places[offset : offset + len(examples)])
+        offset += len(examples)
+    return out
 
 
 def refuse_marker_text(rows, dataset, config):
@@ -159,9 +208,9 @@ def default_run_dir(config):
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def describe_data(rows, config):
-    """Counts per split, truncation, padding share and a fingerprint of the train tokens."""
-    
+def describe_data(rows, config, pairs=None):
+    """Counts per split, truncation, padding share and a fingerprint of the train tokens (and of the pairs')."""
+
     train_rows = rows["train"]
     fingerprint = hashlib.sha256(train_rows.token_ids.tobytes() + train_rows.weights.tobytes()).hexdigest()[:16]
     positions = positions_per_epoch(train_rows, config)
@@ -179,6 +228,18 @@ def describe_data(rows, config):
         )
         + (f"; {lossless} of them kept no loss token (the cut fell before the response)" if lossless else ""),
     ]
+    if pairs is not None:
+        digest = hashlib.sha256()
+        for split in pairs.values():
+            for i in range(len(split)):
+                for sequence in split.sequences(i):
+                    digest.update(sequence["token_ids"].tobytes() + b"|")
+        fingerprint = digest.hexdigest()[:16]
+        lines.append(
+            "pairs: " + ", ".join(f"{name} {len(p)}" for name, p in pairs.items())
+            + f"; {sum(p.cut for p in pairs.values())} cut to fit sequence_length={config.sequence_length} (responses "
+            "cut to the room the prompt leaves; a prompt over 3/4 of it keeps its end); loss on response tokens only"
+        )
     marked = {name: len(r.marker_text) for name, r in rows.items()}
     if any(marked.values()):
         example = next(r.marker_text[0][1] for r in rows.values() if r.marker_text)
@@ -192,6 +253,8 @@ def describe_data(rows, config):
         "truncated": {name: r.truncated for name, r in rows.items()},
         "marker_text": marked,
         "turns_cut": {name: r.turns_cut for name, r in rows.items()},
+        **({"pairs": {name: len(p) for name, p in pairs.items()}, "pairs_cut": {name: p.cut for name, p in pairs.items()}}
+           if pairs is not None else {}),
         "real_token_fraction": train_rows.real_tokens / positions,
         "loss_tokens": train_rows.loss_tokens,
         "fingerprint": fingerprint,

@@ -150,7 +150,7 @@ class Run:
         try:
             with self.phases("load"):
                 (self.config, self.causal_lm, self.parameters, self.splits, self.rows, self.data_stats,
-                 self.precision) = prepare(self.config, self.echo)
+                 self.precision, self.pairs) = prepare(self.config, self.echo)
             hosts.check_same("training data", self.data_stats["fingerprint"],
                              f"Give every process the same data ({self.config.data}) and tokenizer (the preset).")
             self.engine = engines.choose(self.causal_lm, self.config, loading.platform())  # refused: one line
@@ -165,10 +165,16 @@ class Run:
         from gemma_lora.training.optim import make_optimizer
         from gemma_lora.training.reports import optimizer_line
 
+        from gemma_lora.training.objectives import objective_of
+
         config = self.config
+        self.objective = objective_of(config)
         self.echo(f"run directory: {self.run_dir}")
-        self.plan = self.engine.plan(self.rows["train"], config)  # epoch 0 is built here, once
+        # epoch 0 is built here, once
+        self.plan = self.engine.plan(self.pairs["train"] if self.pairs else self.rows["train"], config)
         self.total_steps = self.plan.total_steps()
+        if self.pairs:
+            self._prepare_pairs()
         compile_for_training(self.causal_lm, optimizer=make_optimizer(config, self.total_steps))
         self.data_stats.update(self.engine.data_stats(self.plan))
         self.echo(self.engine.describe(self.plan, config))
@@ -178,6 +184,44 @@ class Run:
         text_data = self.data_stats["source"]["format"] == "text"  # text data has no prompts to answer
         self.answered = {name: getattr(self.splits, name) for name in config.answer_splits
                          if getattr(self.splits, name) and not text_data}
+
+    def _prepare_pairs(self):
+        """The pair scorer, and the reference log-probs of every pair the run reads (computed once, or read back)."""
+        from gemma_lora.training import preference
+
+        self.pair_scorer = preference.PairScorer(self.causal_lm, self.config, self.precision)
+        self.held_out_pairs = {name: p for name, p in self.pairs.items() if name != "train" and len(p)}
+        if not self.objective.uses_reference:
+            return
+        path = self.run_dir / preference.REFERENCE_FILE
+        if self.resume:
+            reference = hosts.first("reference log-probs", lambda: preference.load_reference(path) if path.exists()
+                                    else None)
+            if reference is None:
+                raise TrainingError(f"{path} is missing: without the reference log-probs the run cannot resume. "
+                                    "Start it again in a new directory.")
+        else:
+            wanted = {"train": self.plan.pairs_used(), **{n: list(range(len(p))) for n, p in self.held_out_pairs.items()}}
+            with self.phases("reference"):
+                reference = {name: preference.reference_logps(self.pair_scorer, self.pairs[name], indices,
+                                                              label=f"reference log-probs: {name} pairs")
+                             for name, indices in wanted.items()}
+            if self.main:
+                preference.save_reference(path, reference)
+            self.echo(f"reference: the starting model's log-probs of {sum(map(len, reference.values()))} pairs, "
+                      f"computed once ({path.name})")
+        for name, values in reference.items():
+            preference.with_reference(self.pairs[name], values)
+        self.plan.rebuild()  # the batches now carry the reference column
+
+    def pair_scores(self, when):
+        """Held-out pair scores (loss, reward accuracy, margin, log-probs) per split, now."""
+        from gemma_lora.training import preference
+
+        if when == "before" and self.objective.uses_reference:  # the policy is the reference: no model pass
+            return {name: preference.scores_at_start(self.objective, p) for name, p in self.held_out_pairs.items()}
+        return {name: preference.PairScores(self.pair_scorer, self.objective, p)()
+                for name, p in self.held_out_pairs.items()}
 
     def score(self, when):
         """Token losses of the held-out splits (with the batch size of the scoring during training, so it is reused)."""
@@ -214,6 +258,7 @@ class Run:
                 self.run_dir / BEFORE_FILE, TrainingError,
                 "Without it the run cannot resume: start it again in a new directory."))
             self.before, self.samples_before = saved["token_loss"], [Sample.from_dict(s) for s in saved["samples"]]
+            self.pairs_before = saved.get("pairs", {})
             self.answers_before = {name: dict(with_current_keys(a), samples=[Sample.from_dict(s) for s in a["samples"]])
                                    for name, a in saved["answers"].items()}
             self.start, self.batches_done = restore_checkpoint(self.causal_lm, self.checkpoint)
@@ -226,11 +271,14 @@ class Run:
             with self.phases("before"):
                 self.before = {name: s["token_loss"] for name, s in self.score("before").items()}
                 self.samples_before, self.answers_before = self.answer("before")
+                self.pairs_before = self.pair_scores("before") if self.pairs else {}
             record = {"token_loss": self.before, "samples": [s.to_dict() for s in self.samples_before],
-                      "answers": answers_record(self.answers_before, with_samples=True)}
+                      "answers": answers_record(self.answers_before, with_samples=True), "pairs": self.pairs_before}
             if self.main:
                 write_text_atomic(self.run_dir / BEFORE_FILE, json.dumps(record, indent=2) + "\n")
             self.start, self.batches_done = Position(), 0
+        for name, scores in self.pairs_before.items():
+            self.echo(f"before: {name} pairs: {pair_line(scores)}")
         echo_samples(self.echo, "before", self.samples_before)
 
     def fit(self):
@@ -251,6 +299,8 @@ class Run:
         self.best = checkpoints.BestKeeper(self.run_dir) if config.keep_best else None
         evaluate = (validation_scores(self.causal_lm, rows["validation"], max(config.batch_size, 8))
                     if config.eval_every and len(rows["validation"]) else None)
+        if evaluate is not None and self.pairs and "validation" in self.held_out_pairs:
+            evaluate = self._with_pair_scores(evaluate)
         callbacks = [self.checkpointer, *logs, *([self.best] if self.best else []), *self.extra_callbacks]
         with self.phases("training"), Timer() as timer:
             fit(self.causal_lm, rows["train"], config, callbacks=callbacks, start=self.start, engine=self.engine,
@@ -263,6 +313,19 @@ class Run:
                 self.train_stats["best_step"], self.train_stats["best_validation_token_loss"] = kept
                 self.echo(f"keeping the best step's adapter: step {kept[0]} (validation token loss {kept[1]:.4f}) of "
                           f"{self.train_stats['optimizer_steps']}")
+
+    def _with_pair_scores(self, evaluate):
+        """The loop's `evaluate` plus the validation pairs' scores (`validation_reward_accuracy`, ...), echoed."""
+        from gemma_lora.training.preference import PairScores
+
+        scores = PairScores(self.pair_scorer, self.objective, self.held_out_pairs["validation"])
+
+        def both():
+            pairs = scores()
+            self.echo(f"evaluation: validation pairs: {pair_line(pairs)}")
+            return {**evaluate(), **{f"validation_{'pair_loss' if k == 'loss' else k}": v for k, v in pairs.items()}}
+
+        return both
 
     def _stop_if_failed(self):
         checkpointer, run_dir = self.checkpointer, self.run_dir
@@ -309,6 +372,10 @@ class Run:
         echo(f"trained {stats['steps_this_session']} steps ({stats['examples_this_session']} examples) in "
              f"{stats['seconds']:.1f} s, compilation and validation included "
              f"({stats['real_tokens_per_second']:,} real tokens/s)")
+        self.pairs_after = self.pair_scores("after") if self.pairs else {}
+        for name, scores in self.pairs_after.items():
+            before = self.pairs_before.get(name, {})
+            echo(f"{name} pairs ({len(self.pairs[name])}): {pair_line(scores, before)}")
         self.samples_after, self.answers_after = self.answer("after")
         for name, after in self.answers_after.items():
             for line in answer_lines(name, self.answers_before.get(name), after, config):
@@ -362,6 +429,8 @@ class Run:
             "token_loss_after_sem": self.after_sem, "train": self.train_stats, "phases_seconds": self.phases.seconds,
             "compilation_cache": self.compilation_cache(),
         }
+        if self.pairs:
+            summary.update(objective=config.objective, pairs_before=self.pairs_before, pairs_after=self.pairs_after)
         if self.main:
             write_text_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
         self.echo("time: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in self.phases.seconds.items()))
@@ -380,6 +449,17 @@ class Run:
         """The persistent compilation cache's directory (None: off) and this run's programs loaded from it and compiled."""
         now = runtime.compilation_cache_record()
         return {"dir": now["dir"], **{k: now[k] - self._cache_at_start[k] for k in ("loaded", "compiled")}}
+
+
+def pair_line(scores, before=None):
+    """One line of pair scores, each with its value before where given."""
+    def one(name, label, form):
+        was = f" (before {format(before[name], form)})" if before and name in before else ""
+        return f"{label} {format(scores[name], form)}{was}"
+
+    return ", ".join([one("reward_accuracy", "reward accuracy", ".1%"), one("reward_margin", "margin", ".4f"),
+                      one("loss", "loss", ".4f"), one("chosen_logps", "chosen log p", ".3f"),
+                      one("rejected_logps", "rejected log p", ".3f")])
 
 
 def _silent(*args, **kwargs):

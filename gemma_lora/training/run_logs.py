@@ -66,7 +66,7 @@ def callbacks_for_run(run_dir, splits, config, start_step=0, write=True):
     # append: one fit call per epoch, and resumed runs, add to the same file.
     callbacks.append(keras.callbacks.CSVLogger(str(run_dir / "metrics.csv"), append=True))
     if config.eval_every:
-        callbacks.append(EvaluationLog(run_dir / EVALUATIONS_FILE))
+        callbacks.append(EvaluationLog(run_dir / EVALUATIONS_FILE, pairs=config.prefers))
     if config.tensorboard:
         callbacks.append(TensorBoardLog(run_dir / "tensorboard", start_step, config.grad_accumulation))
     return callbacks
@@ -79,20 +79,24 @@ class EvaluationLog(keras.callbacks.Callback):
     """One row of evaluations.csv per evaluation: the step, its learning rate, training and validation loss."""
 
     COLUMNS = ("step", "learning_rate", "train_token_loss", "validation_token_loss", "validation_perplexity")
+    # A preference run's validation pairs (`train_token_loss` is then its objective's mean loss per pair).
+    PAIR_COLUMNS = ("validation_pair_loss", "validation_reward_accuracy", "validation_reward_margin",
+                    "validation_chosen_logps", "validation_rejected_logps")
 
-    def __init__(self, path):
+    def __init__(self, path, pairs=False):
         super().__init__()
         self.path = path
+        self.columns = self.COLUMNS + (self.PAIR_COLUMNS if pairs else ())
 
     def on_evaluation(self, step, logs):
         import csv
 
         new = not self.path.exists()
         with open(self.path, "a", newline="") as f:  # appended row by row, like metrics.csv
-            writer = csv.DictWriter(f, fieldnames=self.COLUMNS, extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
             if new:
                 writer.writeheader()
-            writer.writerow({name: logs.get(name, "") for name in self.COLUMNS})
+            writer.writerow({name: logs.get(name, "") for name in self.columns})
 
 
 def require_tensorboard(config):

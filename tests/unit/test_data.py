@@ -246,7 +246,7 @@ def test_loss_average_example_reweights_the_training_rows_only():
 
     config = resolve_config(overrides={"preset": "tiny", "limit": 60, "validation_rows": 10, "test_rows": 10,
                                        "loss_average": "example"})
-    _, _, _, _, rows, _, _ = prepare(config, lambda line: None)
+    _, _, _, _, rows, _, _, _ = prepare(config, lambda line: None)
     sums = rows["train"].weights.sum(axis=1)
     np.testing.assert_allclose(sums, sums.mean(), rtol=1e-5)
     assert len(np.unique(rows["train"].padding_mask.sum(axis=1))) > 1  # the examples differ in length

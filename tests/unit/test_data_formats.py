@@ -28,6 +28,7 @@ def records(fmt, qa=QA):
         "messages": lambda q, a: {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]},
         "sharegpt": lambda q, a: {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]},
         "text": lambda q, a: {"text": f"{q} {a}"},
+        "preference": lambda q, a: {"prompt": q, "chosen": a, "rejected": "I will not say."},
     }
     return [shapes[fmt](q, a) for q, a in qa]
 
