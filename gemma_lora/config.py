@@ -42,7 +42,7 @@ QUANTIZE_MODES = ("int8", "int4")
 ENGINES = ("auto", "keras", "fast")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 SAMPLERS = ("greedy", "top_k")
-BUILTIN_DATA = ("dolly-sample", "dolly", "dolly-category")
+BUILTIN_DATA = ("dolly-sample", "dolly", "dolly-category", "dolly-preference")
 # Keep in step with gemma_lora.data.formats.FORMATS and field_names (config cannot import data).
 DATA_FORMATS = ("auto", "dolly", "alpaca", "completion", "messages", "sharegpt", "text", "preference")
 FORMAT_FIELD_NAMES = {
@@ -117,7 +117,8 @@ class TrainConfig:
     # Data
     data: str = _help(
         "'dolly-sample' (shipped first 1,501 Dolly records, offline), 'dolly-category' (the same records as "
-        "completion data: predict each one's category), 'dolly' (full databricks-dolly-15k from the Hugging Face "
+        "completion data: predict each one's category), 'dolly-preference' (preference pairs of the sample's rows: "
+        "Dolly's response chosen, the demo's fine-tuned model's own answer rejected), 'dolly' (full databricks-dolly-15k from the Hugging Face "
         "Hub), a file (.jsonl, .json, .csv, .tsv, .parquet; .gz for text files), a Hugging Face dataset folder, "
         "or hf://OWNER/NAME (a Hub dataset; folders and Hub datasets need the 'datasets' extra).",
         default="dolly-sample",

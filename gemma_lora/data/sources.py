@@ -14,7 +14,8 @@ type to its reader.
 
 Data specs (`--data`):
 
-    dolly-sample, dolly-category   shipped with the package (offline)
+    dolly-sample, dolly-category,
+    dolly-preference               shipped with the package (offline)
     dolly                          databricks-dolly-15k through the Hugging Face Hub cache
     PATH                           .jsonl / .json (a JSON array, or JSONL) / .csv / .tsv / .parquet; .gz for text files
     DIRECTORY                      a Hugging Face dataset folder (data files, or save_to_disk output), via `datasets`
@@ -36,7 +37,10 @@ DOLLY_REPO = "databricks/databricks-dolly-15k"
 DOLLY_FILE = "databricks-dolly-15k.jsonl"
 SAMPLE_FILE = "databricks-dolly-sample.jsonl.gz"
 CATEGORY_FILE = "dolly-category.jsonl.gz"
-SHIPPED = {"dolly-sample": SAMPLE_FILE, "dolly-category": CATEGORY_FILE}
+# Preference pairs of the sample's 1,068 rows without context: Dolly's response chosen, the
+# demo's SFT model's own greedy answer rejected (scripts/build_preference_demo.py).
+PREFERENCE_FILE = "dolly-preference.jsonl.gz"
+SHIPPED = {"dolly-sample": SAMPLE_FILE, "dolly-category": CATEGORY_FILE, "dolly-preference": PREFERENCE_FILE}
 HF_PREFIX = "hf://"
 DATASETS_EXTRA = 'pip install "gemma-lora[datasets]"'
 PARQUET_EXTRA = 'pip install "gemma-lora[parquet]"'

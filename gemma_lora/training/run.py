@@ -369,7 +369,8 @@ class Run:
             echo(f"{name} token loss (response tokens{'' if config.response_only_loss else ' and prompt'}): "
                  f"{self.before[name]:.4f} before → {self.after[name]:.4f} after ({len(self.rows[name])} rows)")
         stats = self.train_stats
-        echo(f"trained {stats['steps_this_session']} steps ({stats['examples_this_session']} examples) in "
+        echo(f"trained {stats['steps_this_session']} steps ({stats['examples_this_session']} "
+             f"{'pairs' if self.pairs else 'examples'}) in "
              f"{stats['seconds']:.1f} s, compilation and validation included "
              f"({stats['real_tokens_per_second']:,} real tokens/s)")
         self.pairs_after = self.pair_scores("after") if self.pairs else {}
