@@ -242,7 +242,7 @@ def fit(causal_lm, rows, config, callbacks=(), verbose="auto", start=None, engin
     progress = None
     if verbose:
         done = (start.epoch * plan.steps_per_epoch + start.step) // config.grad_accumulation
-        progress = TrainingProgress(plan.total_steps() - done)
+        progress = TrainingProgress(plan.total_steps() - done, shown_as="pair_loss" if config.prefers else "token_loss")
         callbacks.append(progress)
     try:
         return engine.train(causal_lm, plan, callbacks, start, precision, evaluate, objective_of(config))

@@ -100,6 +100,8 @@ def pair_batches(pairs, config, epoch=None):
     order = np.arange(len(pairs)) if epoch is None else epoch_order(len(pairs), config, 0)
     batches = packing.pack_pairs(pair_sequences(pairs, order), config.sequence_length, config.batch_size,
                                  pairs_per_batch(pairs, config))
+    for batch in batches:  # pack_pairs numbers the pairs in the order given: back to their indices in `pairs`
+        batch["pair_index"] = [int(order[i]) for i in batch["pair_index"]]
     if epoch is None or not config.shuffle:
         return batches
     return [batches[i] for i in np.random.default_rng([config.seed, epoch, 1]).permutation(len(batches))]

@@ -28,9 +28,10 @@ class TrainingProgress(keras.callbacks.Callback):
     per-epoch bar stays off.
     """
 
-    def __init__(self, steps, label="training"):
+    def __init__(self, steps, label="training", shown_as="token_loss"):
         super().__init__()
-        self.steps, self.label = steps, label
+        # shown_as: the name the bar gives the logs' token_loss (a preference run's is its mean loss per pair).
+        self.steps, self.label, self.shown_as = steps, label, shown_as
         self.progress = None
 
     def on_train_begin(self, logs=None):
@@ -41,7 +42,7 @@ class TrainingProgress(keras.callbacks.Callback):
         logs = logs or {}
         if not logs.get("update", True):
             return  # a batch whose gradient waits for the rest of its accumulation
-        shown = {"token_loss": float(logs["token_loss"])} if "token_loss" in logs else {}
+        shown = {self.shown_as: float(logs["token_loss"])} if "token_loss" in logs else {}
         if "learning_rate" in logs:
             shown["lr"] = f"{logs['learning_rate']:.2e}"
         self.progress.update(**shown)

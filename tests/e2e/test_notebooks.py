@@ -1,5 +1,7 @@
 """The notebooks run top to bottom on the tiny preset (GEMMA_LORA_PRESET=tiny), and are stored without outputs."""
 
+import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -30,7 +32,7 @@ def execute(name, cwd, monkeypatch, **env):
     return "\n".join(texts)
 
 
-@pytest.mark.parametrize("name", ["quickstart.ipynb", "rank_sweep.ipynb"])
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "rank_sweep.ipynb", "preference.ipynb"])
 def test_notebooks_are_stored_without_outputs(name):
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
     nbformat.validate(notebook)
@@ -59,6 +61,22 @@ def test_rank_sweep_notebook_resumes_a_finished_sweep(tiny_sweep, tmp_path, monk
     out = execute("rank_sweep.ipynb", tmp_path, monkeypatch, GEMMA_LORA_SWEEP_DIR=str(directory))
     assert out.count("finished earlier") == 2
     assert "| rank-2 | done | 1,408 |" in out and "IPython.core.display.Image" in out
+
+
+@pytest.mark.slow
+def test_preference_notebook_runs_sft_then_dpo_on_tiny(tmp_path, monkeypatch):
+    # Smoke mode writes its own crafted pairs: CI needs no shipped preference file.
+    out = execute("preference.ipynb", tmp_path, monkeypatch)
+    sft, dpo = tmp_path / "preference" / "sft", tmp_path / "preference" / "dpo"
+    assert (tmp_path / "preference" / "pairs.jsonl").is_file() and (sft / "adapter.lora.h5").is_file()
+    assert "Kaggle credentials: none found" in out and "starting from preference/sft" in out
+    assert "reference: the starting model's log-probs" in out and "test pairs (8): reward accuracy" in out
+    summary = json.loads((dpo / "summary.json").read_text())
+    recorded = json.loads((dpo / "config.json").read_text())
+    assert summary["objective"] == "dpo" and recorded["init_adapter"] == str(sft.relative_to(tmp_path))
+    assert abs(summary["pairs_before"]["test"]["loss"] - math.log(2)) < 1e-6  # the SFT model is the reference
+    assert summary["pairs_after"]["test"]["reward_accuracy"] > 0.5  # the crafted preference is learned
+    assert "| SFT       |" in out and "| SFT + DPO |" in out and "test rows: 8 answered, 8 pairs" in out
 
 
 def test_notebook_credentials_come_from_the_environment_and_are_not_shown(monkeypatch):

@@ -196,3 +196,21 @@ def test_a_dpo_adapter_exports_to_peft_and_loads_back(dpo, tmp_path):
     run, _, _ = dpo
     assert main(["export", str(run.run_dir / "adapter.lora.h5"), str(tmp_path / "peft"), "--to", "peft"]) == 0
     assert (tmp_path / "peft" / "adapter_config.json").exists()
+
+
+def test_every_pair_a_short_shuffled_run_trains_on_has_its_reference(tmp_path, make_config):
+    """The first step's DPO loss is log 2 (the policy is the reference) on a run that stops mid-epoch."""
+    import keras
+
+    class FirstLoss(keras.callbacks.Callback):
+        losses = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.losses.append(logs["loss"])
+
+    config = make_config(**dict(SETTINGS, max_steps=3, data=crafted_pairs(tmp_path / "pairs.jsonl"),
+                                output_dir=str(tmp_path / "run")))
+    run_training(config, echo=lambda *a: None, callbacks=[FirstLoss()])
+    assert abs(FirstLoss.losses[0] - np.log(2)) < 1e-4, FirstLoss.losses
+    cached = preference.load_reference(tmp_path / "run" / preference.REFERENCE_FILE)["train"]
+    assert 0 < len(cached) < 52  # only the pairs of the 3 steps, not the epoch's
