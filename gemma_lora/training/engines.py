@@ -213,6 +213,12 @@ def choose(causal_lm, config, platform):
             f"objective={config.objective} runs on the fast engine, and {why}. "
             + ("Use --engine fast (or auto)." if not reasons else "Use --objective sft, or a model the fast engine runs.")
         )
+    if config.prefers and keras.distribution.distribution() is not None:
+        # Not yet tested over several devices or processes, so refused rather than assumed to work.
+        raise ConfigError(
+            f"objective={config.objective} runs on one device for now, and this run is laid out over several. "
+            "Use --distribution none (or make one device visible)."
+        )
     if config.engine == "fast" and reasons:
         raise ConfigError(
             "engine=fast cannot train this run: " + "; ".join(r.rstrip(".") for r in reasons) + ". Use --engine keras."
