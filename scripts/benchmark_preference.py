@@ -4,7 +4,7 @@
     python scripts/benchmark_preference.py --preset tiny   # a smoke run
 
 Each objective runs in its own process (so peak RSS is its own) on the shipped preference pairs
-with the demo's batch shape (2 rows x 256): `sft` trains on the pairs' chosen responses as
+with demo_dpo.toml's batch shape (2 rows x 384): `sft` trains on the pairs' chosen responses as
 examples, `dpo` on the pairs themselves (both sequences, the reference computed first and not
 timed). Both use the fast engine and the same batch shape, so a step holds the same number of
 positions; the timed steps follow two warm-up steps (compilation).
@@ -29,7 +29,7 @@ def measure(objective, preset, steps):
     gemma_lora.configure_runtime()
     config = resolve_config(overrides=dict(
         preset=preset, data="dolly-preference", objective=objective, engine="fast", batch_size=2,
-        sequence_length=256, learning_rate=5e-5, max_steps=steps + 2, answer_splits=[], prompts=[],
+        sequence_length=384, learning_rate=5e-5, max_steps=steps + 2, answer_splits=[], prompts=[],
         checkpoint_every=None, validation_rows=0, test_rows=4, limit=300,
         output_dir=str(Path(tempfile.mkdtemp()) / "run")))
     run = Run(config, echo=lambda *a: None)
