@@ -77,26 +77,35 @@ def pack(examples, sequence_length, pad_id=0):
             free.append(sequence_length - length)
             rows.append([i])
 
-    shape = (len(rows), sequence_length)
-    out = {
+    out = _empty_rows((len(rows), sequence_length), pad_id)
+    for r, members in enumerate(rows):
+        start = 0
+        for segment, i in enumerate(members, start=1):
+            start = _place(out, r, start, segment, *items[i])
+    return out
+
+
+def _empty_rows(shape, pad_id, extra=()):
+    """The packed arrays of `pack` (and any `extra` float32 columns), all padding."""
+    return {
         "token_ids": np.full(shape, pad_id, np.int32),
         "segment_ids": np.zeros(shape, np.int32),
         "positions": np.zeros(shape, np.int32),
         "labels": np.zeros(shape, np.int32),
         "loss_weights": np.zeros(shape, np.float32),
+        **{k: np.zeros(shape, np.float32) for k in extra},
     }
-    for r, members in enumerate(rows):
-        start = 0
-        for segment, i in enumerate(members, start=1):
-            token_ids, loss_weights = items[i]
-            end = start + len(token_ids)
-            out["token_ids"][r, start:end] = token_ids
-            out["segment_ids"][r, start:end] = segment
-            out["positions"][r, start:end] = np.arange(len(token_ids))
-            out["labels"][r, start : end - 1] = token_ids[1:]
-            out["loss_weights"][r, start : end - 1] = loss_weights[:-1]
-            start = end
-    return out
+
+
+def _place(out, row, start, segment, token_ids, loss_weights):
+    """Write one example into `out`'s row from `start`, as segment `segment`; return where it ends."""
+    end = start + len(token_ids)
+    out["token_ids"][row, start:end] = token_ids
+    out["segment_ids"][row, start:end] = segment
+    out["positions"][row, start:end] = np.arange(len(token_ids))
+    out["labels"][row, start : end - 1] = token_ids[1:]
+    out["loss_weights"][row, start : end - 1] = loss_weights[:-1]
+    return end
 
 
 def real_token_fraction(packed):
@@ -128,8 +137,9 @@ def pack_pairs(pairs, sequence_length, rows_per_batch, pairs_per_batch, pad_id=0
         columns of `pack` plus every extra one given, and "sequence_ids"
         (int32): at each loss-carrying position, 2p + 1 for the chosen sequence
         of the batch's p-th pair and 2p + 2 for its rejected one; 0 elsewhere.
-        Also "pair_index" is returned per batch as a list (not an array): the
-        index in `pairs` of each of its pairs, in order.
+        Also, as lists (not arrays): "pair_index", the index in `pairs` of each
+        of the batch's pairs, in order, and "pair_places", each pair's
+        (row, start, end) of its chosen and of its rejected sequence.
     """
     if rows_per_batch < 2:
         raise DataError(f"rows_per_batch must be >= 2 for preference pairs. Received: {rows_per_batch}")
@@ -169,31 +179,21 @@ def _first_fit(free, lengths):
 
 def _lay_out(pairs, members, sequence_length, rows, pad_id):
     """One batch's arrays from its (pair index, rows of its two sequences)."""
-    shape = (rows, sequence_length)
     extra = [k for k in pairs[members[0][0]][0] if k not in ("token_ids", "loss_weights")]
-    out = {
-        "token_ids": np.full(shape, pad_id, np.int32),
-        "segment_ids": np.zeros(shape, np.int32),
-        "positions": np.zeros(shape, np.int32),
-        "labels": np.zeros(shape, np.int32),
-        "loss_weights": np.zeros(shape, np.float32),
-        "sequence_ids": np.zeros(shape, np.int32),
-        **{k: np.zeros(shape, np.float32) for k in extra},
-    }
-    used = [0] * rows
+    out = _empty_rows((rows, sequence_length), pad_id, extra)
+    out["sequence_ids"] = np.zeros((rows, sequence_length), np.int32)
+    used, segments, places = [0] * rows, [0] * rows, []
     for p, (index, placed) in enumerate(members):
+        sides = []
         for side, (sequence, row) in enumerate(zip(pairs[index], placed)):
-            ids, weights = np.asarray(sequence["token_ids"]), np.asarray(sequence["loss_weights"], np.float32)
-            start = used[row]
-            end = start + len(ids)
-            used[row] = end
-            out["token_ids"][row, start:end] = ids
-            out["segment_ids"][row, start:end] = int(out["segment_ids"][row].max()) + 1
-            out["positions"][row, start:end] = np.arange(len(ids))
-            out["labels"][row, start : end - 1] = ids[1:]
-            out["loss_weights"][row, start : end - 1] = weights[:-1]
-            out["sequence_ids"][row, start : end - 1] = np.where(weights[:-1] > 0, 2 * p + 1 + side, 0)
+            weights = np.asarray(sequence["loss_weights"], np.float32)
+            start, segments[row] = used[row], segments[row] + 1
+            used[row] = _place(out, row, start, segments[row], np.asarray(sequence["token_ids"]), weights)
+            out["sequence_ids"][row, start : used[row] - 1] = np.where(weights[:-1] > 0, 2 * p + 1 + side, 0)
             for k in extra:
-                out[k][row, start : end - 1] = np.asarray(sequence[k], np.float32)[:-1]
+                out[k][row, start : used[row] - 1] = np.asarray(sequence[k], np.float32)[:-1]
+            sides.append((row, start, used[row]))
+        places.append(tuple(sides))
     out["pair_index"] = [index for index, _ in members]
+    out["pair_places"] = places
     return out

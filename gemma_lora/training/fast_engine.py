@@ -167,7 +167,7 @@ class FastStepper(loop.StepEngine):
         # Every process packs the whole epoch (the same everywhere) and feeds the rows its devices hold.
         shape = batch["token_ids"].shape
         sharding, (start, stop) = distribute.batch_layout(shape, self.distribution)
-        names = sorted(k for k, v in batch.items() if isinstance(v, np.ndarray))  # a pair batch's pair_index is a list
+        names = sorted(k for k, v in batch.items() if isinstance(v, np.ndarray))  # a pair batch's pair_index, pair_places are lists
         batch = dict(zip(names, distribute.to_global([batch[k][start:stop] for k in names], sharding, shape)))
         self.trainable, self.optimizer_values, nll, weight = self._step(
             self.trainable, self.optimizer_values, self.frozen, batch, jnp.float32(scale)

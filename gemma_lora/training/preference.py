@@ -59,23 +59,11 @@ class PairScorer:
         progress = Progress(len(pairs), label, unit="pair", enabled=bool(label and len(pairs)))
         for batch, arrays in self.batches(pairs):
             logps = np.asarray(self._token_logps(self.frozen, lora, arrays))
-            for index, sides in zip(batch["pair_index"], _places(batch)):
+            for index, sides in zip(batch["pair_index"], batch["pair_places"]):
                 out[index] = tuple(logps[row, start:end] for row, start, end in sides)
             progress.update(len(batch["pair_index"]))
         progress.close()
         return out
-
-
-def _places(batch):
-    """Per pair of a pair batch, (row, start, end) of its chosen and its rejected sequence (`pack_pairs`' layout)."""
-    segments, ids = batch["segment_ids"], batch["sequence_ids"]
-    found = {}
-    for row in range(segments.shape[0]):
-        for segment in np.unique(segments[row][segments[row] > 0]):
-            where = np.flatnonzero(segments[row] == segment)
-            sequence = int(ids[row, where].max())  # its loss positions carry the id; others 0
-            found[sequence] = (row, int(where[0]), int(where[-1]) + 1)
-    return [(found[2 * p + 1], found[2 * p + 2]) for p in range(len(batch["pair_index"]))]
 
 
 def reference_logps(scorer, pairs, indices, label="reference log-probs"):

@@ -3,17 +3,12 @@ equals a fresh computation, SFT → DPO with --init-adapter, every objective tra
 
 import json
 import random
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
-from conftest import REPO, write_jsonl
-from test_resume import CrashAt, adapter_arrays, assert_same_adapter
+from conftest import write_jsonl
+from test_resume import CrashAt, adapter_arrays, assert_same_adapter, sigkill_after_first_checkpoint
 
-from gemma_lora import run_files
 from gemma_lora.cli import main
 from gemma_lora.model import loading
 from gemma_lora.training import preference
@@ -180,14 +175,7 @@ def test_a_sigkilled_dpo_run_resumes_to_the_uninterrupted_adapter(tmp_path, unin
     run_dir = tmp_path / "run"
     args = ["train", "--preset", "tiny", "--data", data, "--output-dir", str(run_dir), "--answer-splits", "--prompts",
             *[f"--{k.replace('_', '-')}={v}" for k, v in RESUME.items() if k not in ("answer_splits", "prompts")]]
-    process = subprocess.Popen([sys.executable, "-m", "gemma_lora.cli", *args], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while run_files.latest_checkpoint(run_dir) is None and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL and not (run_dir / "adapter.lora.h5").exists()
+    sigkill_after_first_checkpoint(args, run_dir)
     assert main(["train", "--resume", str(run_dir)]) == 0
     assert_same_adapter(adapter_arrays(run_dir), reference)
 

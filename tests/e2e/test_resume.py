@@ -73,6 +73,13 @@ def test_a_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, reference
     run_dir = tmp_path / "run"
     args = ["train", "--preset", "tiny", "--sequence-length", "64", "--output-dir", str(run_dir),
             *[f"--{k.replace('_', '-')}={v}" for k, v in RUN.items()]]
+    sigkill_after_first_checkpoint(args, run_dir)
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    assert_same_adapter(adapter_arrays(run_dir), reference)
+
+
+def sigkill_after_first_checkpoint(args, run_dir):
+    """Run `gemma-lora ARGS` in a child process and SIGKILL it once its first checkpoint is in `run_dir`."""
     process = subprocess.Popen([sys.executable, "-m", "gemma_lora.cli", *args], cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -82,8 +89,6 @@ def test_a_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, reference
     process.wait()
     assert process.returncode == -signal.SIGKILL
     assert not (run_dir / "adapter.lora.h5").exists()
-    assert main(["train", "--resume", str(run_dir)]) == 0
-    assert_same_adapter(adapter_arrays(run_dir), reference)
 
 
 def test_ctrl_c_saves_a_checkpoint_then_exits(tmp_path):
