@@ -37,8 +37,10 @@ W + (alpha / rank) A B): decoding reads every weight at every step, and the
 rank-r detour would add work without changing the result.
 """
 
+import dataclasses
 import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -69,6 +71,18 @@ SHORTLIST = 16
 # Traces of the jitted functions (Python runs in them only while tracing);
 # tests check that a second call compiles nothing.
 TRACES = {"extend": 0, "advance": 0}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: greedy, or sampled from softmax(logits / temperature),
+    restricted to the `top_k` largest logits (0 = no limit) and then to the smallest set of
+    those whose probability reaches `top_p` (1.0 = no limit). Hashable: a static argument."""
+
+    greedy: bool = True
+    top_k: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
 
 
 class Unsupported(Exception):
@@ -192,7 +206,14 @@ def _forward(config, frozen, caches, rows, token_ids, positions, valid, span=Non
     return h, new_caches
 
 
-def _next_token(config, frozen, h, greedy, top_k, key, shortlist_table):
+def _next_token(config, frozen, h, sampling, key, shortlist_table):
+    """(token, its log-probability) for each row of final hidden states `h` (r, d).
+
+    The log-probability is under softmax(logits / temperature) over the whole
+    vocabulary (what a GRPO loss computes for the token), whatever top_k /
+    top_p restricted the draw to; with the shortlist (greedy decoding of a
+    float32 model) it is over the shortlist's logits.
+    """
     if shortlist_table is None:
         logits = jnp.einsum("rd,vd->rv", h, frozen["embedding"].astype(h.dtype), preferred_element_type=jnp.float32)
         candidates = None
@@ -204,22 +225,37 @@ def _next_token(config, frozen, h, greedy, top_k, key, shortlist_table):
         # outside bfloat16's top SHORTLIST (or two logits tie to float noise).
         approximate = jnp.einsum("rd,vd->rv", h.astype(shortlist_table.dtype), shortlist_table,
                                  preferred_element_type=jnp.float32)
-        _, candidates = jax.lax.top_k(approximate, max(SHORTLIST, top_k))
+        _, candidates = jax.lax.top_k(approximate, max(SHORTLIST, sampling.top_k))
         rows = frozen["embedding"][candidates].astype(h.dtype)  # (r, C, d)
         logits = jnp.einsum("rd,rcd->rc", h, rows, preferred_element_type=jnp.float32)
     # Gemma 2's final soft cap: it keeps the order (greedy is unchanged) but
     # narrows the top-k softmax, as KerasHub's sampler sees it.
     logits = forward.soft_cap(logits, config.final_logit_soft_cap)
-    if greedy:
+    if not sampling.greedy:
+        logits = logits / sampling.temperature
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    if sampling.greedy:
         index = jnp.argmax(logits, axis=-1)[:, None]
     else:
-        # KerasHub's TopKSampler: sample from the softmax of the k largest logits.
-        top, index = jax.lax.top_k(logits, top_k)
-        choice = jax.random.categorical(key, top, axis=-1)
-        index = jnp.take_along_axis(index, choice[:, None], axis=-1)
+        index = _sample(logits, sampling, key)
+    logp = jnp.take_along_axis(log_probs, index, axis=-1)[:, 0]
     if candidates is not None:
         index = jnp.take_along_axis(candidates, index, axis=-1)
-    return index[:, 0].astype(jnp.int32)
+    return index[:, 0].astype(jnp.int32), logp
+
+
+def _sample(logits, sampling, key):
+    """Draw one index per row from softmax(logits) cut to top_k, then top_p (KerasHub's TopKSampler at top_p 1)."""
+    k = sampling.top_k or logits.shape[-1]
+    if k >= logits.shape[-1] and sampling.top_p >= 1.0:
+        return jax.random.categorical(key, logits, axis=-1)[:, None]
+    top, index = jax.lax.top_k(logits, k)  # sorted, largest first
+    if sampling.top_p < 1.0:
+        probs = jax.nn.softmax(top, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above each
+        top = jnp.where(before < sampling.top_p, top, -jnp.inf)  # the first token is always kept
+    choice = jax.random.categorical(key, top, axis=-1)
+    return jnp.take_along_axis(index, choice[:, None], axis=-1)
 
 
 def bfloat16_native(platform, cpu_bf16):
@@ -237,9 +273,9 @@ def shortlist_table(config, frozen):
     return frozen["embedding"].astype(jnp.bfloat16)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(5,))
-def _extend(config, greedy, top_k, frozen, table, caches, rows, token_ids, start, count, key):
-    """Feed up to `c` prompt tokens of each row; the next token after each row's last one."""
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(4,))
+def _extend(config, sampling, frozen, table, caches, rows, token_ids, start, count, key):
+    """Feed up to `c` prompt tokens of each row; the next token after each row's last one, and its log-prob."""
     TRACES["extend"] += 1
     c = token_ids.shape[1]
     offsets = jnp.arange(c)[None, :]
@@ -247,12 +283,18 @@ def _extend(config, greedy, top_k, frozen, table, caches, rows, token_ids, start
     positions = start[:, None] + offsets
     h, caches = _forward(config, frozen, caches, rows, token_ids, positions, valid)
     last = jnp.take_along_axis(h, jnp.maximum(count - 1, 0)[:, None, None], axis=1)[:, 0]
-    return caches, _next_token(config, frozen, last, greedy, top_k, key, table)
+    return (caches, *_next_token(config, frozen, last, sampling, key, table))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(7,))
-def _advance(config, greedy, top_k, steps, span, frozen, table, caches, token, position, budget, stop_ids, key):
-    """Up to `steps` decoding steps for every slot; (caches, tokens (slots, steps), position).
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _copy_slots(caches, source, target):
+    """Copy the cache of slots `source` into slots `target` (a target past the last slot is dropped)."""
+    return [(k.at[target].set(k[source], mode="drop"), v.at[target].set(v[source], mode="drop")) for k, v in caches]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(6,))
+def _advance(config, sampling, steps, span, frozen, table, caches, token, position, budget, stop_ids, key):
+    """Up to `steps` decoding steps for every slot; (caches, tokens (slots, steps), their log-probs, position).
 
     Attention reads the first `span` cache positions: a multiple of
     CACHE_MULTIPLE past every slot's last position, so early steps do not
@@ -264,29 +306,31 @@ def _advance(config, greedy, top_k, steps, span, frozen, table, caches, token, p
     TRACES["advance"] += 1
     slots = token.shape[0]
     out = jnp.full((slots, steps), -1, jnp.int32)
+    out_logps = jnp.zeros((slots, steps), jnp.float32)
 
     def live(budget):
         return budget > 0
 
     def body(carry):
-        i, caches, token, position, budget, out = carry
+        i, caches, token, position, budget, out, out_logps = carry
         h, caches = _forward(
             config, frozen, caches, None, token[:, None], position[:, None], live(budget)[:, None], span
         )
-        new = _next_token(config, frozen, h[:, 0], greedy, top_k, jax.random.fold_in(key, i), table)
+        new, logp = _next_token(config, frozen, h[:, 0], sampling, jax.random.fold_in(key, i), table)
         going = live(budget)
         out = out.at[:, i].set(jnp.where(going, new, -1))
+        out_logps = out_logps.at[:, i].set(jnp.where(going, logp, 0.0))
         stopped = jnp.isin(new, stop_ids)
         budget = jnp.where(going, jnp.where(stopped, 0, budget - 1), 0)
-        return i + 1, caches, jnp.where(going, new, token), position + going, budget, out
+        return i + 1, caches, jnp.where(going, new, token), position + going, budget, out, out_logps
 
     def cond(carry):
         return (carry[0] < steps) & jnp.any(live(carry[4]))
 
-    _, caches, token, position, budget, out = jax.lax.while_loop(
-        cond, body, (0, caches, token, position, budget, out)
+    _, caches, token, position, budget, out, out_logps = jax.lax.while_loop(
+        cond, body, (0, caches, token, position, budget, out, out_logps)
     )
-    return caches, out, position
+    return caches, out, out_logps, position
 
 
 def decode_tokens(
@@ -339,31 +383,84 @@ def decode_tokens(
 
         shortlist = bfloat16_native(loading.platform(), loading.cpu_bf16())
     table = shortlist_table(config, frozen) if shortlist else None
+    sampling = Sampling(greedy=greedy, top_k=0 if greedy else top_k)
+    tokens, _ = generate(config, frozen, prompts, max_new_tokens, stop_token_ids, sampling, seed, slots, ended,
+                         progress, table)
+    return tokens
+
+
+def decoding_config(fast_config):
+    """The decoder's config of the fast engine's model: no LoRA detour (merged), XLA attention, layers unstacked."""
+    return dataclasses.replace(fast_config, lora_targets=(), attention="xla", scan_layers=False)
+
+
+def merged_params(fast_config, frozen, lora):
+    """(decoding config, weights) of the fast engine's arrays with its LoRA factors merged: W + s A B.
+
+    What `inference_params` reads from a Keras model (its `layer.kernel`),
+    computed from the arrays a training step holds, so a GRPO step samples
+    from the policy it trains without writing the Keras variables.
+    """
+    config = decoding_config(fast_config)
+    layers = []
+    for layer, factors in zip(frozen["layers"], lora):
+        layer = dict(layer)
+        for name, pair in factors.items():
+            kernel = layer[name]
+            delta = jnp.matmul(pair["lora_kernel_a"], pair["lora_kernel_b"]) * fast_config.lora_scale
+            layer[name] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+        layers.append(layer)
+    return config, {**frozen, "layers": layers}
+
+
+def generate(config, frozen, prompts, max_new_tokens, stop_token_ids, sampling=Sampling(), seed=0, slots=None,
+             ended=None, progress=None, table=None):
+    """`decode_tokens` on weights already read (`inference_params`, `merged_params`): (tokens, log-probs) per prompt.
+
+    `sampling` chooses each token (`Sampling`); each token's log-probability
+    under it comes back beside it (`_next_token`). `table`: the shortlist's
+    bfloat16 embedding, or None.
+
+    Identical prompts (a GRPO group's) are read into the cache once: the
+    first fills a slot, the others copy its cache and sample from its last
+    prompt position on (which each recomputes), so their answers are drawn
+    independently.
+    """
+    if not prompts:
+        return [], []
     length = cache_length(max(map(len, prompts)), max_new_tokens)
     slots = slots or auto_slots(config, len(prompts), length)
     caches = empty_cache(config, slots, length)
     stop_ids = jnp.asarray(sorted(set(stop_token_ids)) or [-2], jnp.int32)
     base_key = jax.random.key(seed)
     calls = iter(range(1 << 30))
+    keys = [tuple(p) for p in prompts]
+    first_seen = {}
+    for i, key in enumerate(keys):
+        first_seen.setdefault(key, i)
 
     # Longest prompts first: rows filled together have like lengths (fewer
     # wasted prefill positions), and the longest answers start early.
-    waiting = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))[::-1]
+    # Copies of a prompt stay together, so they find its cache still there.
+    waiting = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), first_seen[keys[i]], i))[::-1]
     results = [None] * len(prompts)
+    result_logps = [None] * len(prompts)
     owner = [None] * slots  # which prompt each slot holds
+    holds = [None] * slots  # the prompt whose tokens a slot's cache holds (what a copy can start from)
     token = np.zeros(slots, np.int32)
     position = np.zeros(slots, np.int32)
     budget = np.zeros(slots, np.int32)
     done = tokens = 0
+    generated = [[] for _ in range(slots)]
+    logps = [[] for _ in range(slots)]
 
     def finish(slot):
         nonlocal done, tokens
-        results[owner[slot]] = generated[slot]
+        results[owner[slot]], result_logps[owner[slot]] = generated[slot], logps[slot]
         tokens += len(generated[slot])
         owner[slot], budget[slot] = None, 0
         done += 1
 
-    generated = [[] for _ in range(slots)]
     while waiting or any(o is not None for o in owner):
         free = [s for s in range(slots) if owner[s] is None]
         # Fill every free slot, PREFILL_ROWS at a time (a fill call costs the
@@ -372,32 +469,57 @@ def decode_tokens(
         # their rows a third wave alone: a fill costs less than a
         # chunk of steps with a slot idle.
         while waiting and free:
-            group = [(free.pop(0), waiting.pop()) for _ in range(min(PREFILL_ROWS, len(free), len(waiting)))]
-            caches, first = _prefill(config, greedy, top_k, frozen, table, caches, group, prompts, slots, next(calls),
-                                    base_key)
-            for (slot, row), tok in zip(group, first):
-                owner[slot], generated[slot] = row, [int(tok)]
-                token[slot], position[slot] = tok, len(prompts[row])
-                stopped = int(tok) in stop_token_ids or max_new_tokens == 1
-                budget[slot] = 0 if stopped else max_new_tokens - 1
-                if stopped or (ended and ended(row, generated[slot])):
-                    finish(slot)
+            assigned = [(free.pop(0), waiting.pop()) for _ in range(min(len(free), len(waiting)))]
+            for slot, _ in assigned:
+                holds[slot] = None  # about to be overwritten
+            fills, copies, planned = [], [], {}
+            for slot, row in assigned:
+                source = planned.get(keys[row], next((s for s in range(slots) if holds[s] == keys[row]), None))
+                if source is None:
+                    fills.append((slot, row))
+                    planned[keys[row]] = slot
+                else:
+                    copies.append((slot, row, source))
+            for at in range(0, len(fills), PREFILL_ROWS):
+                group = fills[at : at + PREFILL_ROWS]
+                caches, first, first_logp = _prefill(config, sampling, frozen, table, caches, group, prompts, slots,
+                                                     next(calls), base_key)
+                for (slot, row), tok, logp in zip(group, first, first_logp):
+                    owner[slot], holds[slot], generated[slot], logps[slot] = row, keys[row], [int(tok)], [float(logp)]
+                    token[slot], position[slot] = tok, len(prompts[row])
+                    stopped = int(tok) in stop_token_ids or max_new_tokens == 1
+                    budget[slot] = 0 if stopped else max_new_tokens - 1
+                    if stopped or (ended and ended(row, generated[slot])):
+                        finish(slot)
+            for at in range(0, len(copies), PREFILL_ROWS):
+                group = copies[at : at + PREFILL_ROWS]
+                source = np.zeros(PREFILL_ROWS, np.int32)
+                target = np.full(PREFILL_ROWS, slots, np.int32)  # past the end: dropped
+                for i, (slot, _, src) in enumerate(group):
+                    source[i], target[i] = src, slot
+                caches = _copy_slots(caches, jnp.asarray(source), jnp.asarray(target))
+                for slot, row, _ in group:
+                    # The copy recomputes the prompt's last position and samples its own first token.
+                    owner[slot], holds[slot], generated[slot], logps[slot] = row, keys[row], [], []
+                    token[slot], position[slot], budget[slot] = prompts[row][-1], len(prompts[row]) - 1, max_new_tokens
             free = [s for s in range(slots) if owner[s] is None]
         if not any(o is not None for o in owner):
             continue
         key = jax.random.fold_in(base_key, next(calls))
         last = max(int(position[s]) for s in range(slots) if owner[s] is not None)
         span = min(length, cache_length(last + 1, CHUNK_STEPS))
-        caches, out, new_position = _advance(
-            config, greedy, top_k, CHUNK_STEPS, span, frozen, table, caches, jnp.asarray(token), jnp.asarray(position),
+        caches, out, out_logps, new_position = _advance(
+            config, sampling, CHUNK_STEPS, span, frozen, table, caches, jnp.asarray(token), jnp.asarray(position),
             jnp.asarray(budget), stop_ids, key,
         )
-        out, new_position = np.asarray(out), np.asarray(new_position)
+        out, out_logps, new_position = np.asarray(out), np.asarray(out_logps), np.asarray(new_position)
         for slot in range(slots):
             if owner[slot] is None:
                 continue
-            new = [int(t) for t in out[slot] if t >= 0]
+            kept = out[slot] >= 0
+            new = [int(t) for t in out[slot][kept]]
             generated[slot] += new
+            logps[slot] += [float(v) for v in out_logps[slot][kept]]
             budget[slot] -= len(new)
             if new:
                 token[slot] = new[-1]
@@ -407,16 +529,17 @@ def decode_tokens(
                 finish(slot)
         if progress:
             progress(done, tokens + sum(len(generated[s]) for s in range(slots) if owner[s] is not None))
-    return results
+    return results, result_logps
 
 
-def _prefill(config, greedy, top_k, frozen, table, caches, group, prompts, slots, call, base_key):
-    """Feed the prompts of `group` [(slot, prompt index)] into their slots; the first new token of each."""
+def _prefill(config, sampling, frozen, table, caches, group, prompts, slots, call, base_key):
+    """Feed the prompts of `group` [(slot, prompt index)] into their slots; the first new token of each, and its log-prob."""
     rows = np.full(PREFILL_ROWS, slots, np.int32)  # slot `slots` is past the end: writes are dropped
     for i, (slot, _) in enumerate(group):
         rows[i] = slot
     lengths = [len(prompts[p]) for _, p in group]
     first = np.zeros(len(group), np.int32)
+    first_logp = np.zeros(len(group), np.float32)
     for start in range(0, max(lengths), PREFILL_CHUNK):
         ids = np.zeros((PREFILL_ROWS, PREFILL_CHUNK), np.int32)
         count = np.zeros(PREFILL_ROWS, np.int32)
@@ -425,15 +548,15 @@ def _prefill(config, greedy, top_k, frozen, table, caches, group, prompts, slots
             ids[i, : len(piece)] = piece
             count[i] = len(piece)
         key = jax.random.fold_in(jax.random.fold_in(base_key, call), start)
-        caches, nxt = _extend(
-            config, greedy, top_k, frozen, table, caches, jnp.asarray(rows), jnp.asarray(ids),
+        caches, nxt, nxt_logp = _extend(
+            config, sampling, frozen, table, caches, jnp.asarray(rows), jnp.asarray(ids),
             jnp.full(PREFILL_ROWS, start, jnp.int32), jnp.asarray(count), key,
         )
-        nxt = np.asarray(nxt)
+        nxt, nxt_logp = np.asarray(nxt), np.asarray(nxt_logp)
         for i, n in enumerate(lengths):
             if start < n <= start + PREFILL_CHUNK:  # this chunk held the prompt's last token
-                first[i] = nxt[i]
-    return caches, first
+                first[i], first_logp[i] = nxt[i], nxt_logp[i]
+    return caches, first, first_logp
 
 
 def flops_per_token(config):

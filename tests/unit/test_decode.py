@@ -112,7 +112,7 @@ def test_gemma2_decoding_applies_both_soft_caps(gemma2):
     want = np.asarray(gemma2({"token_ids": ids, "padding_mask": np.ones_like(ids, bool)}))[0]
     np.testing.assert_allclose(logits, want, atol=1e-5 * np.abs(want).max())
     for table in (None, decode.shortlist_table(config, frozen)):
-        top = decode._next_token(config, frozen, h[0, -1:], False, 3, decode.jax.random.key(0), table)
+        top, _ = decode._next_token(config, frozen, h[0, -1:], decode.Sampling(greedy=False, top_k=3), decode.jax.random.key(0), table)
         assert int(top[0]) in np.argsort(want[-1])[-3:]
 
 
