@@ -141,15 +141,38 @@ def masked_attention(config, q, k, v, mask):
     return soft_capped_attention(q, k, v, mask, config.attention_scale, config.attention_logit_soft_cap)
 
 
-def _attention(config, q, k, v, segment_ids, window):
+def branch_mask(segment_ids, branch_ids, positions, window):
+    """(b, t, t) bool: which keys each query sees in a row of prompts shared by branches (GRPO's completions).
+
+    A group is one segment: its prompt (branch 0) and then each completion
+    (branch 1, 2, ...) placed one after another, its positions continuing the
+    prompt's. A query sees the keys of its segment at or before it in the row
+    that are the prompt's or its own branch's; the sliding window counts
+    positions (the distance in the row is longer across the branches between).
+    """
+    t = segment_ids.shape[1]
+    see = segment_ids[:, :, None] == segment_ids[:, None, :]
+    see &= jnp.tril(jnp.ones((t, t), bool))[None]
+    see &= (branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :])
+    if window:
+        see &= positions[:, :, None] - positions[:, None, :] < window
+    return see
+
+
+def _attention(config, q, k, v, segment_ids, window, branches=None):
     # Packed examples must not see each other: a query attends to keys of its
     # own segment only. Padding (segment 0) attends to padding, so no row of
     # the mask is empty (an empty row gives NaN in some kernels). A sliding
     # window (Gemma 2 and 3's local layers) keeps keys less than `window` tokens
     # back, as KerasHub's mask does; within a segment that distance is the
-    # same in the packed row and in the example alone.
+    # same in the packed row and in the example alone. `branches`: (branch_ids,
+    # positions) of rows whose prompts several completions share (`branch_mask`).
     if config.attention_logit_soft_cap:
-        return _sliced_soft_capped_attention(config, q, k, v, segment_ids, window)
+        return _sliced_soft_capped_attention(config, q, k, v, segment_ids, window, branches)
+    if branches is not None:
+        see = branch_mask(segment_ids, *branches, window)
+        return jax.nn.dot_product_attention(q, k, v, mask=see[:, None], scale=config.attention_scale,
+                                            implementation=_attention_impl(config))
     same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
     causal = config.mask_form != "dense"
     if not causal:
@@ -167,7 +190,7 @@ def _attention(config, q, k, v, segment_ids, window):
     )
 
 
-def _sliced_soft_capped_attention(config, q, k, v, segment_ids, window):
+def _sliced_soft_capped_attention(config, q, k, v, segment_ids, window, branches=None):
     # `soft_capped_attention` over slices of `attention_chunk` queries, each
     # under jax.checkpoint: the backward pass recomputes a slice's float32
     # logits and weights from q, k and v instead of keeping (heads, seq, seq)
@@ -182,15 +205,24 @@ def _sliced_soft_capped_attention(config, q, k, v, segment_ids, window):
     query_segments = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
     q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
     slices = (t + pad) // chunk
+    if branches is None:  # no branches: every token is the prompt's (branch 0), positions unread
+        branch_ids, positions = jnp.zeros_like(segment_ids), jnp.broadcast_to(jnp.arange(t), segment_ids.shape)
+    else:
+        branch_ids, positions = branches
+    query_branches, query_positions = (jnp.pad(x, ((0, 0), (0, pad))) for x in (branch_ids, positions))
 
     @jax.checkpoint
-    def one(q_slice, segment_slice, row_slice):
+    def one(q_slice, segment_slice, row_slice, branch_slice, position_slice):
         see = row_slice[:, None] >= keys[None, :]  # causal, in row order = position order within a segment
-        if window:
-            see = see & (row_slice[:, None] - keys[None, :] < window)
         see = see[None]
-        if config.mask_form != "none":
+        if window and branches is None:
+            see = see & (row_slice[:, None] - keys[None, :] < window)
+        elif window:
+            see = see & (position_slice[:, :, None] - positions[:, None, :] < window)
+        if config.mask_form != "none" or branches is not None:
             see = see & (segment_slice[:, :, None] == segment_ids[:, None, :])
+        if branches is not None:
+            see = see & ((branch_ids[:, None, :] == 0) | (branch_slice[:, :, None] == branch_ids[:, None, :]))
         return soft_capped_attention(
             q_slice, k, v, see[:, None], config.attention_scale, config.attention_logit_soft_cap
         )
@@ -199,7 +231,8 @@ def _sliced_soft_capped_attention(config, q, k, v, segment_ids, window):
         return jnp.moveaxis(x.reshape(b, slices, chunk, *x.shape[2:]), 1, 0)
 
     out = jax.lax.map(
-        lambda xs: one(*xs), (by_slice(q), by_slice(query_segments), rows.reshape(slices, chunk))
+        lambda xs: one(*xs), (by_slice(q), by_slice(query_segments), rows.reshape(slices, chunk),
+                              by_slice(query_branches), by_slice(query_positions))
     )
     return jnp.moveaxis(out, 0, 1).reshape(b, t + pad, *q.shape[2:])[:, :t]
 
@@ -270,12 +303,16 @@ def embed(config, frozen, token_ids):
     return x * jnp.asarray(math.sqrt(config.hidden_dim), jnp.float32).astype(dtype)
 
 
-def hidden_states(config, frozen, lora, token_ids, segment_ids, positions):
-    """Final-normalised hidden states, (batch, seq, hidden) in config.dtype."""
+def hidden_states(config, frozen, lora, token_ids, segment_ids, positions, branch_ids=None):
+    """Final-normalised hidden states, (batch, seq, hidden) in config.dtype.
+
+    `branch_ids`: rows whose prompts several completions share (`branch_mask`); None: plain packed rows.
+    """
     x = embed(config, frozen, token_ids)
+    branches = None if branch_ids is None else (branch_ids, positions)
 
     def attend(q, k, v, window):
-        return _attention(config, q, k, v, segment_ids, window)
+        return _attention(config, q, k, v, segment_ids, window, branches)
 
     def body(x, layer_and_lora, index):
         layer, layer_lora = layer_and_lora
@@ -299,27 +336,33 @@ def logits(config, frozen, lora, token_ids, segment_ids, positions):
     return soft_cap(out, config.final_logit_soft_cap)
 
 
-def _chunk_logits(h, embedding, labels, logits_dtype, cap):
+def _chunk_logits(h, embedding, labels, logits_dtype, cap, scale=1.0):
     # One slice of tokens against the whole (tied) vocabulary; logits exist
     # only for this slice. Reductions run in float32 whatever logits_dtype.
     # The table may be stored wider than the activations (a float32 Keras
     # embedding under mixed precision): the product runs in the activations' dtype.
+    # `scale`: 1 / the sampling temperature (GRPO's log-probs are the sampler's).
     embedding = embedding.astype(h.dtype)
     raw = jnp.einsum("td,vd->tv", h, embedding, preferred_element_type=logits_dtype)
     logits = soft_cap(raw.astype(jnp.float32), cap)
+    if scale != 1.0:
+        logits = logits * scale
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
     return embedding, logits, lse, picked
 
 
-def _chunk_dh(h, embedding, logits, lse, labels, weights, cap):
-    # d nll / d logits = weight * (softmax - onehot), built in one fused pass.
+def _chunk_dh(h, embedding, logits, lse, labels, weights, cap, scale=1.0):
+    # d nll / d logits = weight * (softmax - onehot), built in one fused pass
+    # (times `scale` for logits scaled by 1 / temperature).
     vocab = jax.lax.broadcasted_iota(labels.dtype, logits.shape, 1)
     probs = jnp.exp(logits - lse[:, None])
     dlogits = (jnp.where(vocab == labels[:, None], probs - 1.0, probs) * weights[:, None])
+    if scale != 1.0:
+        dlogits = dlogits * scale
     if cap:
         # Through the soft cap: d(cap * tanh(x / cap)) / dx = 1 - (capped / cap)^2.
-        dlogits = dlogits * (1.0 - jnp.square(logits / cap))
+        dlogits = dlogits * (1.0 - jnp.square(logits / (scale * cap)))
     dh = jnp.einsum(
         "tv,vd->td",
         dlogits.astype(embedding.dtype),
@@ -416,20 +459,21 @@ def loss_sums(config, frozen, lora, batch):
     return nll, jnp.sum(weights)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _token_nll(h, embedding, labels, chunk, logits_dtype, cap):
-    """-log p(label) of every token, (n,), by slices as `_lm_nll` (whose sum-only form SFT keeps)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _token_nll(h, embedding, labels, chunk, logits_dtype, cap, scale=1.0):
+    """-log p(label) of every token, (n,), by slices as `_lm_nll` (whose sum-only form SFT keeps);
+    p = softmax(logits x scale)."""
     hs, ls, _ = _chunked(h, labels, jnp.zeros(labels.shape, jnp.float32), chunk)
 
     def body(carry, xs):
-        _, _, lse, picked = _chunk_logits(xs[0], embedding, xs[1], logits_dtype, cap)
+        _, _, lse, picked = _chunk_logits(xs[0], embedding, xs[1], logits_dtype, cap, scale)
         return carry, lse - picked
 
     _, nll = jax.lax.scan(body, None, (hs, ls))
     return nll.reshape(-1)[: h.shape[0]]
 
 
-def _token_nll_fwd(h, embedding, labels, chunk, logits_dtype, cap):
+def _token_nll_fwd(h, embedding, labels, chunk, logits_dtype, cap, scale=1.0):
     # As `_lm_nll_fwd`: each token's gradient with respect to h is computed with
     # its loss, for a unit weight; the backward pass scales it by the token's
     # cotangent (a row of logits depends on its own token only).
@@ -437,27 +481,30 @@ def _token_nll_fwd(h, embedding, labels, chunk, logits_dtype, cap):
     hs, ls, _ = _chunked(h, labels, jnp.zeros(labels.shape, jnp.float32), chunk)
 
     def body(carry, xs):
-        table, logits, lse, picked = _chunk_logits(xs[0], embedding, xs[1], logits_dtype, cap)
-        dh = _chunk_dh(xs[0], table, logits, lse, xs[1], jnp.ones(xs[1].shape, jnp.float32), cap)
+        table, logits, lse, picked = _chunk_logits(xs[0], embedding, xs[1], logits_dtype, cap, scale)
+        dh = _chunk_dh(xs[0], table, logits, lse, xs[1], jnp.ones(xs[1].shape, jnp.float32), cap, scale)
         return carry, (lse - picked, dh)
 
     _, (nll, dh) = jax.lax.scan(body, None, (hs, ls))
     return nll.reshape(-1)[:n], dh.reshape(-1, h.shape[-1])[:n]
 
 
-def _token_nll_bwd(chunk, logits_dtype, cap, dh, g):
+def _token_nll_bwd(chunk, logits_dtype, cap, scale, dh, g):
     return (dh * g[:, None].astype(dh.dtype), None, None)
 
 
 _token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
 
 
-def token_logps(config, frozen, lora, batch):
+def token_logps(config, frozen, lora, batch, temperature=1.0):
     """log p(label) of every position of a packed batch, (batch, seq) float32 (0 where no weight).
 
     Differentiable in `lora`, without holding the batch's logits (as `loss_sums`).
+    p = softmax(logits / temperature); a batch with `branch_ids` shares
+    prompts between completions (`branch_mask`).
     """
-    h = hidden_states(config, frozen, lora, batch["token_ids"], batch["segment_ids"], batch["positions"])
+    h = hidden_states(config, frozen, lora, batch["token_ids"], batch["segment_ids"], batch["positions"],
+                      batch.get("branch_ids"))
     nll = _token_nll(
         h.reshape(-1, config.hidden_dim),
         frozen["embedding"],
@@ -465,6 +512,7 @@ def token_logps(config, frozen, lora, batch):
         config.loss_chunk,
         jnp.dtype(config.logits_dtype),
         config.final_logit_soft_cap,
+        float(1.0 / temperature),
     ).reshape(batch["labels"].shape)
     return jnp.where(batch["loss_weights"] > 0, -nll, 0.0)
 
