@@ -130,3 +130,62 @@ def trl_pair_terms(model_dir, adapter_dir, pairs, case) -> dict:
                            else float(trainer._compute_loss(trainer.model, _batch(trainer, feats), False)))
     out["trl_loss_type"] = trl_type
     return out
+
+
+class _OneProcess:
+    """The `accelerator` GRPOTrainer._compute_loss reads, for one process: gathers and reductions are identities."""
+
+    num_processes = 1
+    sync_gradients = True
+
+    def gather(self, tensor):
+        return tensor
+
+    gather_for_metrics = gather
+
+    def reduce(self, tensor, reduction="sum"):
+        return tensor
+
+
+def grpo_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, completion_mask, loss_type,
+              epsilon_low, epsilon_high, beta, max_completion_length):
+    """TRL 1.16's GRPO loss of given per-token log-probs: `GRPOTrainer._compute_loss` itself, on a stand-in `self`.
+
+    Arrays in TRL's dense layout: (B, T) log-probs of the policy, the sampling policy (None: TRL's on-policy path,
+    `per_token_logps.detach()`) and the reference (read when beta != 0), (B,) advantages, (B, T) completion mask;
+    computed in the arrays' float dtype. The stand-in `self` holds the settings `_compute_loss` reads, set as a
+    plain TRL run has them (token-level importance sampling, no entropy masking or bonus, no off-policy mask, no
+    vLLM, no delta clamp, no bias-corrected KL, no aux loss), one process, no gradient accumulation, train mode;
+    its `_get_per_token_logps_and_entropies` returns `per_token_logps` as a leaf tensor instead of running a model.
+    For dapo, `num_items_in_batch` is the mask's sum (as `_generate_and_score_completions` sets it on one process).
+
+    Returns (loss as a float, d loss / d per_token_logps as a numpy array).
+    """
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl import GRPOTrainer
+
+    logps = torch.tensor(per_token_logps, requires_grad=True)
+    mask = torch.tensor(completion_mask).int()  # TRL's completion_mask dtype
+    batch, length = logps.shape
+    fake = SimpleNamespace(
+        loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
+        max_completion_length=max_completion_length, importance_sampling_level="token", top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None, use_vllm=False, aux_loss_enabled=False, _entropy_bonus_enabled=False,
+        args=SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=1),
+        model=SimpleNamespace(training=True), current_gradient_accumulation_steps=1, accelerator=_OneProcess(),
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _get_per_token_logps_and_entropies=lambda *args, **kwargs: (logps, torch.zeros_like(logps), None),
+    )
+    inputs = {"prompt_ids": torch.zeros((batch, 1), dtype=torch.long), "prompt_mask": torch.ones((batch, 1)).int(),
+              "completion_ids": torch.zeros((batch, length), dtype=torch.long), "completion_mask": mask,
+              "advantages": torch.tensor(advantages, dtype=logps.dtype),
+              "num_items_in_batch": mask.sum()}
+    if old_per_token_logps is not None:
+        inputs["old_per_token_logps"] = torch.tensor(old_per_token_logps, dtype=logps.dtype)
+    if beta != 0.0:
+        inputs["ref_per_token_logps"] = torch.tensor(ref_per_token_logps, dtype=logps.dtype)
+    loss = GRPOTrainer._compute_loss(fake, fake.model, inputs)
+    loss.backward()
+    return float(loss.detach()), logps.grad.numpy()

@@ -31,14 +31,19 @@ An objective also says how to read a batch's weight on the host
 (`batch_weight`), whether it learns from pairs (`pairs`) and whether it
 needs the reference (`uses_reference`).
 
-The next one, RL with verifiable rewards (GRPO), adds a step that starts by
-generating: a `prepare(policy, batch)` hook, called by the engine before
-the jitted step, samples completions with the decoder, scores them with the
-reward functions and returns the batch the loss sees (completions, their
-sampling log-probs, advantages); `loss` reads per-token log-probs
-(`forward.token_logps`) for the clipped ratio and the KL term. The loop,
-the checkpoints (the trainable weights and the optimizer, whatever the
-loss) and the scoring stay as they are.
+RL with verifiable rewards (`GRPO`) learns from completions it samples
+itself: before a batch's first step the engine (`training/rollouts.py`)
+samples `num_generations` completions per prompt with the decoder, scores
+them with the reward functions and packs them with their advantages; the
+forward then gives
+
+    forward.completion_logps() -> (policy log p of each completion token, the batch's columns)
+
+per position of the packed batch, at the sampling temperature, with the
+reference's (the starting model's LoRA factors, when beta > 0) and the
+sampling policy's (for grpo_iterations > 1) in the batch. The loop, the
+checkpoints (the trainable weights and the optimizer, whatever the loss)
+and the scoring stay as they are.
 """
 
 from dataclasses import dataclass
@@ -198,7 +203,109 @@ class ORPO(Preference):
         return -means[:, 0] - self.beta * jax.nn.log_sigmoid(log_odds), self.beta * means, means
 
 
-OBJECTIVES = {"sft": SFT, "dpo": DPO, "ipo": IPO, "orpo": ORPO, "simpo": SimPO}
+def policy_loss(logps, old_logps, ref_logps, advantages, mask, sequence_ids, sequences, loss_type="dapo",
+                epsilon_low=0.2, epsilon_high=0.2, beta=0.0, max_completion_length=1):
+    """GRPO's clipped surrogate loss of one batch of completions: (loss sum, weight, sums for the metrics).
+
+    Every argument but the settings is per token, of one shape (a packed
+    batch's (rows, length)): the policy's log p of the token (`logps`, the
+    only differentiable one), the sampling policy's (`old_logps`), the
+    reference's (`ref_logps`, read only when beta > 0), the token's
+    completion's advantage, `mask` 1 on completion tokens, and
+    `sequence_ids` (1..sequences: the completion a token belongs to, 0 none).
+
+    Per token, with r = exp(logps - old_logps) and A the advantage
+    (DeepSeekMath, Shao et al. 2024, eq. 3; DAPO, Yu et al. 2025, eq. 8 for
+    the separate clipping ranges):
+
+        l = -min(r A, clip(r, 1 - epsilon_low, 1 + epsilon_high) A) + beta kl,
+        kl = exp(ref - logps) - (ref - logps) - 1          (Schulman's k3 estimator, as the paper)
+
+    and the batch's loss, by `loss_type` (TRL's `loss_type` of the same names):
+
+        grpo:    mean over completions of each completion's mean l      weight = completions
+        dapo:    sum of l over every completion token / token count     weight = tokens
+        dr_grpo: sum of l / (completions x max_completion_length)      weight = completions (Liu et al. 2025)
+
+    loss = loss sum / weight; the loop divides by the weight of the whole
+    optimizer step, so grad_accumulation matches one larger batch (for dapo,
+    TRL's `num_items_in_batch`).
+    """
+    mask = mask.astype(jnp.float32)
+    ratio = jnp.exp(logps - old_logps)
+    clipped = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+    per_token = -jnp.minimum(ratio * advantages, clipped * advantages)
+    kl = jnp.zeros_like(logps)
+    if beta:
+        delta = ref_logps - logps
+        kl = jnp.exp(delta) - delta - 1.0
+        per_token = per_token + beta * kl
+    per_token = per_token * mask
+    ids = sequence_ids.reshape(-1)
+    tokens = jax.ops.segment_sum(mask.reshape(-1), ids, sequences + 1)[1:]
+    completions = jnp.sum(tokens > 0).astype(jnp.float32)
+    if loss_type == "grpo":
+        per_completion = jax.ops.segment_sum(per_token.reshape(-1), ids, sequences + 1)[1:]
+        loss_sum, weight = jnp.sum(per_completion / jnp.maximum(tokens, 1.0)), completions
+    elif loss_type == "dapo":
+        loss_sum, weight = jnp.sum(per_token), jnp.sum(mask)
+    elif loss_type == "dr_grpo":
+        loss_sum, weight = jnp.sum(per_token) / max_completion_length, completions
+    else:
+        raise ValueError(f"unknown GRPO loss_type {loss_type!r}")
+    # TRL's clip metrics: a token is clipped where the clipped term is the one min() takes and moves nothing.
+    low = (ratio < 1.0 - epsilon_low) & (advantages < 0)
+    high = (ratio > 1.0 + epsilon_high) & (advantages > 0)
+    sums = {"tokens": jnp.sum(mask), "kl": jnp.sum(kl * mask), "clipped": jnp.sum((low | high) * mask)}
+    return loss_sum, weight, sums
+
+
+@dataclass(frozen=True)
+class GRPO:
+    """Group Relative Policy Optimization on sampled completions (`policy_loss`), with its DAPO and Dr. GRPO forms.
+
+    The advantages (rewards normalised within each prompt's group) are
+    computed on the host when the completions are scored
+    (`rollouts.group_advantages`); the step reads them as a batch column.
+    `old_logps` is the sampling policy's log p: the policy's own, without
+    gradient, in a batch's first update (r = 1, as TRL when
+    grpo_iterations = 1), and the values that update computed in the later
+    grpo_iterations - 1 (`use_old` = 1).
+    """
+
+    name: str = "grpo"
+    loss_type: str = "dapo"
+    beta: float = 0.0
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    max_completion_length: int = 1
+    temperature: float = 1.0
+    pairs = False
+    uses_reference = False
+
+    def terms(self, forward):
+        """(loss sum, weight, metric sums, the policy's log p per position) of the forward's batch."""
+        logps, batch = forward.completion_logps(self.temperature)
+        old = jnp.where(batch["use_old"] > 0, batch["old_logps"], jax.lax.stop_gradient(logps))
+        reference = batch.get("ref_logps", jnp.zeros_like(logps))
+        loss_sum, weight, sums = policy_loss(
+            logps, old, reference, batch["advantages"], batch["loss_weights"] > 0, batch["sequence_ids"],
+            forward.sequences, self.loss_type, self.epsilon_low,
+            self.epsilon_high, self.beta, self.max_completion_length)
+        return loss_sum, weight, sums, logps
+
+    def loss(self, forward):
+        loss_sum, weight, _, _ = self.terms(forward)
+        return loss_sum, weight
+
+    def batch_weight(self, batch):
+        """A batch's completions (grpo, dr_grpo) or completion tokens (dapo), read on the host once sampled."""
+        if self.loss_type == "dapo":
+            return float((batch["loss_weights"] > 0).sum())
+        return float(batch["completions"])
+
+
+OBJECTIVES = {"sft": SFT, "dpo": DPO, "ipo": IPO, "orpo": ORPO, "simpo": SimPO, "grpo": GRPO}
 
 
 def objective_of(config):
@@ -208,6 +315,10 @@ def objective_of(config):
         return SFT()
     if name == "orpo":
         return ORPO(beta=config.orpo_lambda)
+    if name == "grpo":
+        return GRPO(loss_type=config.grpo_loss, beta=config.resolved_beta(), epsilon_low=config.epsilon,
+                    epsilon_high=config.epsilon if config.epsilon_high is None else config.epsilon_high,
+                    max_completion_length=config.max_new_tokens, temperature=config.temperature)
     settings = {"beta": config.resolved_beta(), "label_smoothing": config.label_smoothing}
     if name == "simpo":
         return SimPO(**settings, gamma=config.simpo_gamma)
