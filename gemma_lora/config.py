@@ -44,7 +44,7 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 SAMPLERS = ("greedy", "top_k")
 BUILTIN_DATA = ("dolly-sample", "dolly", "dolly-category", "dolly-preference")
 # Keep in step with gemma_lora.data.formats.FORMATS and field_names (config cannot import data).
-DATA_FORMATS = ("auto", "dolly", "alpaca", "completion", "messages", "sharegpt", "text", "preference")
+DATA_FORMATS = ("auto", "dolly", "alpaca", "completion", "messages", "sharegpt", "text", "preference", "prompt")
 FORMAT_FIELD_NAMES = {
     "dolly": ("instruction", "response", "context"),
     "alpaca": ("instruction", "output", "input"),
@@ -53,15 +53,19 @@ FORMAT_FIELD_NAMES = {
     "sharegpt": ("conversations", "from", "value"),
     "text": ("text",),
     "preference": ("prompt", "chosen", "rejected", "role", "content"),
+    "prompt": ("prompt", "answer"),
 }
 METRICS = ("exact_match",)
 MARKER_TEXT = ("keep", "error")
 LOSS_AVERAGES = ("token", "example")
 # Keep in step with gemma_lora.training.objectives.OBJECTIVES.
-OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo")
-PREFERENCE_OBJECTIVES = OBJECTIVES[1:]
-# beta when the config leaves it None: TRL's DPO/IPO default, and the SimPO paper's (Meng et al. 2024, 2.0-2.5).
-DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0}
+OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "grpo")
+PREFERENCE_OBJECTIVES = ("dpo", "ipo", "orpo", "simpo")
+# beta when the config leaves it None: TRL's DPO/IPO default, the SimPO paper's (Meng et al. 2024, 2.0-2.5),
+# and TRL's GRPO default since 0.19 (no KL term: DAPO and Dr. GRPO drop it).
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "grpo": 0.0}
+GRPO_LOSSES = ("grpo", "dapo", "dr_grpo")
+SCALE_REWARDS = ("group", "batch", "none")
 DISTRIBUTIONS = ("auto", "none", "data", "model")
 
 
@@ -205,16 +209,18 @@ class TrainConfig:
         default="token",
     )
     objective: str = _help(
-        "sft | dpo | ipo | orpo | simpo: what training minimises. sft: the cross-entropy of the responses. "
-        "The others learn from preference pairs (data with prompt, chosen and rejected; see docs/preference.md): "
-        "dpo and ipo against the starting model as reference (the base with LoRA off, or --init-adapter's), "
-        "orpo and simpo without one. Preference objectives run on the fast engine.",
+        "sft | dpo | ipo | orpo | simpo | grpo: what training minimises. sft: the cross-entropy of the responses. "
+        "dpo, ipo, orpo, simpo learn from preference pairs (data with prompt, chosen and rejected; see "
+        "docs/preference.md): dpo and ipo against the starting model as reference (the base with LoRA off, or "
+        "--init-adapter's), orpo and simpo without one. grpo learns from rewards of its own sampled completions "
+        "(prompts, and answers where a reward needs them; see docs/rl.md). All but sft run on the fast engine.",
         default="sft",
     )
     beta: float | None = _help(
-        "The preference objective's temperature: DPO's beta (how far the policy may move from the reference), "
-        "IPO's (its target margin is 1 / (2 beta)), SimPO's reward scale. None = 0.1 for dpo and ipo, 2.0 for "
-        "simpo. Unused by sft and orpo.",
+        "The objective's temperature: DPO's beta (how far the policy may move from the reference), "
+        "IPO's (its target margin is 1 / (2 beta)), SimPO's reward scale, GRPO's weight of the KL term to the "
+        "reference (0 = none, and no reference pass). None = 0.1 for dpo and ipo, 2.0 for simpo, 0 for grpo. "
+        "Unused by sft and orpo.",
         default=None,
     )
     label_smoothing: float = _help(
@@ -231,6 +237,53 @@ class TrainConfig:
         "simpo: the target reward margin gamma between chosen and rejected (in reward units, beta x the mean "
         "log-probability per token).",
         default=0.5,
+    )
+    rewards: list[str] = _help(
+        "grpo: the reward functions, summed with reward_weights: built-ins exact_match (the completion equals the "
+        "row's answer), contains (holds the answer), number (its last number equals the answer's), regex (matches "
+        "reward_pattern), ends (finished by the end token or a stop string), no_loop (does not loop); or your own "
+        "as module:function or path/to/file.py:function, called like TRL's: f(prompts, completions, **columns) -> "
+        "one float per completion (docs/rl.md).",
+        default_factory=list,
+    )
+    reward_weights: list[float] | None = _help(
+        "grpo: one weight per reward function (None = 1 each).", default=None,
+    )
+    reward_pattern: str | None = _help("grpo: the regular expression of the regex reward (Python re.search).", default=None)
+    num_generations: int = _help(
+        "grpo: completions sampled per prompt (G, the group each reward is compared within); a step trains on "
+        "batch_size prompts x num_generations completions. At least 2.",
+        default=8,
+    )
+    temperature: float = _help(
+        "grpo: the sampling temperature of the completions (and of the policy's log-probabilities in the loss, as "
+        "TRL). Must be > 0: at 0 every completion of a group would be the same.",
+        default=1.0,
+    )
+    rollout_top_k: int = _help("grpo: sample completions from the k most likely tokens only (0 = all).", default=0)
+    rollout_top_p: float = _help(
+        "grpo: sample from the smallest set of tokens whose probability reaches p (1.0 = all; nucleus sampling).",
+        default=1.0,
+    )
+    grpo_loss: str = _help(
+        "grpo | dapo | dr_grpo: how per-token losses make a step's loss: each completion's mean, then the mean "
+        "over completions (grpo, the DeepSeekMath paper); the mean over every completion token of the step "
+        "(dapo, TRL's default); their sum divided by completions x max_new_tokens (dr_grpo).",
+        default="dapo",
+    )
+    scale_rewards: str = _help(
+        "grpo: advantages are the rewards minus their group's mean, divided by the group's standard deviation "
+        "(group), the batch's (batch), or not divided (none, as Dr. GRPO).",
+        default="group",
+    )
+    epsilon: float = _help("grpo: the clipping range of the importance ratio, [1 - epsilon, 1 + epsilon_high].",
+                           default=0.2)
+    epsilon_high: float | None = _help("grpo: the upper clipping range (DAPO's clip-higher); None = epsilon.",
+                                       default=None)
+    grpo_iterations: int = _help(
+        "grpo: updates per batch of completions (mu): each later update reuses them with the clipped importance "
+        "ratio against the policy that sampled them.",
+        default=1,
     )
     init_adapter: str | None = _help(
         "Start from a trained adapter: a run directory or an adapter file (.lora.h5 with its adapter.json). "
@@ -393,6 +446,11 @@ class TrainConfig:
         """Whether the objective learns from preference pairs."""
         return self.objective in PREFERENCE_OBJECTIVES
 
+    @property
+    def samples_completions(self):
+        """Whether the objective learns from completions it samples itself (RL: grpo)."""
+        return self.objective == "grpo"
+
     def resolved_precision(self, platform, cpu_bf16=False):
         """The dtype policy to use on `platform` ("cpu", "gpu", "tpu"); `cpu_bf16`: the CPU has bfloat16 units."""
         if self.precision != "auto":
@@ -527,6 +585,29 @@ def resolve_config(file_values=None, overrides=None, recipe=False):
     return config
 
 
+def _validate_grpo(c, need):
+    need(bool(c.rewards), "objective=grpo learns from rewards and none is given: set rewards, e.g. "
+         "--rewards exact_match ends (docs/rl.md lists the built-ins and how to write your own).")
+    need(c.reward_weights is None or len(c.reward_weights) == len(c.rewards),
+         f"reward_weights has {len(c.reward_weights or [])} weights for {len(c.rewards)} rewards: give one per reward, "
+         "or none (1 each).")
+    need(c.num_generations >= 2, f"num_generations={c.num_generations} must be >= 2: GRPO compares each completion "
+         "with the others of its prompt's group.")
+    need(math.isfinite(c.temperature) and c.temperature > 0,
+         f"temperature={c.temperature} must be > 0: at 0 sampling is greedy, all num_generations completions of a "
+         "prompt are the same, and a group of equal rewards teaches nothing. Use e.g. --temperature 1.0.")
+    need(c.rollout_top_k >= 0, f"rollout_top_k={c.rollout_top_k} must be >= 0 (0 = every token).")
+    need(0 < c.rollout_top_p <= 1, f"rollout_top_p={c.rollout_top_p} must be in (0, 1].")
+    need(c.grpo_loss in GRPO_LOSSES, f"grpo_loss={c.grpo_loss!r} must be one of {', '.join(GRPO_LOSSES)}.")
+    need(c.scale_rewards in SCALE_REWARDS, f"scale_rewards={c.scale_rewards!r} must be one of {', '.join(SCALE_REWARDS)}.")
+    need(0 < c.epsilon < 1, f"epsilon={c.epsilon} must be in (0, 1) (e.g. 0.2).")
+    need(c.epsilon_high is None or c.epsilon_high > 0, f"epsilon_high={c.epsilon_high} must be > 0 (e.g. 0.28).")
+    need(c.grpo_iterations >= 1, f"grpo_iterations={c.grpo_iterations} must be >= 1.")
+    need(not c.checkpoint_every or c.checkpoint_every % c.grpo_iterations == 0,
+         f"checkpoint_every={c.checkpoint_every} must be a multiple of grpo_iterations={c.grpo_iterations}, so a "
+         "checkpoint falls between batches of completions and a resumed run samples the same ones again.")
+
+
 def validate(config):
     """Check every field; raise one ConfigError naming every problem and its fix."""
     c = config
@@ -563,8 +644,11 @@ def _check_model(c, need):
         f"loss_average={c.loss_average!r} must be one of {', '.join(LOSS_AVERAGES)}.",
     )
     need(c.objective in OBJECTIVES, f"objective={c.objective!r} must be one of {', '.join(OBJECTIVES)}.")
-    need(c.beta is None or (math.isfinite(c.beta) and c.beta > 0),
-         f"beta={c.beta} must be > 0 (e.g. 0.1 for dpo, 2.0 for simpo), or None for the objective's default.")
+    need(c.beta is None or (math.isfinite(c.beta) and (c.beta > 0 or (c.beta == 0 and c.objective == "grpo"))),
+         f"beta={c.beta} must be > 0 (e.g. 0.1 for dpo, 2.0 for simpo; >= 0 for grpo), or None for the objective's "
+         "default.")
+    if c.objective == "grpo":
+        _validate_grpo(c, need)
     need(0.0 <= c.label_smoothing < 0.5, f"label_smoothing={c.label_smoothing} must be in [0, 0.5).")
     need(math.isfinite(c.orpo_lambda) and c.orpo_lambda > 0, f"orpo_lambda={c.orpo_lambda} must be > 0 (e.g. 0.1).")
     need(math.isfinite(c.simpo_gamma) and c.simpo_gamma >= 0, f"simpo_gamma={c.simpo_gamma} must be >= 0 (e.g. 0.5).")

@@ -21,8 +21,7 @@ import numpy as np
 
 from gemma_lora import loops, runtime
 from gemma_lora.data import Example, chat
-from gemma_lora.data.control_tokens import encoder
-from gemma_lora.data.tokenize import prompt_parts
+from gemma_lora.data.prompts import prompt_ids
 from gemma_lora.fast import decode
 from gemma_lora.parallel import hosts
 from gemma_lora.progress import Progress
@@ -99,9 +98,7 @@ def generate(causal_lm, instructions, config, batch_size=None, label=None):
     stop_strings = config.resolved_stop_strings(chat_format)
     progress = Progress(len(prompts), label, unit="row", enabled=bool(label and prompts))
 
-    def ended(row, tokens):
-        # A stop string in the text so far ends the row now instead of at max_new_tokens.
-        return stop_strings and cut_at_stop_strings(_detokenize(tokenizer, tokens), stop_strings)[1]
+    ended = stop_string_check(tokenizer, stop_strings)
 
     try:
         outputs = decode.decode_tokens(
@@ -112,23 +109,10 @@ def generate(causal_lm, instructions, config, batch_size=None, label=None):
     except decode.Unsupported:
         outputs = _keras_hub_generate(causal_lm, prompts, config, batch_size or SLOTS, progress, stop_ids)
     progress.close()
-    return [_sample(tokenizer, e.instruction, new, config, stop_ids, stop_strings) for e, new in zip(examples, outputs)]
+    return [sample_of(tokenizer, e.instruction, new, config, stop_ids, stop_strings) for e, new in zip(examples, outputs)]
 
 
-def prompt_ids(tokenizer, examples, config):
-    """(token ids of each example's prompt, the ids that end an answer) for the template or the chat format.
-
-    A prompt is text: a control token written in it (`<end_of_turn>`, ...)
-    stays text and cannot end its turn early (control_tokens.py).
-    """
-    if chat.uses_chat(config, examples):
-        marks = chat.markers(tokenizer)
-        return chat.prompt_ids(examples, tokenizer, marks), marks.stop_ids
-    prompts = encoder(tokenizer).encode([prompt_parts(e, config) for e in examples])
-    return [[tokenizer.start_token_id, *ids] for ids in prompts], [tokenizer.end_token_id]
-
-
-def _sample(tokenizer, instruction, new, config, stop_ids, stop_strings):
+def sample_of(tokenizer, instruction, new, config, stop_ids, stop_strings):
     new = list(new[: config.max_new_tokens])
     at = next((i for i, token in enumerate(new) if token in stop_ids), None)
     stop_token = None
@@ -138,6 +122,15 @@ def _sample(tokenizer, instruction, new, config, stop_ids, stop_strings):
     looped = loops.looped(new, ended=stop_token is not None or stop is not None)
     # An answer cut at a stop string did not end with the stop token at its own end.
     return Sample(instruction, text, stop_token if stop is None else None, stop, len(new) + int(at is not None), looped)
+
+
+def stop_string_check(tokenizer, stop_strings):
+    """The decoder's `ended(row, tokens)`: a stop string in the text so far ends the row now, not at max_new_tokens."""
+
+    def ended(row, tokens):
+        return bool(stop_strings) and cut_at_stop_strings(_detokenize(tokenizer, tokens), stop_strings)[1] is not None
+
+    return ended
 
 
 def _detokenize(tokenizer, ids):

@@ -99,7 +99,7 @@ def read_dataset(config, path=None):
                 fmt = detect(record, where, fields)
                 check_fields(fmt, fields, f"detected from {where}")
             try:
-                example = parse(fmt, record, where, fields)
+                example = parse(fmt, record, where, fields, keep_columns=config.objective == "grpo")
             except DataError as error:
                 if not config.skip_bad_rows:
                     raise
@@ -177,9 +177,10 @@ def fingerprint(examples):
     digest = hashlib.sha256()
     for example in examples:
         record = asdict(example)
-        if record["rejected"] is None:  # not a pair: hashed as before `rejected` existed, so fingerprints stay
-            del record["rejected"]
-        digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+        for name in ("rejected", "columns"):  # unset: hashed as before these existed, so fingerprints stay
+            if record[name] is None:
+                del record[name]
+        digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False, default=str).encode() + b"\n")
     return digest.hexdigest()[:16]
 
 

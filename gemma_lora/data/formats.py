@@ -22,6 +22,8 @@ Formats, and how each becomes a training example (prompt → response):
     text        text: no prompt, loss on every token (continued pre-training)
     preference  prompt?, chosen, rejected: a preference pair (`read_preference`); the chosen
                 response is the example's response, the rejected one its `rejected`
+    prompt      prompt, optional answer: a prompt to sample completions for (objective grpo),
+                written as a completion's; the answer (or "") is what rewards compare with
 """
 
 import dataclasses
@@ -53,6 +55,8 @@ class Example:
     conversation: tuple = ()
     # A preference pair's rejected response (the last model turn of a conversation); None otherwise.
     rejected: str | None = None
+    # The record's own columns as read, (name, value) pairs, for GRPO's reward functions; None when not kept.
+    columns: tuple | None = None
 
 
 # Fields each format reads: (required, optional). A conversation's turns hold
@@ -64,6 +68,7 @@ FIELDS = {
     "messages": (("messages",), ()),
     "sharegpt": (("conversations",), ()),
     "text": (("text",), ()),
+    "prompt": (("prompt",), ("answer",)),
     "preference": (("chosen", "rejected"), ("prompt",)),
 }
 TURN_KEYS = {"messages": ("role", "content"), "sharegpt": ("from", "value"), "preference": ("role", "content")}
@@ -159,6 +164,11 @@ def read_alpaca(row):
 def read_completion(row):
     prompt = row.text("prompt")
     return Example(prompt, row.text("completion"), prompt=prompt)
+
+
+def read_prompt(row):
+    prompt = row.text("prompt")
+    return Example(prompt, row.text("answer", required=False), prompt=prompt)
 
 
 def read_text(row):
@@ -278,14 +288,16 @@ FORMATS = {
     "sharegpt": read_sharegpt,
     "text": read_text,
     "preference": read_preference,
+    "prompt": read_prompt,
 }
 
 
-def parse(fmt, record, where, fields):
-    """Read one record of format `fmt` into an `Example` (DataError names `where`)."""
+def parse(fmt, record, where, fields, keep_columns=False):
+    """Read one record of format `fmt` into an `Example` (DataError names `where`); `keep_columns`: with its columns."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object (a record with named fields), got {type(record).__name__}.")
-    return FORMATS[fmt](Row(record, where, fmt, fields))
+    example = FORMATS[fmt](Row(record, where, fmt, fields))
+    return dataclasses.replace(example, columns=tuple(record.items())) if keep_columns else example
 
 
 def check_fields(fmt, fields, how):
@@ -312,7 +324,7 @@ def detect(record, where, fields):
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object (a record with named fields), got {type(record).__name__}.")
     present = {name for name in _all_names() if fields.get(name, name) in record}
-    for fmt in ("preference", "messages", "sharegpt", "completion", "alpaca", "dolly", "text"):
+    for fmt in ("preference", "messages", "sharegpt", "completion", "alpaca", "dolly", "prompt", "text"):
         if set(FIELDS[fmt][0]) <= present:
             return fmt
     # Some of a format's fields: that format, so the record's error names the missing one.

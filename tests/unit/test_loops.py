@@ -93,10 +93,10 @@ class FakeTokenizer:
 
 
 def sample_of(new, stop_strings=()):
-    from gemma_lora.sampling import _sample
+    from gemma_lora.sampling import sample_of as package_sample_of
 
     config = SimpleNamespace(max_new_tokens=LIMIT)
-    return _sample(FakeTokenizer(), "What is the weather?", new, config, [STOP], list(stop_strings))
+    return package_sample_of(FakeTokenizer(), "What is the weather?", new, config, [STOP], list(stop_strings))
 
 
 def test_generation_marks_the_samples_that_loop():
