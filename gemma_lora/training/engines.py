@@ -20,9 +20,10 @@ kept while it is used, so epoch 0 is packed once per run.
 
 from gemma_lora import runtime
 from gemma_lora.data.preference import PairRows
+from gemma_lora.data.prompts import PromptRows
 from gemma_lora.errors import ConfigError
 from gemma_lora.fast.extract import unsupported_reasons as fast_unsupported
-from gemma_lora.training import batching, fast_engine, keras_engine, loop
+from gemma_lora.training import batching, fast_engine, grpo_engine, keras_engine, loop, rollouts
 from gemma_lora.training.objectives import objective_of
 from gemma_lora.training.optim import make_optimizer, schedule_fn
 from gemma_lora.training.run_logs import TrainingProgress
@@ -41,6 +42,9 @@ class Plan:
 
     def __init__(self, rows, config, build, contents, pairs_per_batch=None):
         self.rows, self.config, self.pairs_per_batch = rows, config, pairs_per_batch
+        # GRPO's: the starting LoRA values (the reference model's) and the reward functions, set by the run.
+        self.reference = self.rewards = None
+        self.timing = {}  # GRPO's: seconds spent sampling and updating, filled by its stepper
         self._build, self._contents = build, contents
         self._epochs = {}
         self.steps_per_epoch = len(self.epoch_batches(0))
@@ -119,16 +123,28 @@ class FastEngine:
     name = "fast"
 
     def plan(self, rows, config):
-        """The packed batches of `rows`: `TokenizedRows`, or a preference objective's `PairRows`."""
+        """The packed batches of `rows`: `TokenizedRows`, a preference objective's `PairRows`, or GRPO's `PromptRows`."""
+        if isinstance(rows, PromptRows):
+            return Plan(rows, config, rollouts.epoch_batches, rollouts.batch_contents)
         if isinstance(rows, PairRows):
             return Plan(rows, config, fast_engine.pair_batches, fast_engine.pair_contents,
                         pairs_per_batch=fast_engine.pairs_per_batch(rows, config))
         return Plan(rows, config, fast_engine.epoch_batches, fast_engine.batch_contents)
 
     def stepper(self, causal_lm, plan, precision="float32", objective=None):
-        return fast_engine.FastStepper(causal_lm, plan, precision, objective or objective_of(plan.config))
+        objective = objective or objective_of(plan.config)
+        if isinstance(plan.rows, PromptRows):
+            return grpo_engine.GRPOStepper(causal_lm, plan, precision, objective, plan.rewards)
+        return fast_engine.FastStepper(causal_lm, plan, precision, objective)
 
     def describe(self, plan, config):
+        if isinstance(plan.rows, PromptRows):
+            return (
+                f"engine: fast (GRPO: {config.batch_size} prompts x {config.num_generations} completions a batch, "
+                f"sampled by the package's decoder, each group packed with its prompt once): {plan.steps_per_epoch} "
+                f"batches an epoch of {len(plan.rows)} prompts ({config.grpo_iterations} update(s) per batch of "
+                "completions)"
+            )
         if plan.pairs_per_batch:
             return (
                 f"engine: fast (preference pairs packed, each pair's two sequences in one batch): {plan.steps_per_epoch} "
@@ -142,6 +158,8 @@ class FastEngine:
         )
 
     def data_stats(self, plan):
+        if isinstance(plan.rows, PromptRows):
+            return {}  # a GRPO run's rows are packed once sampled
         return {"packed_real_token_fraction": self.real_token_fraction(plan)}
 
     def real_token_fraction(self, plan):
@@ -204,16 +222,17 @@ def choose(causal_lm, config, platform):
     Raises:
         ConfigError: engine="fast" where the fast engine cannot run, naming why.
     """
-    if config.engine == "keras" and not config.prefers:
+    fast_only = config.objective != "sft"
+    if config.engine == "keras" and not fast_only:
         return KerasEngine()
     reasons = unsupported_reasons(causal_lm, config)
-    if config.prefers and (config.engine == "keras" or reasons):
+    if fast_only and (config.engine == "keras" or reasons):
         why = "; ".join(r.rstrip(".") for r in reasons) if reasons else "the Keras engine trains sft only"
         raise ConfigError(
             f"objective={config.objective} runs on the fast engine, and {why}. "
             + ("Use --engine fast (or auto)." if not reasons else "Use --objective sft, or a model the fast engine runs.")
         )
-    if config.prefers and keras.distribution.distribution() is not None:
+    if fast_only and keras.distribution.distribution() is not None:
         # Not yet tested over several devices or processes, so refused rather than assumed to work.
         raise ConfigError(
             f"objective={config.objective} runs on one device for now, and this run is laid out over several. "
@@ -223,7 +242,7 @@ def choose(causal_lm, config, platform):
         raise ConfigError(
             "engine=fast cannot train this run: " + "; ".join(r.rstrip(".") for r in reasons) + ". Use --engine keras."
         )
-    wanted = config.engine == "fast" or config.prefers or (platform != "cpu" and not reasons)
+    wanted = config.engine == "fast" or fast_only or (platform != "cpu" and not reasons)
     return FastEngine() if wanted else KerasEngine()
 
 
@@ -248,7 +267,8 @@ def fit(causal_lm, rows, config, callbacks=(), verbose="auto", start=None, engin
     progress = None
     if verbose:
         done = (start.epoch * plan.steps_per_epoch + start.step) // config.grad_accumulation
-        progress = TrainingProgress(plan.total_steps() - done, shown_as="pair_loss" if config.prefers else "token_loss")
+        shown_as = "pair_loss" if config.prefers else "loss" if config.samples_completions else "token_loss"
+        progress = TrainingProgress(plan.total_steps() - done, shown_as=shown_as)
         callbacks.append(progress)
     try:
         return engine.train(causal_lm, plan, callbacks, start, precision, evaluate, objective_of(config))

@@ -118,6 +118,10 @@ class StepEngine:
     def steps_per_epoch(self):
         return self.plan.steps_per_epoch
 
+    def step_logs(self):
+        """What the last step measured beyond its loss (GRPO's rewards, sampling time), for the batch's logs."""
+        return {}
+
     def epoch_batches(self, epoch):
         return self.plan.epoch_batches(epoch)
 
@@ -242,7 +246,8 @@ def run(engine, config, callbacks=(), start=None, learning_rate=None, evaluate=N
                 since_nll, since_weight = since_nll + step_nll, since_weight + step_weight
                 update = done % accumulation == 0
                 steps = done // accumulation
-                logs = {"loss": step_loss, "token_loss": nll / max(weight, 1.0), "optimizer_step": steps, "update": update}
+                logs = {"loss": step_loss, "token_loss": nll / max(weight, 1.0), "optimizer_step": steps, "update": update,
+                        **engine.step_logs()}
                 if learning_rate is not None:
                     logs["learning_rate"] = learning_rate(steps - 1 if update else steps)
                 for callback in callbacks:

@@ -15,6 +15,7 @@ from pathlib import Path
 from gemma_lora import data
 from gemma_lora.data import chat
 from gemma_lora.data.preference import tokenize_pairs
+from gemma_lora.data.prompts import tokenize_prompts
 from gemma_lora.data.tokenize import average_per_example
 from gemma_lora.errors import ConfigError, DataError
 from gemma_lora.model import loading, presets
@@ -26,7 +27,11 @@ from gemma_lora.training.batching import positions_per_epoch
 
 
 def prepare(config, echo):
-    """Check data, preset and model; return what training needs."""
+    """Check data, preset and model; return what training needs.
+
+    The last value is the objective's own rows per split: preference pairs
+    (`PairRows`), GRPO's prompts (`PromptRows`), or None for sft.
+    """
     echo("config: " + json.dumps(config.to_dict()))
 
     def sources():
@@ -37,6 +42,17 @@ def prepare(config, echo):
                 f"objective={config.objective} learns from preference pairs, and {dataset.source} reads as "
                 f"{dataset.format} data. Each record needs chosen and rejected, and a prompt (or chosen and rejected "
                 "texts that begin with the same prompt): give such data (docs/preference.md), or --objective sft."
+            )
+        if config.samples_completions and dataset.format in ("text", "preference"):
+            raise DataError(
+                f"objective=grpo samples its own answers to prompts, and {dataset.source} reads as {dataset.format} "
+                "data, which has no prompt to answer (text) or is meant for dpo (preference). Give prompts "
+                "(e.g. {\"prompt\": ...} records, with an answer where a reward compares with one; docs/rl.md)."
+            )
+        if dataset.format == "prompt" and not config.samples_completions:
+            raise DataError(
+                f"{dataset.source} reads as prompt data (prompts, no responses to learn from): that is for "
+                "--objective grpo. For supervised fine-tuning give each prompt its completion."
             )
         if config.metric and dataset.format == "text":
             raise ConfigError(
@@ -99,7 +115,16 @@ def prepare(config, echo):
         rows["train"].weights = average_per_example(rows["train"].weights)
     refuse_marker_text(rows, dataset, config)
     pairs = tokenize_splits_pairs(splits, dataset, tokenizer, config) if config.prefers else None
-    data_stats = describe_data(rows, config, pairs)
+    if config.samples_completions:
+        pairs = tokenize_splits_prompts(splits, dataset, tokenizer, config)  # the objective's rows: prompts
+    data_stats = describe_data(rows, config, pairs if config.prefers else None)
+    if config.samples_completions:
+        data_stats["lines"].append(
+            "prompts: " + ", ".join(f"{name} {len(p)}" for name, p in pairs.items())
+            + f"; {sum(p.cut for p in pairs.values())} cut to fit sequence_length={config.sequence_length} with "
+            f"max_new_tokens={config.max_new_tokens} after them (a long prompt keeps its end); "
+            f"{sum(a is not None for a in pairs['train'].answers)} of the training prompts have an answer"
+        )
     data_stats["source"] = data.splits_record(dataset, splits)
     data_stats["source"]["marker_text_rows"] = {name: len(r.marker_text) for name, r in rows.items()}
     for line in data_stats["lines"]:
@@ -131,6 +156,16 @@ def start_from_adapter(causal_lm, config):
         config, lora_rank=layers[0].lora_rank, lora_alpha=meta.get("alpha", config.lora_alpha),
         lora_targets=list(meta.get("targets", config.lora_targets)),
     )
+
+
+def tokenize_splits_prompts(splits, dataset, tokenizer, config):
+    """Each split's prompts as `PromptRows` (`data.prompts.tokenize_prompts`), with where each was read."""
+    out, offset = {}, 0
+    for name in ("train", "validation", "test"):
+        examples = getattr(splits, name)
+        out[name] = tokenize_prompts(examples, tokenizer, config, dataset.places[offset : offset + len(examples)])
+        offset += len(examples)
+    return out
 
 
 def tokenize_splits_pairs(splits, dataset, tokenizer, config):

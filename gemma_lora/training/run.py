@@ -140,6 +140,12 @@ class Run:
         from gemma_lora.training.run_logs import require_tensorboard
 
         require_tensorboard(self.config)
+        self.reward_functions = None
+        if self.config.samples_completions:  # a reward that cannot load stops the run before the slow model load
+            from gemma_lora.training import rewards
+
+            self.reward_functions = rewards.load_rewards(self.config.rewards, self.config.reward_weights,
+                                                         self.config.reward_pattern)
         # Process 0 makes or checks the run directory; the others get its path (or its error).
         if self.resume:
             found = hosts.first("run to resume", lambda: str(resumable(Path(self.config.output_dir))))
@@ -151,6 +157,12 @@ class Run:
             with self.phases("load"):
                 (self.config, self.causal_lm, self.parameters, self.splits, self.rows, self.data_stats,
                  self.precision, self.pairs) = prepare(self.config, self.echo)
+            self.prompts = None
+            if self.config.samples_completions:  # GRPO's rows are prompts, not pairs
+                from gemma_lora.training import rewards
+
+                self.prompts, self.pairs = self.pairs, None
+                rewards.require_answers(self.reward_functions, self.prompts["train"].has_answers)
             hosts.check_same("training data", self.data_stats["fingerprint"],
                              f"Give every process the same data ({self.config.data}) and tokenizer (the preset).")
             self.engine = engines.choose(self.causal_lm, self.config, loading.platform())  # refused: one line
@@ -171,8 +183,15 @@ class Run:
         self.objective = objective_of(config)
         self.echo(f"run directory: {self.run_dir}")
         # epoch 0 is built here, once
-        self.plan = self.engine.plan(self.pairs["train"] if self.pairs else self.rows["train"], config)
+        self.plan = self.engine.plan(self.pairs["train"] if self.pairs else self.prompts["train"] if self.prompts
+                                     else self.rows["train"], config)
         self.total_steps = self.plan.total_steps()
+        if self.prompts:
+            import numpy as np
+
+            # The reference is the model the run starts from: these values, taken before a resume restores others.
+            self.plan.reference = [np.array(v.value) for v in self.causal_lm.trainable_variables]
+            self.plan.rewards = self.reward_functions
         if self.pairs:
             self._prepare_pairs()
         compile_for_training(self.causal_lm, optimizer=make_optimizer(config, self.total_steps))
@@ -354,6 +373,7 @@ class Run:
             # Compilation and the validation scoring during training included.
             "seconds": round(seconds, 2),
             "real_tokens_per_second": round(real_tokens / seconds, 1),
+            **self.plan.timing,
         }
 
     def score_after(self):
@@ -370,7 +390,7 @@ class Run:
                  f"{self.before[name]:.4f} before → {self.after[name]:.4f} after ({len(self.rows[name])} rows)")
         stats = self.train_stats
         echo(f"trained {stats['steps_this_session']} steps ({stats['examples_this_session']} "
-             f"{'pairs' if self.pairs else 'examples'}) in "
+             f"{'pairs' if self.pairs else 'completions' if self.prompts else 'examples'}) in "
              f"{stats['seconds']:.1f} s, compilation and validation included "
              f"({stats['real_tokens_per_second']:,} real tokens/s)")
         self.pairs_after = self.pair_scores("after") if self.pairs else {}
@@ -432,6 +452,8 @@ class Run:
         }
         if self.pairs:
             summary.update(objective=config.objective, pairs_before=self.pairs_before, pairs_after=self.pairs_after)
+        if self.prompts:
+            summary.update(objective=config.objective, rollouts=self.rollout_summary())
         if self.main:
             write_text_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
         self.echo("time: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in self.phases.seconds.items()))
@@ -445,6 +467,27 @@ class Run:
             answers={"before": summary["answers_before"], "after": summary["answers_after"]},
             after_sem=self.after_sem, model_dir=model_dir,
         )
+
+    def rollout_summary(self):
+        """GRPO's batches of completions as rollouts.csv holds them: the first and last sampled, and the plot."""
+        import csv
+
+        from gemma_lora.training.run_logs import ROLLOUTS_FILE, plot_reward_curve
+
+        path = self.run_dir / ROLLOUTS_FILE
+        rows = []
+        if path.exists():
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("sampled") == "True"]
+        plot = plot_reward_curve(self.run_dir) if self.main else None
+        if plot:
+            self.echo(f"reward curve: {plot}")
+
+        def numbers(row):
+            return {k: float(v) for k, v in row.items() if v not in ("", None) and k != "sampled"}
+
+        return {"batches_sampled": len(rows), "first": numbers(rows[0]) if rows else None,
+                "last": numbers(rows[-1]) if rows else None, "reward_curve": plot.name if plot else None}
 
     def compilation_cache(self):
         """The persistent compilation cache's directory (None: off) and this run's programs loaded from it and compiled."""

@@ -43,6 +43,9 @@ class TrainingProgress(keras.callbacks.Callback):
         if not logs.get("update", True):
             return  # a batch whose gradient waits for the rest of its accumulation
         shown = {self.shown_as: float(logs["token_loss"])} if "token_loss" in logs else {}
+        if "reward" in logs:  # GRPO: the batch's mean reward, and where the step's time went
+            shown.update(reward=f"{logs['reward']:.3f}", sampling=f"{logs['sampling_seconds']:.1f}s",
+                         update=f"{logs['update_seconds']:.1f}s")
         if "learning_rate" in logs:
             shown["lr"] = f"{logs['learning_rate']:.2e}"
         self.progress.update(**shown)
@@ -68,6 +71,8 @@ def callbacks_for_run(run_dir, splits, config, start_step=0, write=True):
     callbacks.append(keras.callbacks.CSVLogger(str(run_dir / "metrics.csv"), append=True))
     if config.eval_every:
         callbacks.append(EvaluationLog(run_dir / EVALUATIONS_FILE, pairs=config.prefers))
+    if config.samples_completions:
+        callbacks.append(RolloutLog(run_dir / ROLLOUTS_FILE))
     if config.tensorboard:
         callbacks.append(TensorBoardLog(run_dir / "tensorboard", start_step, config.grad_accumulation))
     return callbacks
@@ -98,6 +103,95 @@ class EvaluationLog(keras.callbacks.Callback):
             if new:
                 writer.writeheader()
             writer.writerow({name: logs.get(name, "") for name in self.columns})
+
+
+ROLLOUTS_FILE = "rollouts.csv"
+REWARD_CURVE_FILE = "reward_curve.png"
+
+
+class RolloutLog(keras.callbacks.Callback):
+    """One row of rollouts.csv per GRPO batch: its rewards (per function), groups, lengths, KL, clipping and times.
+
+    Appended row by row (a resumed run goes on in the same file); the columns
+    are the first row's, which every batch of a run shares.
+    """
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+        self.batch = 0
+
+    def begin_epoch(self, epoch, skip):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        import csv
+
+        logs = logs or {}
+        if "reward" not in logs:
+            return
+        row = {"optimizer_step": logs.get("optimizer_step"), "loss": logs.get("loss")}
+        row.update({k: v for k, v in logs.items() if k.startswith("reward") or k in ROLLOUT_COLUMNS})
+        new = not self.path.exists()
+        if not new:
+            with open(self.path, newline="") as f:
+                columns = next(csv.reader(f), list(row))
+        else:
+            columns = list(row)
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+ROLLOUT_COLUMNS = ("equal_reward_groups", "completion_length", "ended_share", "kl", "clip_fraction", "logp_gap",
+                   "sampled", "sampling_seconds", "update_seconds", "learning_rate")
+
+
+def plot_reward_curve(run_dir):
+    """reward_curve.png from rollouts.csv: each reward function's mean per batch and the weighted total.
+
+    Returns the path, or None when there is nothing to plot or matplotlib is
+    missing (`pip install matplotlib`; the CSV has the same numbers).
+    """
+    import csv
+
+    from gemma_lora.io import write_bytes_atomic
+
+    path = run_dir / ROLLOUTS_FILE
+    if not path.exists():
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("sampled") in ("True", "1", "true")]
+    if not rows:
+        return None
+    steps = [int(r["optimizer_step"]) for r in rows]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    names = [k for k in rows[0] if k.startswith("reward") and not k.endswith("_std")]
+    for name in names:
+        label = "total (weighted)" if name == "reward" else name[len("reward_"):]
+        axis.plot(steps, [float(r[name]) for r in rows], label=label, linewidth=2 if name == "reward" else 1)
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("mean reward of the batch's completions")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    target = run_dir / REWARD_CURVE_FILE
+    write_bytes_atomic(target, buffer.getvalue())
+    return target
 
 
 def require_tensorboard(config):
