@@ -29,6 +29,7 @@ def records(fmt, qa=QA):
         "sharegpt": lambda q, a: {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]},
         "text": lambda q, a: {"text": f"{q} {a}"},
         "preference": lambda q, a: {"prompt": q, "chosen": a, "rejected": "I will not say."},
+        "prompt": lambda q, a: {"prompt": f"Q: {q}\nA:", "answer": f" {a}"},
     }
     return [shapes[fmt](q, a) for q, a in qa]
 
@@ -115,7 +116,7 @@ def test_each_format_from_each_file_type(tmp_path, make_config, tokenizer, fmt, 
         assert weighted_text(tokenizer, rows, i, stop) == example.response
         if fmt == "text":
             assert not prompt and rows.weights[i].sum() == inputs - 1  # every token after <bos>, and <eos>
-    expected = [a if fmt != "completion" else f" {a}" for _, a in QA]
+    expected = [a if fmt not in ("completion", "prompt") else f" {a}" for _, a in QA]
     if fmt == "text":
         expected = [f"{q} {a}" for q, a in QA]
     assert [e.response for e in dataset.examples] == expected
