@@ -114,9 +114,9 @@ def prepare(config, echo):
     if config.loss_average == "example":
         rows["train"].weights = average_per_example(rows["train"].weights)
     refuse_marker_text(rows, dataset, config)
-    pairs = tokenize_splits_pairs(splits, dataset, tokenizer, config) if config.prefers else None
-    if config.samples_completions:
-        pairs = tokenize_splits_prompts(splits, dataset, tokenizer, config)  # the objective's rows: prompts
+    pairs = tokenize_splits_with(tokenize_pairs, splits, dataset, tokenizer, config) if config.prefers else None
+    if config.samples_completions:  # the objective's rows: prompts
+        pairs = tokenize_splits_with(tokenize_prompts, splits, dataset, tokenizer, config)
     data_stats = describe_data(rows, config, pairs if config.prefers else None)
     if config.samples_completions:
         data_stats["lines"].append(
@@ -158,22 +158,17 @@ def start_from_adapter(causal_lm, config):
     )
 
 
-def tokenize_splits_prompts(splits, dataset, tokenizer, config):
-    """Each split's prompts as `PromptRows` (`data.prompts.tokenize_prompts`), with where each was read."""
+def tokenize_splits_with(tokenize, splits, dataset, tokenizer, config):
+    """Each split through `tokenize(examples, tokenizer, config, places)`, with where each record was read.
+
+    `data.preference.tokenize_pairs` (preference pairs) or
+    `data.prompts.tokenize_prompts` (GRPO's prompts). Rows are counted in
+    the order read (train, validation, test follow each other).
+    """
     out, offset = {}, 0
     for name in ("train", "validation", "test"):
         examples = getattr(splits, name)
-        out[name] = tokenize_prompts(examples, tokenizer, config, dataset.places[offset : offset + len(examples)])
-        offset += len(examples)
-    return out
-
-
-def tokenize_splits_pairs(splits, dataset, tokenizer, config):
-    """Each split's preference pairs as `PairRows` (`data.preference.tokenize_pairs`), places named in errors."""
-    out, offset = {}, 0
-    for name in ("train", "validation", "test"):
-        examples = getattr(splits, name)
-        out[name] = tokenize_pairs(examples, tokenizer, config, dataset.places[offset : offset + len(examples)])
+        out[name] = tokenize(examples, tokenizer, config, dataset.places[offset : offset + len(examples)])
         offset += len(examples)
     return out
 

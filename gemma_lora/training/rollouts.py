@@ -23,8 +23,6 @@ import numpy as np
 from gemma_lora.errors import ConfigError
 from gemma_lora.training.loop import epoch_order
 
-# Packed rows of a step are rounded up to a multiple of batch_size, so a run compiles a few step shapes at most.
-
 
 def epoch_batches(prompts, config, epoch):
     """The epoch's prompt batches in training order, each window of grad_accumulation repeated grpo_iterations times."""

@@ -119,10 +119,7 @@ class RolloutLog(keras.callbacks.Callback):
     def __init__(self, path):
         super().__init__()
         self.path = path
-        self.batch = 0
-
-    def begin_epoch(self, epoch, skip):
-        self.epoch = epoch
+        self.columns = None  # the file's header, read (a resumed run's) or written once
 
     def on_train_batch_end(self, batch, logs=None):
         import csv
@@ -133,13 +130,12 @@ class RolloutLog(keras.callbacks.Callback):
         row = {"optimizer_step": logs.get("optimizer_step"), "loss": logs.get("loss")}
         row.update({k: v for k, v in logs.items() if k.startswith("reward") or k in ROLLOUT_COLUMNS})
         new = not self.path.exists()
-        if not new:
+        if self.columns is None and not new:
             with open(self.path, newline="") as f:
-                columns = next(csv.reader(f), list(row))
-        else:
-            columns = list(row)
+                self.columns = next(csv.reader(f), list(row))
+        self.columns = self.columns or list(row)
         with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
             if new:
                 writer.writeheader()
             writer.writerow(row)
