@@ -128,9 +128,9 @@ class GRPOStepper(loop.StepEngine):
         logs = {"reward": float(total.mean()), "reward_std": float(total.std()),
                 "equal_reward_groups": float(equal.reshape(-1, G)[:, 0].mean()),
                 "completion_length": float(lengths.mean()), "ended_share": float(np.mean([s.ended for s in samples]))}
-        for k, reward in enumerate(self.rewards):
-            logs[f"reward_{reward.name}"] = float(table[:, k].mean())
-            logs[f"reward_{reward.name}_std"] = float(table[:, k].std())
+        for k, label in enumerate(rewards.column_labels(self.rewards)):
+            logs[f"reward_{label}"] = float(table[:, k].mean())
+            logs[f"reward_{label}_std"] = float(table[:, k].std())
         batch["packed"], batch["rollout"] = packed, logs
         self.sampled += 1
         seconds = time.perf_counter() - started

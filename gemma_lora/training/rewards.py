@@ -53,6 +53,23 @@ class Reward:
     weight: float
     fn: object
 
+    @property
+    def label(self):
+        """The name in rollouts.csv's columns and the plot: a file's stem (and its function, if not `reward`)."""
+        source, colon, attr = self.name.rpartition(":")
+        if not colon:
+            source, attr = self.name, "reward"
+        if not source.endswith(".py"):
+            return self.name
+        stem = Path(source).stem
+        return stem if attr == "reward" else f"{stem}:{attr}"
+
+
+def column_labels(rewards):
+    """Each reward's `label`, or its full name where two labels would be the same."""
+    labels = [r.label for r in rewards]
+    return [label if labels.count(label) == 1 else r.name for label, r in zip(labels, rewards)]
+
 
 # --- the built-ins -------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from gemma_lora import runtime
 from gemma_lora.errors import ConfigError
+from gemma_lora.io import write_text_atomic
 from gemma_lora.progress import Progress
 from gemma_lora.training.scoring import SplitScorer
 
@@ -72,7 +73,7 @@ def callbacks_for_run(run_dir, splits, config, start_step=0, write=True):
     if config.eval_every:
         callbacks.append(EvaluationLog(run_dir / EVALUATIONS_FILE, pairs=config.prefers))
     if config.samples_completions:
-        callbacks.append(RolloutLog(run_dir / ROLLOUTS_FILE))
+        callbacks.append(RolloutLog(run_dir / ROLLOUTS_FILE, resumed_at=start_step // config.grad_accumulation))
     if config.tensorboard:
         callbacks.append(TensorBoardLog(run_dir / "tensorboard", start_step, config.grad_accumulation))
     return callbacks
@@ -112,14 +113,18 @@ REWARD_CURVE_FILE = "reward_curve.png"
 class RolloutLog(keras.callbacks.Callback):
     """One row of rollouts.csv per GRPO batch: its rewards (per function), groups, lengths, KL, clipping and times.
 
-    Appended row by row (a resumed run goes on in the same file); the columns
-    are the first row's, which every batch of a run shares.
+    Appended row by row; the columns are the first row's, which every batch
+    of a run shares. A resumed run (`resumed_at`: the optimizer step of its
+    checkpoint) first drops the rows of the steps after it, which it samples
+    and logs again, so the file holds each step once.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, resumed_at=0):
         super().__init__()
         self.path = path
         self.columns = None  # the file's header, read (a resumed run's) or written once
+        if resumed_at and path.exists():
+            _keep_rows_through(path, resumed_at)
 
     def on_train_batch_end(self, batch, logs=None):
         import csv
@@ -139,6 +144,20 @@ class RolloutLog(keras.callbacks.Callback):
             if new:
                 writer.writeheader()
             writer.writerow(row)
+
+
+def _keep_rows_through(path, step):
+    import csv
+    import io
+
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns, rows = reader.fieldnames, [r for r in reader if int(r["optimizer_step"]) <= step]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\r\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, text.getvalue())
 
 
 ROLLOUT_COLUMNS = ("equal_reward_groups", "completion_length", "ended_share", "kl", "clip_fraction", "logp_gap",

@@ -172,3 +172,53 @@ def test_quantized_and_unsupported_models_are_named(tiny_preset):
     assert "quantized" in decode.unsupported_reason(lm)
     with pytest.raises(decode.Unsupported):
         decode.decode_tokens(lm, [[2, 3]], 2, [EOS])
+
+
+def _model_log_probs(lm, prompt, new, temperature):
+    """log softmax(logits / temperature) of each new token, from the Keras model on the whole sequence at once."""
+    ids = np.asarray([prompt + new], np.int32)
+    logits = np.asarray(lm({"token_ids": ids, "padding_mask": np.ones_like(ids, bool)}), np.float64)[0]
+    logits = logits[len(prompt) - 1 : len(prompt) - 1 + len(new)] / temperature
+    log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    return log_probs[np.arange(len(new)), new]
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (5, 1.0), (0, 0.9)])
+def test_each_sampled_tokens_log_prob_is_the_models_at_the_temperature(gemma, top_k, top_p):
+    """Over the full softmax at the temperature, whatever top-k / top-p cut the draw to (what GRPO's loss computes)."""
+    config, frozen = decode.inference_params(gemma)
+    rows = prompts(11, [5, 9, 5])
+    sampling = decode.Sampling(greedy=False, top_k=top_k, temperature=0.7, top_p=top_p)
+    tokens, logps = decode.generate(config, frozen, rows, MAX_NEW, [], sampling, seed=4, slots=2)
+    for prompt, new, logp in zip(rows, tokens, logps):
+        assert len(new) == len(logp) == MAX_NEW
+        np.testing.assert_allclose(logp, _model_log_probs(gemma, prompt, new, 0.7), atol=2e-4)
+
+
+def test_top_p_draws_only_from_the_nucleus(gemma):
+    config, frozen = decode.inference_params(gemma)
+    row = prompts(5, [6])[0]
+    greedy, _ = decode.generate(config, frozen, [row], MAX_NEW, [], decode.Sampling(), slots=1)
+    tiny_p = decode.Sampling(greedy=False, temperature=1.0, top_p=1e-6)  # the top token alone reaches it
+    assert decode.generate(config, frozen, [row], MAX_NEW, [], tiny_p, seed=9, slots=1)[0] == greedy
+    ids = np.asarray([row], np.int32)
+    logits = np.asarray(gemma({"token_ids": ids, "padding_mask": np.ones_like(ids, bool)}), np.float64)[0, -1]
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    nucleus = set(order[: int(np.searchsorted(np.cumsum(probs[order]), 0.3)) + 1].tolist())
+    firsts = decode.generate(config, frozen, [row] * 64, 1, [], decode.Sampling(greedy=False, top_p=0.3), seed=2)[0]
+    assert {new[0] for new in firsts} <= nucleus and len(nucleus) < TINY_VOCAB // 4
+
+
+def test_identical_prompts_copy_one_prefill_and_still_draw_apart(gemma):
+    """A GRPO group: greedy copies write the lone prompt's tokens; sampled copies differ from one another."""
+    config, frozen = decode.inference_params(gemma)
+    row, other = prompts(13, [7, 4])
+    alone, _ = decode.generate(config, frozen, [row, other], MAX_NEW, [], decode.Sampling(), slots=2)
+    copies, _ = decode.generate(config, frozen, [row, other, row, row], MAX_NEW, [], decode.Sampling(), slots=4)
+    assert copies == [alone[0], alone[1], alone[0], alone[0]]
+    sampled, logps = decode.generate(config, frozen, [row] * 4, MAX_NEW, [], decode.Sampling(greedy=False), seed=1)
+    assert len({tuple(t) for t in sampled}) == 4
+    for new, logp in zip(sampled, logps):
+        np.testing.assert_allclose(logp, _model_log_probs(gemma, row, new, 1.0), atol=2e-4)

@@ -292,3 +292,12 @@ def test_a_reward_that_raises_or_returns_something_else_than_n_numbers(tmp_path,
 def test_no_completions_calls_no_reward(tmp_path):
     table = score_file(tmp_path, "def reward(**kw):\n    raise ValueError('called')\n", n=0)
     assert table.shape == (0, 1)
+
+
+def test_column_labels_are_short_and_never_collide():
+    def named(*names):
+        return [rewards.Reward(n, 1.0, None) for n in names]
+
+    assert rewards.column_labels(named("exact_match", "pkg.mod:score", "/tmp/a/first.py", "b/first.py:other")) == [
+        "exact_match", "pkg.mod:score", "first", "first:other"]
+    assert rewards.column_labels(named("a/first.py", "b/first.py")) == ["a/first.py", "b/first.py"]
