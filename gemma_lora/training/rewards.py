@@ -55,14 +55,14 @@ class Reward:
 
     @property
     def label(self):
-        """The name in rollouts.csv's columns and the plot: a file's stem (and its function, if not `reward`)."""
+        """The name in rollouts.csv's columns and the plot: a file's stem, and its function unless `reward` or the stem."""
         source, colon, attr = self.name.rpartition(":")
         if not colon:
             source, attr = self.name, "reward"
         if not source.endswith(".py"):
             return self.name
         stem = Path(source).stem
-        return stem if attr == "reward" else f"{stem}:{attr}"
+        return stem if attr in ("reward", stem) else f"{stem}:{attr}"
 
 
 def column_labels(rewards):

@@ -298,6 +298,6 @@ def test_column_labels_are_short_and_never_collide():
     def named(*names):
         return [rewards.Reward(n, 1.0, None) for n in names]
 
-    assert rewards.column_labels(named("exact_match", "pkg.mod:score", "/tmp/a/first.py", "b/first.py:other")) == [
-        "exact_match", "pkg.mod:score", "first", "first:other"]
+    assert rewards.column_labels(named("exact_match", "pkg.mod:score", "/tmp/a/first.py", "b/first.py:other", "c/near.py:near")) == [
+        "exact_match", "pkg.mod:score", "first", "first:other", "near"]
     assert rewards.column_labels(named("a/first.py", "b/first.py")) == ["a/first.py", "b/first.py"]
