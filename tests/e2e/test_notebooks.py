@@ -32,7 +32,7 @@ def execute(name, cwd, monkeypatch, **env):
     return "\n".join(texts)
 
 
-@pytest.mark.parametrize("name", ["quickstart.ipynb", "rank_sweep.ipynb", "preference.ipynb"])
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "rank_sweep.ipynb", "preference.ipynb", "grpo.ipynb"])
 def test_notebooks_are_stored_without_outputs(name):
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
     nbformat.validate(notebook)
@@ -77,6 +77,21 @@ def test_preference_notebook_runs_sft_then_dpo_on_tiny(tmp_path, monkeypatch):
     assert abs(summary["pairs_before"]["test"]["loss"] - math.log(2)) < 1e-6  # the SFT model is the reference
     assert summary["pairs_after"]["test"]["reward_accuracy"] > 0.5  # the crafted preference is learned
     assert "| SFT       |" in out and "| SFT + DPO |" in out and "test rows: 8 answered, 8 pairs" in out
+
+
+@pytest.mark.slow
+def test_grpo_notebook_runs_sft_then_grpo_on_tiny(tmp_path, monkeypatch):
+    out = execute("grpo.ipynb", tmp_path, monkeypatch)
+    sft, grpo = tmp_path / "grpo" / "sft", tmp_path / "grpo" / "grpo"
+    assert (sft / "adapter.lora.h5").is_file() and (grpo / "adapter.lora.h5").is_file()
+    assert "Kaggle credentials: none found" in out and "starting from grpo/sft" in out
+    summary = json.loads((grpo / "summary.json").read_text())
+    recorded = json.loads((grpo / "config.json").read_text())
+    assert summary["objective"] == "grpo" and recorded["init_adapter"] == str(sft.relative_to(tmp_path))
+    assert summary["rollouts"]["batches_sampled"] == 3 and summary["train"]["sampling_seconds"] > 0
+    header = (grpo / "rollouts.csv").read_text().splitlines()[0]
+    assert "reward_exact_match" in header and "reward_closeness" in header  # the notebook's own reward
+    assert "| base       |" in out and "| SFT + GRPO |" in out and "GRPO: 3 steps, sampling" in out
 
 
 def test_notebook_credentials_come_from_the_environment_and_are_not_shown(monkeypatch):
