@@ -156,3 +156,17 @@ def test_a_field_mapping_and_split_from_a_toml_file(tmp_path):
 def test_the_shipped_category_config_loads_and_validates():
     config = resolve_config(load_config_file(Path(REPO) / "configs" / "category.toml"))
     assert config.data == "dolly-category" and config.metric == "exact_match" and config.stop_strings == ["\n"]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(REPO) / "configs").glob("*.toml")))
+def test_every_shipped_config_loads_and_validates(name):
+    config = resolve_config(load_config_file(Path(REPO) / "configs" / name))
+    validate(config)
+    assert config.preset == "demo"  # each runs on the model `pip install ".[demo]"` brings
+
+
+def test_the_shipped_grpo_config_continues_from_the_category_adapter():
+    config = resolve_config(load_config_file(Path(REPO) / "configs" / "category_grpo.toml"))
+    category = resolve_config(load_config_file(Path(REPO) / "configs" / "category.toml"))
+    assert config.objective == "grpo" and config.init_adapter == "runs/category" and config.beta > 0
+    assert (config.data, config.metric, config.stop_strings) == (category.data, category.metric, category.stop_strings)
