@@ -245,19 +245,21 @@ def describe_data(rows, config, pairs=None):
     fingerprint = hashlib.sha256(train_rows.token_ids.tobytes() + train_rows.weights.tobytes()).hexdigest()[:16]
     positions = positions_per_epoch(train_rows, config)
     lossless = int((train_rows.weights.sum(axis=1) == 0).sum()) if len(train_rows) else 0
-    lines = [
-        "splits: " + ", ".join(f"{name} {len(r)} rows" for name, r in rows.items())
-        + f" (fixed splits of the rows read, in order; fingerprints in {DATA_FILE})",
-        f"train tokens: {train_rows.real_tokens:,} real of {positions:,} positions an epoch "
-        f"({train_rows.real_tokens / positions:.1%}), {train_rows.loss_tokens:,} carry loss; "
-        f"{train_rows.truncated} rows longer than sequence_length={config.sequence_length} were cut"
-        + (
-            f" (whole exchanges kept from the start where the first fits: {train_rows.turns_cut} model turns left "
-            "out or cut)" if config.chat
-            else " (<eos> appended, as KerasHub)" if config.eos_after_truncation else " (no <eos> after cut text)"
+    split_line = ("splits: " + ", ".join(f"{name} {len(r)} rows" for name, r in rows.items())
+                  + f" (fixed splits of the rows read, in order; fingerprints in {DATA_FILE})")
+    lines = [split_line]
+    if not config.samples_completions:  # GRPO trains on its own completions: its prompts' line says what it reads
+        lines.append(
+            f"train tokens: {train_rows.real_tokens:,} real of {positions:,} positions an epoch "
+            f"({train_rows.real_tokens / positions:.1%}), {train_rows.loss_tokens:,} carry loss; "
+            f"{train_rows.truncated} rows longer than sequence_length={config.sequence_length} were cut"
+            + (
+                f" (whole exchanges kept from the start where the first fits: {train_rows.turns_cut} model turns left "
+                "out or cut)" if config.chat
+                else " (<eos> appended, as KerasHub)" if config.eos_after_truncation else " (no <eos> after cut text)"
+            )
+            + (f"; {lossless} of them kept no loss token (the cut fell before the response)" if lossless else "")
         )
-        + (f"; {lossless} of them kept no loss token (the cut fell before the response)" if lossless else ""),
-    ]
     if pairs is not None:
         digest = hashlib.sha256()
         for split in pairs.values():

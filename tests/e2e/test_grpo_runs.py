@@ -155,6 +155,9 @@ def test_a_crashed_grpo_run_resumes_to_the_uninterrupted_adapter_and_rollouts(tm
     lines = []
     run_training(config, echo=lines.append, resume=True)
     assert any("resuming from step-00000003.npz" in line for line in lines)
+    # What it reads is its prompts, not the packed SFT rows of the same data (which it never trains on).
+    assert any(line.startswith("prompts: train ") for line in lines), lines
+    assert not any(line.startswith("train tokens:") for line in lines), lines
     assert_same_adapter(adapter_arrays(tmp_path / "run"), reference)
     _same_rollouts(rollout_rows(tmp_path / "run"), reference_rows)
 
