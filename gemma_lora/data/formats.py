@@ -19,6 +19,8 @@ Formats, and how each becomes a training example (prompt → response):
     completion  prompt, completion: the prompt as written (no template), loss on the completion
     messages    messages: [{role, content}, ...]     conversations, kept as (role, content) turns
     sharegpt    conversations: [{from, value}, ...]  for Gemma's chat format (chat.py)
+                a content may also be a list of text parts, [{"type": "text", "text": ...}, ...]
+                (transformers' form), joined as written; image, audio and video parts are refused
     text        text: no prompt, loss on every token (continued pre-training)
     preference  prompt?, chosen, rejected: a preference pair (`read_preference`); the chosen
                 response is the example's response, the rejected one its `rejected`
@@ -72,6 +74,8 @@ FIELDS = {
     "preference": (("chosen", "rejected"), ("prompt",)),
 }
 TURN_KEYS = {"messages": ("role", "content"), "sharegpt": ("from", "value"), "preference": ("role", "content")}
+# Content parts that are not text, by their `type` in transformers' message form (and OpenAI's).
+MEDIA_PARTS = {"image": "image", "image_url": "image", "audio": "audio", "input_audio": "audio", "video": "video"}
 # Speaker names in either conversation format → the role used here.
 ROLES = {
     "system": "system",
@@ -147,10 +151,26 @@ class Row:
                 self.fail(f"turn {number} of {name!r} has {role_key}={role!r}; known: {', '.join(ROLES)}",
                           f"If the turns name their speaker under another key, map it with --field "
                           f"{TURN_KEYS[self.fmt][0]}=KEY.")
+            if isinstance(content, list):
+                content = self.text_parts(content, f"turn {number} of {name!r}")
             if not isinstance(content, str):
-                self.fail(f"turn {number} of {name!r} must have a string {content_key!r}, got {type(content).__name__}")
+                self.fail(f"turn {number} of {name!r} must have a string {content_key!r} or a list of text parts, "
+                          f"got {type(content).__name__}")
             conversation.append((ROLES[role], content))
         return tuple(conversation)
+
+    def text_parts(self, parts, where):
+        """Content as a list of parts (transformers' and TRL's message form) → its text parts joined as written."""
+        texts = []
+        for number, part in enumerate(parts, start=1):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in MEDIA_PARTS:
+                self.fail(f"part {number} of {where} is {MEDIA_PARTS[kind]} ({kind!r}): gemma-lora trains on text only "
+                          "for now", "Drop the non-text parts, or leave out the rows that have them.")
+            if kind != "text" or not isinstance(part.get("text"), str):
+                self.fail(f"part {number} of {where} must be {{\"type\": \"text\", \"text\": ...}}, got {part!r:.60}")
+            texts.append(part["text"])
+        return "".join(texts)
 
 
 def read_dolly(row):

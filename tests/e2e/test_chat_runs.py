@@ -81,7 +81,8 @@ def test_an_instruct_preset_resolves_offline_from_the_kagglehub_cache_and_trains
     ([("user", "a"), ("assistant", "b"), ("user", "c")], "ends with a user turn"),
     ([("user", "a"), ("bot", "b")], "has role='bot'"),
     ([], "must be a non-empty list of turns"),
-    ([("user", "a"), ("assistant", ["b"])], "must have a string 'content', got list"),
+    ([("user", "a"), ("assistant", [{"type": "image", "image": "x.png"}])], "is image ('image'): gemma-lora trains on "
+                                                                          "text only for now"),
 ])
 def test_bad_conversations_stop_the_run_in_one_line_or_are_counted_with_skip_bad_rows(tmp_path, capsys, turns, match):
     out_dir = tmp_path / "run"

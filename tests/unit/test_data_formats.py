@@ -166,13 +166,32 @@ def test_a_system_message_is_folded_into_the_instruction_and_the_turns_are_kept(
     assert example.conversation == (("system", "Answer briefly."), ("user", "Name a colour."), ("assistant", "Blue."))
 
 
+def test_content_given_as_text_parts_reads_as_the_same_conversation(tmp_path, make_config):
+    as_parts = [{"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "colour."}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]}]
+    as_text = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]
+    _, parts = loaded(make_config, write(tmp_path, "jsonl", [{"messages": as_parts}] * 3))
+    _, text = loaded(make_config, write(tmp_path / "t", "jsonl", [{"messages": as_text}] * 3))
+    assert parts.format == text.format == "messages"
+    assert parts.examples[0].conversation == text.examples[0].conversation == (("user", "Name a colour."),
+                                                                               ("assistant", "Blue."))
+
+
 @pytest.mark.parametrize("turns, match", [
     ([("user", "a")], r":1: the conversation \(user\) ends with a user turn, which leaves no answer to learn"),
     ([("user", "a"), ("assistant", "b"), ("user", "c")], r"ends with a user turn.*End it with the assistant's answer"),
     ([("user", "a"), ("robot", "b")], r"turn 2 of 'messages' has role='robot'; known: system, user"),
     ([("user", "a"), ("assistant", "  ")], r"turn 2 of 2 \(user, assistant\) is empty"),
     ([], r"field 'messages' must be a non-empty list of turns, got an empty list"),
-    ([("user", "a"), ("assistant", 5)], r"turn 2 of 'messages' must have a string 'content', got int"),
+    ([("user", "a"), ("assistant", 5)], r"turn 2 of 'messages' must have a string 'content' or a list of text parts, "
+                                        r"got int"),
+    ([("user", [{"type": "image", "image": "cat.png"}, {"type": "text", "text": "What is it?"}]), ("assistant", "A cat.")],
+     r"part 1 of turn 1 of 'messages' is image \('image'\): gemma-lora trains on text only for now "
+     r"\(messages format; keys found: messages\)\. Drop the non-text parts"),
+    ([("user", "a"), ("assistant", [{"type": "input_audio", "input_audio": {}}])], r"part 1 of turn 2 .* is audio"),
+    ([("user", "a"), ("assistant", ["b"])], r"part 1 of turn 2 of 'messages' must be \{\"type\": \"text\", \"text\": \.\.\.\}, "
+                                            r"got 'b'"),
+    ([("user", "a"), ("assistant", [{"type": "text", "text": 3}])], r"part 1 of turn 2 .* must be \{\"type\": \"text\""),
     ([("user", "a"), ("user", "b"), ("assistant", "c")], r"turn 2 of 3 \(user, user, assistant\) is a user turn where "
                                                          r"an assistant turn belongs: turns must alternate"),
     ([("assistant", "a"), ("user", "b"), ("assistant", "c")], r"turn 1 of 3 .* is an assistant turn where a user turn"),
