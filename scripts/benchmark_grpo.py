@@ -49,8 +49,9 @@ def gemma_lora_side(preset, steps, precision, rows_file):
 
     runtime.quiet_startup()
     runtime.configure_runtime()
+    from benchmark_preference import prepared_stepper, timed_step
+
     from gemma_lora.config import resolve_config
-    from gemma_lora.training.run import Run
 
     rows = json.loads(Path(rows_file).read_text())
     data = Path(tempfile.mkdtemp()) / "prompts.jsonl"
@@ -62,19 +63,13 @@ def gemma_lora_side(preset, steps, precision, rows_file):
         stop_strings=[], sequence_length=256, max_steps=steps + 2, answer_splits=[], prompts=[],
         checkpoint_every=None, validation_rows=0, test_rows=0, precision=precision,
         output_dir=str(Path(tempfile.mkdtemp()) / "run")))
-    run = Run(config, echo=lambda *a: None)
-    with run.session():
-        run.setup()
-    stepper = run.engine.stepper(run.causal_lm, run.plan, run.precision, run.objective)
+    run, stepper, batches = prepared_stepper(config)
     stepper.verbose = False
-    batches = stepper.epoch_batches(0)
     steps_seen = []
     for index in range(steps + 2):
-        start = time.perf_counter()
-        stepper.step(batches[index], 1.0 / max(stepper.batch_weight(batches[index]), 1.0))
+        seconds = timed_step(stepper, batches, index)
         logs = stepper.step_logs()
-        steps_seen.append((time.perf_counter() - start, logs["sampling_seconds"], logs["reward"],
-                           logs["completion_length"]))
+        steps_seen.append((seconds, logs["sampling_seconds"], logs["reward"], logs["completion_length"]))
     report("gemma-lora " + run.precision, steps_seen[2:])
 
 

@@ -20,11 +20,30 @@ import time
 from pathlib import Path
 
 
+def prepared_stepper(config):
+    """A set-up run's engine stepper and its epoch-0 batches, as `loop.run` gets them (nothing trained yet)."""
+    from gemma_lora.training.run import Run
+
+    run = Run(config, echo=lambda *a: None)
+    with run.session():
+        run.setup()
+    stepper = run.engine.stepper(run.causal_lm, run.plan, run.precision, run.objective)
+    return run, stepper, stepper.epoch_batches(0)
+
+
+def timed_step(stepper, batches, index):
+    """One step on batch `index`, its loss scaled as `loop.run` scales it without accumulation; its seconds."""
+    from gemma_lora.training.loop import window_weight
+
+    start = time.perf_counter()
+    stepper.step(batches[index], 1.0 / max(window_weight(stepper, index, 1), 1.0))
+    return time.perf_counter() - start
+
+
 def measure(objective, preset, steps):
     """Run in a child process: time `steps` training steps of `objective`; print one JSON line."""
     import gemma_lora
     from gemma_lora.config import resolve_config
-    from gemma_lora.training.run import Run
 
     gemma_lora.configure_runtime()
     config = resolve_config(overrides=dict(
@@ -32,17 +51,8 @@ def measure(objective, preset, steps):
         sequence_length=384, learning_rate=5e-5, max_steps=steps + 2, answer_splits=[], prompts=[],
         checkpoint_every=None, validation_rows=0, test_rows=4, limit=300,
         output_dir=str(Path(tempfile.mkdtemp()) / "run")))
-    run = Run(config, echo=lambda *a: None)
-    with run.session():
-        run.setup()
-    stepper = run.engine.stepper(run.causal_lm, run.plan, run.precision, run.objective)
-    batches = stepper.epoch_batches(0)
-    times = []
-    for index in range(steps + 2):
-        start = time.perf_counter()
-        stepper.step(batches[index], 1.0 / max(stepper.batch_weight(batches[index]), 1.0))
-        times.append(time.perf_counter() - start)
-    timed = times[2:]
+    _, stepper, batches = prepared_stepper(config)
+    timed = [timed_step(stepper, batches, index) for index in range(steps + 2)][2:]
     tokens = sum(int((batches[i]["segment_ids"] > 0).sum()) for i in range(2, steps + 2))
     print(json.dumps({"objective": objective, "seconds_per_step": sum(timed) / len(timed),
                       "real_tokens_per_second": tokens / sum(timed),
